@@ -1,0 +1,44 @@
+"""Project commands, run the Faust way: `faust -A app <command>`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+from faust.cli import AppCommand, argument, option
+
+from app.main import app, settings
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+@app.command(argument("action", type=click.Choice(["generate", "check"])))
+async def schema(self: AppCommand, action: str) -> None:
+    """Write the generated files (`generate`) or fail if any is stale (`check`)."""
+    from schema.artifacts import check_artifacts, write_artifacts
+
+    if action == "generate":
+        for path in write_artifacts(PROJECT_ROOT):
+            self.say(f"wrote {path.relative_to(PROJECT_ROOT)}")
+        return
+    stale = check_artifacts(PROJECT_ROOT)
+    for problem in stale:
+        self.say(f"stale: {problem}")
+    if stale:
+        self.say("run `faust -A app schema generate` and commit the result")
+        raise SystemExit(1)
+    self.say("generated files are up to date")
+
+
+@app.command(option("--force", is_flag=True, help="Also apply destructive changes (drop/retype)."))
+async def migrate(self: AppCommand, force: bool) -> None:
+    """Apply the generated DDL to DATABASE_URL, idempotently."""
+    from schema.migrate import MigrationRefused, migrate_database
+
+    try:
+        report = await migrate_database(settings.database_dsn, force=force)
+    except MigrationRefused as refused:
+        self.say(f"migration refused: {refused}")
+        raise SystemExit(1) from None
+    for line in report:
+        self.say(line)

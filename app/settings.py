@@ -1,0 +1,155 @@
+"""Typed settings read from the environment (Heroku style: one variable per setting).
+
+`load_settings()` turns any invalid value into one line naming the variable and the problem and
+exits, so a typo stops start-up instead of surfacing as a stack trace minutes later. Secrets are
+`SecretStr`: they never print, in logs, errors or web views.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Literal
+from urllib.parse import urlsplit, urlunsplit
+
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from typing_extensions import Annotated
+
+CoinGeckoPlan = Literal["keyless", "demo", "pro"]
+PUBLIC_API = "https://api.coingecko.com/api/v3"
+PRO_API = "https://pro-api.coingecko.com/api/v3"
+# Conservative defaults under CoinGecko's published limits (errors count against them too).
+DEFAULT_CALLS_PER_MINUTE: dict[CoinGeckoPlan, int] = {"keyless": 5, "demo": 30, "pro": 250}
+DEFAULT_BROKER_URL = "kafka://127.0.0.1:9092"
+DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
+
+
+def redact_url(url: str) -> str:
+    """Hide the password of a URL (`postgresql://user:secret@host` -> `user:***@host`)."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rsplit("@", 1)
+    user = (parts.username or "") + ":***"
+    return urlunsplit(parts._replace(netloc=f"{user}@{netloc[-1]}"))
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(case_sensitive=False, extra="ignore", frozen=True)
+
+    app_id: str = Field("qicore-streams", min_length=1)
+    broker_url: str = DEFAULT_BROKER_URL
+    broker_session_timeout: float = Field(10.0, gt=0, description="seconds")
+    broker_heartbeat_interval: float = Field(3.0, gt=0, description="seconds")
+    topic_replication_factor: int = Field(1, ge=1)
+    database_url: SecretStr = SecretStr(DEFAULT_DATABASE_URL)
+    database_pool_size: int = Field(4, ge=1, le=100)
+
+    coingecko_base_url: str | None = None  # default follows the plan; "offline" = bundled fake
+    coingecko_api_key: SecretStr | None = None
+    coingecko_plan: CoinGeckoPlan | None = None  # default: "demo" with a key, else "keyless"
+    coingecko_calls_per_minute: int | None = Field(None, ge=1)
+    coingecko_timeout: float = Field(10.0, gt=0, description="seconds per request")
+    coins: Annotated[tuple[str, ...], NoDecode] = ()
+    top_n: int = Field(100, ge=1, le=5000)
+    price_poll_seconds: float = Field(60.0, ge=1)
+    global_poll_seconds: float = Field(600.0, ge=1)
+    ohlc_poll_seconds: float = Field(900.0, ge=1)
+    ohlc_days: Literal[1, 7, 14, 30, 90, 180, 365] = 1
+
+    sink_batch_size: int = Field(5000, ge=1, le=100_000)
+    sink_batch_seconds: float = Field(0.05, gt=0, le=60, description="max wait to fill a batch")
+
+    port: int | None = Field(None, ge=1, le=65535, description="set by Heroku; binds 0.0.0.0")
+    web_host: str = "127.0.0.1"
+    web_port: int = Field(6066, ge=1, le=65535)
+    web_enabled: bool = True
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    data_dir: str = ".data"
+
+    @field_validator("coins", mode="before")
+    @classmethod
+    def _split_coins(cls, value: object) -> object:
+        if isinstance(value, str):
+            value = tuple(part.strip() for part in value.split(",") if part.strip())
+        return value
+
+    @field_validator("coins")
+    @classmethod
+    def _check_coins(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for coin in value:
+            if not coin.replace("-", "").replace("_", "").replace(".", "").isalnum():
+                raise ValueError(f"{coin!r} is not a CoinGecko coin id")
+        return value
+
+    @field_validator("broker_url")
+    @classmethod
+    def _check_broker(cls, value: str) -> str:
+        for url in value.split(";"):
+            if urlsplit(url).scheme not in {"kafka", "aiokafka"} or not urlsplit(url).hostname:
+                raise ValueError("must look like kafka://host:port (several joined by ';')")
+        return value
+
+    @field_validator("database_url")
+    @classmethod
+    def _check_database(cls, value: SecretStr) -> SecretStr:
+        if urlsplit(value.get_secret_value()).scheme not in {"postgres", "postgresql"}:
+            raise ValueError("must look like postgresql://user:password@host:port/dbname")
+        return value
+
+    @model_validator(mode="after")
+    def _check_plan(self) -> Settings:
+        if self.coingecko_plan in ("demo", "pro") and self.coingecko_api_key is None:
+            raise ValueError(f"COINGECKO_PLAN={self.coingecko_plan} needs COINGECKO_API_KEY")
+        if self.broker_heartbeat_interval >= self.broker_session_timeout:
+            raise ValueError(
+                "BROKER_HEARTBEAT_INTERVAL must be shorter than BROKER_SESSION_TIMEOUT"
+            )
+        return self
+
+    @property
+    def plan(self) -> CoinGeckoPlan:
+        if self.coingecko_plan is not None:
+            return self.coingecko_plan
+        return "demo" if self.coingecko_api_key is not None else "keyless"
+
+    @property
+    def coingecko_url(self) -> str:
+        if self.coingecko_base_url:
+            return self.coingecko_base_url.rstrip("/")
+        return PRO_API if self.plan == "pro" else PUBLIC_API
+
+    @property
+    def calls_per_minute(self) -> int:
+        return self.coingecko_calls_per_minute or DEFAULT_CALLS_PER_MINUTE[self.plan]
+
+    @property
+    def database_dsn(self) -> str:
+        return self.database_url.get_secret_value()
+
+    @property
+    def web_bind(self) -> str:
+        return "0.0.0.0" if self.port is not None else self.web_host  # noqa: S104 (Heroku)
+
+    @property
+    def web_listen_port(self) -> int:
+        return self.port if self.port is not None else self.web_port
+
+    def public_view(self) -> dict[str, object]:
+        """Settings safe to show: secrets replaced, the database password hidden."""
+        shown = self.model_dump(exclude={"database_url", "coingecko_api_key"})
+        shown["database_url"] = redact_url(self.database_dsn)
+        shown["coingecko_api_key"] = "***" if self.coingecko_api_key else None
+        return shown
+
+
+def load_settings() -> Settings:
+    """Read the environment; on a bad value print one line per problem and exit with status 2."""
+    try:
+        return Settings()
+    except ValidationError as error:
+        for problem in error.errors():
+            variable = "_".join(str(p) for p in problem["loc"][:1]).upper() or "settings"
+            message = problem["msg"].removeprefix("Value error, ")
+            print(f"qicore: invalid setting {variable}: {message}", file=sys.stderr)
+        raise SystemExit(2) from None

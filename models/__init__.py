@@ -1,0 +1,20 @@
+"""DSL records: the single source of truth for topics, tables and schemas."""
+
+from models.dsl import DSLError, StreamRecord, TableSpec, TopicSpec, check_registry
+from models.market import CryptoMarketAnalytics, CryptoOHLCVData, CryptoPriceData
+
+# Every record type the application streams and stores. Adding a class here gives it a topic,
+# a hypertable, schemas and a running sink.
+RECORDS: tuple[type[StreamRecord], ...] = (CryptoPriceData, CryptoOHLCVData, CryptoMarketAnalytics)
+check_registry(RECORDS)
+
+__all__ = [
+    "RECORDS",
+    "CryptoMarketAnalytics",
+    "CryptoOHLCVData",
+    "CryptoPriceData",
+    "DSLError",
+    "StreamRecord",
+    "TableSpec",
+    "TopicSpec",
+]

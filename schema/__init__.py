@@ -1,0 +1,1 @@
+"""Generators: DSL records -> SQL DDL, topic configurations, JSON Schema and Avro schemas."""
