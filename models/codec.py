@@ -1,0 +1,48 @@
+"""The wire format of record topics: UTF-8 JSON, decimals as strings, timestamps as RFC 3339.
+
+Decoding never raises anything but `RecordRejected`, whose `reason` is what a dead-letter record
+carries, so a consumer can dead-letter any bad message without guessing at exception types.
+"""
+
+from __future__ import annotations
+
+from typing import TypeVar
+
+from pydantic import ValidationError
+
+from models.dsl import StreamRecord
+
+R = TypeVar("R", bound=StreamRecord)
+MAX_MESSAGE_BYTES = 64 * 1024  # a record is well under 1 KiB; anything this large is junk
+
+
+class RecordRejected(ValueError):
+    """A message that is not a valid record of the expected type."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def encode_record(record: StreamRecord) -> bytes:
+    return record.__pydantic_serializer__.to_json(record)
+
+
+def decode_record(record_type: type[R], raw: bytes | None) -> R:
+    if raw is None:
+        raise RecordRejected("empty message (null value)")
+    if len(raw) > MAX_MESSAGE_BYTES:
+        raise RecordRejected(f"message of {len(raw)} bytes exceeds {MAX_MESSAGE_BYTES}")
+    try:
+        return record_type.model_validate_json(raw)
+    except ValidationError as error:
+        raise RecordRejected(_describe(error)) from None
+
+
+def _describe(error: ValidationError) -> str:
+    """One line per problem, naming the field, without echoing the (possibly huge) input."""
+    problems = []
+    for item in error.errors(include_url=False, include_input=False):
+        where = ".".join(str(part) for part in item["loc"]) or "message"
+        problems.append(f"{where}: {item['msg']}")
+    return "; ".join(problems)
