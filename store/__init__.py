@@ -1,0 +1,1 @@
+"""Database access: connections (and, next to them, the sink's writer)."""
