@@ -20,7 +20,9 @@ class CryptoPriceData(StreamRecord):
     """One price snapshot of one coin on one exchange, as of `last_updated`."""
 
     topic = TopicSpec(
-        name="crypto-prices", key_field="coin_id", partitions=PARTITIONS,
+        name="crypto-prices",
+        key_field="coin_id",
+        partitions=PARTITIONS,
         retention=timedelta(days=7),
     )
     table = TableSpec(
@@ -53,7 +55,9 @@ class CryptoOHLCVData(StreamRecord):
     """One candle; `timestamp` is the candle's close, as CoinGecko reports it."""
 
     topic = TopicSpec(
-        name="crypto-ohlcv", key_field="coin_id", partitions=PARTITIONS,
+        name="crypto-ohlcv",
+        key_field="coin_id",
+        partitions=PARTITIONS,
         retention=timedelta(days=7),
     )
     table = TableSpec(
@@ -84,7 +88,9 @@ class CryptoMarketAnalytics(StreamRecord):
     """Market-wide figures from CoinGecko's /global, as of `timestamp`."""
 
     topic = TopicSpec(
-        name="market-analytics", key_field="source", partitions=PARTITIONS,
+        name="market-analytics",
+        key_field="source",
+        partitions=PARTITIONS,
         retention=timedelta(days=30),
     )
     table = TableSpec(

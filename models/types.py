@@ -10,7 +10,7 @@ from __future__ import annotations
 import types
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from decimal import Decimal
+from decimal import MAX_PREC, Context, Decimal
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 from annotated_types import Ge, MaxLen, MinLen
@@ -23,6 +23,10 @@ DECIMAL_PRECISION = 76
 DECIMAL_SCALE = 38
 DECIMAL_PATTERN = r"^-?(\d+(\.\d*)?|\.\d+)([eE][-+]?\d+)?$"
 MAX_TEXT_LENGTH = 256
+TEXT_PATTERN = r"^[^\x00-\x1f\x7f]*$"
+BIGINT_MAX = 2**63 - 1  # PostgreSQL bigint and Avro long
+# normalize() rounds to its context's precision (28 digits by default): count digits exactly.
+_EXACT = Context(prec=MAX_PREC)
 
 
 @dataclass(frozen=True)
@@ -36,10 +40,11 @@ class ExactDecimal:
             raise ValueError("must be a finite number (NaN and infinities are not prices)")
         if self.non_negative and value < 0:
             raise ValueError("must not be negative")
-        exponent = value.normalize().as_tuple().exponent
+        normal = value.normalize(_EXACT)
+        exponent = normal.as_tuple().exponent
         assert isinstance(exponent, int)  # finite values have an int exponent
         fractional = max(-exponent, 0)
-        integer = max(value.normalize().adjusted() + 1, 0)
+        integer = max(normal.adjusted() + 1, 0)
         if fractional > DECIMAL_SCALE or integer > DECIMAL_PRECISION - DECIMAL_SCALE:
             raise ValueError(
                 f"does not fit DECIMAL({DECIMAL_PRECISION}, {DECIMAL_SCALE}) exactly "
@@ -66,8 +71,9 @@ def _aware_utc(value: datetime) -> datetime:
 Price = Annotated[Decimal, BeforeValidator(_no_float), AfterValidator(ExactDecimal(True))]
 SignedDecimal = Annotated[Decimal, BeforeValidator(_no_float), AfterValidator(ExactDecimal(False))]
 Timestamp = Annotated[datetime, AfterValidator(_aware_utc)]
-Text = Annotated[str, Field(min_length=1, max_length=MAX_TEXT_LENGTH)]
-Count = Annotated[int, Field(ge=0)]
+# No control characters: PostgreSQL text refuses NUL, and one such value would fail a whole batch.
+Text = Annotated[str, Field(min_length=1, max_length=MAX_TEXT_LENGTH, pattern=TEXT_PATTERN)]
+Count = Annotated[int, Field(ge=0, le=BIGINT_MAX)]
 
 Kind = Literal["decimal", "timestamp", "text", "integer"]
 
@@ -115,8 +121,12 @@ TYPE_MAP: dict[Kind, TypeMapping] = {
         json_schema={"type": "string", "format": "date-time"},
         avro={"type": "long", "logicalType": "timestamp-micros"},
     ),
-    "text": TypeMapping(sql="text", json_schema={"type": "string"}, avro="string"),
-    "integer": TypeMapping(sql="bigint", json_schema={"type": "integer"}, avro="long"),
+    "text": TypeMapping(
+        sql="text", json_schema={"type": "string", "pattern": TEXT_PATTERN}, avro="string"
+    ),
+    "integer": TypeMapping(
+        sql="bigint", json_schema={"type": "integer", "maximum": BIGINT_MAX}, avro="long"
+    ),
 }
 
 _KINDS: dict[type, Kind] = {Decimal: "decimal", datetime: "timestamp", str: "text", int: "integer"}
@@ -144,9 +154,7 @@ def shape_of(record: str, name: str, info: FieldInfo) -> FieldShape:
     if kind == "timestamp" and not any(isinstance(m, AfterValidator) for m in metadata):
         raise DSLError(f"{record}.{name}: plain datetime allows naive values; use Timestamp")
     non_negative = any(
-        isinstance(m, AfterValidator)
-        and isinstance(m.func, ExactDecimal)
-        and m.func.non_negative
+        isinstance(m, AfterValidator) and isinstance(m.func, ExactDecimal) and m.func.non_negative
         for m in metadata
     ) or any(isinstance(m, Ge) and m.ge == 0 for m in metadata)
     min_length = next((m.min_length for m in metadata if isinstance(m, MinLen)), None)

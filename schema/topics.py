@@ -39,7 +39,10 @@ def topic_configs(records: tuple[type[StreamRecord], ...] = RECORDS) -> list[Top
                 partitions=spec.partitions,
                 replication_factor=spec.replication_factor,
                 key_field=spec.key_field,
-                config={"cleanup.policy": spec.cleanup_policy, "retention.ms": str(spec.retention_ms)},
+                config={
+                    "cleanup.policy": spec.cleanup_policy,
+                    "retention.ms": str(spec.retention_ms),
+                },
                 record=record.__name__,
             )
         )
