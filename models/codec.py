@@ -36,10 +36,10 @@ def decode_record(record_type: type[R], raw: bytes | None) -> R:
     try:
         return record_type.model_validate_json(raw)
     except ValidationError as error:
-        raise RecordRejected(_describe(error)) from None
+        raise RecordRejected(describe_validation_error(error)) from None
 
 
-def _describe(error: ValidationError) -> str:
+def describe_validation_error(error: ValidationError) -> str:
     """One line per problem, naming the field, without echoing the (possibly huge) input."""
     problems = []
     for item in error.errors(include_url=False, include_input=False):

@@ -1,0 +1,252 @@
+"""An httpx client for CoinGecko's API v3 that respects its limits and never crashes its caller.
+
+- One keep-alive `httpx.AsyncClient` with explicit timeouts; the plan's header carries the key
+  (`x-cg-demo-api-key` / `x-cg-pro-api-key`; keyless sends none). The key never goes into a URL,
+  so it cannot appear in httpx's request log lines, and it is redacted from every message here.
+- `RateLimiter`: at most `calls_per_minute` requests in any rolling minute, errors and retries
+  included (CoinGecko counts them too). A 429 pauses every request for its `Retry-After`.
+- 5xx, 408, timeouts, connection errors and non-JSON bodies (outages have served HTML) are retried
+  with jittered exponential backoff, then raise `CoinGeckoUnavailable`.
+- Any other 4xx (404 unknown coin, 401/403 wrong key, 400 10010/10011 wrong host) will not heal:
+  it is logged once with CoinGecko's error code and message, raises `CoinGeckoRefused`, and later
+  requests to the same path raise it again at once, without a call, until restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from email.utils import parsedate_to_datetime
+from typing import TYPE_CHECKING, Any
+
+import httpx
+
+from coingecko.parse import loads_exact
+
+if TYPE_CHECKING:  # importing app.* at run time would build the whole Faust app
+    from app.settings import Settings
+
+log = logging.getLogger(__name__)
+
+KEY_HEADERS = {"demo": "x-cg-demo-api-key", "pro": "x-cg-pro-api-key"}
+MAX_RETRY_AFTER = 900.0  # seconds; a larger Retry-After is a misconfiguration, not advice
+USER_AGENT = "qicore-streams (+https://github.com/qicore)"
+
+
+class CoinGeckoError(Exception):
+    """Base of the errors `CoinGeckoClient.get` raises (nothing else escapes it)."""
+
+
+class CoinGeckoUnavailable(CoinGeckoError):
+    """Retries exhausted on errors that may heal (5xx, 429, timeouts, non-JSON bodies)."""
+
+
+class CoinGeckoRefused(CoinGeckoError):
+    """A 4xx that will not heal by retrying; `path` stays refused until restart."""
+
+    def __init__(self, path: str, status: int, error_code: object, message: str) -> None:
+        super().__init__(f"{path}: HTTP {status}, error_code {error_code}: {message}")
+        self.path = path
+        self.status = status
+        self.error_code = error_code
+        self.message = message
+
+
+class RateLimiter:
+    """At most `calls` requests in any rolling `period` seconds, as the server counts them.
+
+    A request holds its slot from before it is sent until its answer is in, and the window is
+    measured from the answer, so two requests `calls` apart arrive at least `period` apart however
+    long each spent in transit. Waiters are served in order; `pause` holds everyone.
+    """
+
+    def __init__(self, calls: int, period: float = 60.0) -> None:
+        self.calls = calls
+        self.period = period
+        self._answered: deque[float] = deque()  # monotonic times of answers within the window
+        self._in_flight = 0
+        self._paused_until = 0.0
+        self._lock = asyncio.Lock()  # fair: waiters go in arrival order
+        self._answer = asyncio.Event()
+
+    def pause(self, seconds: float) -> None:
+        """No request starts for `seconds` (a 429's Retry-After applies to every request)."""
+        self._paused_until = max(self._paused_until, time.monotonic() + seconds)
+
+    @asynccontextmanager
+    async def slot(self) -> AsyncIterator[None]:
+        async with self._lock:
+            while True:
+                now = time.monotonic()
+                while self._answered and self._answered[0] <= now - self.period:
+                    self._answered.popleft()
+                wait = self._paused_until - now
+                if len(self._answered) + self._in_flight >= self.calls:
+                    if not self._answered:  # every slot is in flight: wait for an answer
+                        self._answer.clear()
+                        await self._answer.wait()
+                        continue
+                    wait = max(wait, self._answered[0] + self.period - now)
+                if wait <= 0:
+                    break
+                await asyncio.sleep(wait)
+            self._in_flight += 1
+        try:
+            yield
+        finally:
+            self._in_flight -= 1
+            self._answered.append(time.monotonic())
+            self._answer.set()
+
+
+class CoinGeckoClient:
+    """`await client.get(path, params)` -> decoded JSON (exact numbers), or a `CoinGeckoError`."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        limiter: RateLimiter | None = None,
+        max_attempts: int = 4,
+        backoff_base: float = 1.0,
+        backoff_cap: float = 60.0,
+    ) -> None:
+        self.base_url = settings.coingecko_url
+        self.limiter = limiter or RateLimiter(settings.calls_per_minute)
+        self.max_attempts = max_attempts
+        self.backoff_base = backoff_base
+        self.backoff_cap = backoff_cap
+        key = settings.coingecko_api_key
+        self._secret = key.get_secret_value() if key is not None else None
+        headers = {"accept": "application/json", "user-agent": USER_AGENT}
+        if settings.plan in KEY_HEADERS and self._secret:
+            headers[KEY_HEADERS[settings.plan]] = self._secret
+        self._http = httpx.AsyncClient(
+            headers=headers,
+            timeout=httpx.Timeout(settings.coingecko_timeout),
+            limits=httpx.Limits(max_keepalive_connections=4, keepalive_expiry=60.0),
+        )
+        self._refused: dict[str, CoinGeckoRefused] = {}
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def __aenter__(self) -> CoinGeckoClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    @property
+    def refused(self) -> Mapping[str, CoinGeckoRefused]:
+        """Paths disabled until restart, with the refusal that disabled them."""
+        return self._refused
+
+    async def get(self, path: str, params: Mapping[str, str | int] | None = None) -> Any:
+        if path in self._refused:
+            raise self._refused[path]
+        url = self.base_url + path
+        reason = ""
+        for attempt in range(1, self.max_attempts + 1):
+            delay = self._backoff(attempt)
+            response: httpx.Response | None = None
+            async with self.limiter.slot():
+                try:
+                    response = await self._http.get(url, params=params)
+                except httpx.TimeoutException as error:
+                    reason = f"timed out ({type(error).__name__})"
+                except httpx.HTTPError as error:
+                    reason = (
+                        f"connection failed: {self._redact(str(error)) or type(error).__name__}"
+                    )
+            if response is not None:
+                status = response.status_code
+                if status == 200:
+                    try:
+                        return loads_exact(response.content)
+                    except ValueError:
+                        reason = f"HTTP 200 with a non-JSON body ({_content_type(response)})"
+                elif status == 429:
+                    delay = _retry_after(response) or delay
+                    self.limiter.pause(delay)
+                    reason = f"HTTP 429 rate limited, Retry-After {delay:g}s"
+                elif status == 408 or status >= 500 or status < 400:
+                    reason = f"HTTP {status} ({_content_type(response)})"
+                else:
+                    raise self._refuse(path, response)
+            if attempt == self.max_attempts:
+                break
+            log.warning(
+                "coingecko %s: %s; retry %d/%d in %.1fs",
+                path,
+                reason,
+                attempt,
+                self.max_attempts - 1,
+                delay,
+            )
+            if not reason.startswith("HTTP 429"):  # a 429's pause is in the limiter already
+                await asyncio.sleep(delay)
+        raise CoinGeckoUnavailable(f"{path}: {reason} (gave up after {self.max_attempts} tries)")
+
+    def _backoff(self, attempt: int) -> float:
+        """Exponential with 'equal jitter': half fixed, half random, so workers do not align."""
+        ceiling = min(self.backoff_cap, self.backoff_base * 2 ** (attempt - 1))
+        return ceiling / 2 + random.uniform(0, ceiling / 2)
+
+    def _refuse(self, path: str, response: httpx.Response) -> CoinGeckoRefused:
+        error_code, message = _error_details(response)
+        refused = CoinGeckoRefused(path, response.status_code, error_code, self._redact(message))
+        self._refused[path] = refused
+        log.error(
+            "coingecko %s refused (will not retry until restart): HTTP %d, error_code %s: %s",
+            path,
+            refused.status,
+            refused.error_code,
+            refused.message,
+        )
+        return refused
+
+    def _redact(self, text: str) -> str:
+        return text.replace(self._secret, "***") if self._secret else text
+
+
+def _content_type(response: httpx.Response) -> str:
+    return response.headers.get("content-type", "no content type").split(";")[0]
+
+
+def _retry_after(response: httpx.Response) -> float | None:
+    """Retry-After in seconds (or an HTTP date), capped; None when absent or unreadable."""
+    value = response.headers.get("retry-after", "").strip()
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            seconds = parsedate_to_datetime(value).timestamp() - time.time()
+        except (TypeError, ValueError):
+            return None
+    return min(seconds, MAX_RETRY_AFTER) if seconds > 0 else None
+
+
+def _error_details(response: httpx.Response) -> tuple[object, str]:
+    """CoinGecko's error code and message, from any of its error shapes (or the raw text).
+
+    Shapes seen: `{"error": "coin not found"}`, `{"status": {"error_code", "error_message"}}`,
+    and `{"error": {"status": {...}}}`.
+    """
+    try:
+        body = loads_exact(response.content)
+    except ValueError:
+        return None, response.text[:200].strip() or "(empty body)"
+    if isinstance(body, dict) and isinstance(body.get("error"), dict):
+        body = body["error"]
+    if isinstance(body, dict) and isinstance(body.get("status"), dict):
+        status = body["status"]
+        return status.get("error_code"), str(status.get("error_message", ""))[:300]
+    if isinstance(body, dict) and "error" in body:
+        return None, str(body["error"])[:300]
+    return None, str(body)[:300]

@@ -1,0 +1,265 @@
+"""CoinGecko response bodies -> DSL records, exactly and totally.
+
+Exact: `loads_exact` reads every JSON number with a fraction or exponent as `Decimal`
+(`6.31917e-7`, `2.70016521312815e+15` and `19990746.0` keep their exact values); integers stay
+`int`. Total: each `parse_*` takes any decoded JSON and returns `Parsed(records, problems)`; it
+never raises. A row that cannot become a record (null price, missing id, a value the DSL rejects)
+is skipped and described in `problems`; a field absent from every row (schema drift) is reported
+once per body, not once per row, and stored as null.
+
+Timestamps follow CoinGecko's units: ISO-8601 strings in /coins/markets, seconds in /global,
+milliseconds (the candle's close) in /coins/{id}/ohlc.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from typing import Any, Generic, TypeVar
+
+from pydantic import ValidationError
+
+from models.codec import describe_validation_error
+from models.market import CryptoMarketAnalytics, CryptoOHLCVData, CryptoPriceData
+
+R = TypeVar("R")
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+# A timestamp outside these years is a unit mix-up (seconds read as milliseconds or the reverse).
+PLAUSIBLE_YEARS = range(2009, 2200)
+
+
+def loads_exact(body: str | bytes) -> Any:
+    """Decode JSON with exact numbers; raises ValueError for anything that is not JSON."""
+    return json.loads(body, parse_float=Decimal, parse_constant=Decimal)
+
+
+@dataclass
+class Parsed(Generic[R]):
+    records: list[R] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+    skipped: int = 0  # rows (or candles) that did not become records
+
+
+class _Bad(ValueError):
+    """One field (hence its row) cannot be used; the message names the field."""
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | Decimal) and not isinstance(value, bool)
+
+
+def _decimal(value: object, name: str) -> Decimal | None:
+    if value is None:
+        return None
+    if not _is_number(value):
+        raise _Bad(f"{name} is {type(value).__name__}, not a number")
+    return Decimal(value)  # type: ignore[arg-type]
+
+
+def _count(value: object, name: str) -> int | None:
+    number = _decimal(value, name)
+    if number is None:
+        return None
+    if not number.is_finite() or number != number.to_integral_value():
+        raise _Bad(f"{name} is {number}, not a whole number")
+    return int(number)
+
+
+def _text(value: object, name: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise _Bad(f"{name} is {'missing or null' if value is None else repr(value)[:40]}")
+    return value
+
+
+def _plausible(moment: datetime, name: str) -> datetime:
+    if moment.year not in PLAUSIBLE_YEARS:
+        raise _Bad(f"{name} is {moment.isoformat()}, not a plausible time (wrong unit?)")
+    return moment
+
+
+def _epoch(value: object, name: str, unit: str) -> datetime:
+    number = _count(value, name)
+    if number is None:
+        raise _Bad(f"{name} is missing or null")
+    try:
+        moment = EPOCH + timedelta(**{unit: number})
+    except OverflowError:
+        raise _Bad(f"{name} {number} is not a plausible time in {unit} (wrong unit?)") from None
+    return _plausible(moment, name)
+
+
+def _iso(value: object, name: str) -> datetime:
+    text = _text(value, name)
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise _Bad(f"{name} {text[:40]!r} is not an ISO-8601 time") from None
+    if moment.utcoffset() is None:
+        raise _Bad(f"{name} {text[:40]!r} has no time zone")
+    return _plausible(moment.astimezone(UTC), name)
+
+
+class _Fields:
+    """Reads a JSON object's fields, noting (not failing on) optional ones that are absent."""
+
+    def __init__(self, row: dict[str, Any], missing: Counter[str]) -> None:
+        self.row = row
+        self.missing = missing
+
+    def optional(self, name: str, read: Callable[[object, str], R]) -> R | None:
+        if name not in self.row:
+            self.missing[name] += 1
+            return None
+        return read(self.row[name], name)
+
+    def nested(self, name: str, key: str) -> Decimal | None:
+        """`row[name][key]` as a decimal, e.g. total_market_cap.usd."""
+        inner = self.row.get(name)
+        if not isinstance(inner, dict) or key not in inner:
+            self.missing[f"{name}.{key}"] += 1
+            return None
+        return _decimal(inner[key], f"{name}.{key}")
+
+
+def _drift(parsed: Parsed[Any], where: str, missing: Counter[str]) -> None:
+    for name, rows in sorted(missing.items()):
+        parsed.problems.append(f"{where}: field {name!r} absent from {rows} row(s); stored as null")
+
+
+def parse_markets(body: object) -> Parsed[CryptoPriceData]:
+    """/coins/markets (vs_currency=usd, price_change_percentage=24h,7d) -> price snapshots.
+
+    btc_price/eth_price stay null: /coins/markets quotes one currency, and a ratio of two USD
+    prices is not CoinGecko's BTC quote, so it would be an invented number.
+    """
+    parsed: Parsed[CryptoPriceData] = Parsed()
+    if not isinstance(body, list):
+        parsed.problems.append(f"coins/markets: expected a list of coins, got {_kind(body)}")
+        return parsed
+    missing: Counter[str] = Counter()
+    for index, row in enumerate(body):
+        where = f"coins/markets row {index}"
+        if not isinstance(row, dict):
+            parsed.skipped += 1
+            parsed.problems.append(f"{where}: expected an object, got {_kind(row)}; skipped")
+            continue
+        if isinstance(row.get("id"), str) and row["id"]:
+            where = f"coins/markets coin {row['id']!r}"
+        fields = _Fields(row, missing)
+        try:
+            price = _decimal(row.get("current_price"), "current_price")
+            if price is None:
+                raise _Bad("current_price is null or missing (no USD price)")
+            record = CryptoPriceData(
+                coin_id=_text(row.get("id"), "id"),
+                symbol=_text(row.get("symbol"), "symbol"),
+                name=_text(row.get("name"), "name"),
+                usd_price=price,
+                market_cap=fields.optional("market_cap", _decimal),
+                volume_24h=fields.optional("total_volume", _decimal),
+                change_24h=fields.optional("price_change_percentage_24h", _decimal),
+                change_7d=fields.optional("price_change_percentage_7d_in_currency", _decimal),
+                last_updated=_iso(row.get("last_updated"), "last_updated"),
+            )
+        except _Bad as bad:
+            parsed.skipped += 1
+            parsed.problems.append(f"{where}: {bad}; skipped")
+        except ValidationError as error:
+            parsed.skipped += 1
+            parsed.problems.append(f"{where}: {describe_validation_error(error)}; skipped")
+        else:
+            parsed.records.append(record)
+    _drift(parsed, "coins/markets", missing)
+    return parsed
+
+
+def parse_global(body: object) -> Parsed[CryptoMarketAnalytics]:
+    """/global -> one market-analytics record (its `data` object; `updated_at` is seconds)."""
+    parsed: Parsed[CryptoMarketAnalytics] = Parsed()
+    data = body.get("data") if isinstance(body, dict) else None
+    if not isinstance(data, dict):
+        parsed.problems.append(f"global: expected {{'data': {{...}}}}, got {_kind(body)}")
+        return parsed
+    missing: Counter[str] = Counter()
+    fields = _Fields(data, missing)
+    try:
+        record = CryptoMarketAnalytics(
+            timestamp=_epoch(data.get("updated_at"), "updated_at", "seconds"),
+            total_market_cap=fields.nested("total_market_cap", "usd"),
+            total_volume=fields.nested("total_volume", "usd"),
+            btc_dominance=fields.nested("market_cap_percentage", "btc"),
+            eth_dominance=fields.nested("market_cap_percentage", "eth"),
+            active_cryptocurrencies=fields.optional("active_cryptocurrencies", _count),
+            markets=fields.optional("markets", _count),
+            market_cap_change_24h=fields.optional("market_cap_change_percentage_24h_usd", _decimal),
+        )
+    except _Bad as bad:
+        parsed.skipped += 1
+        parsed.problems.append(f"global: {bad}; skipped")
+    except ValidationError as error:
+        parsed.skipped += 1
+        parsed.problems.append(f"global: {describe_validation_error(error)}; skipped")
+    else:
+        parsed.records.append(record)
+    _drift(parsed, "global", missing)
+    return parsed
+
+
+def timeframe_for_days(days: int) -> str:
+    """CoinGecko's OHLC granularity follows `days`: 1-2 -> 30 min, 3-30 -> 4 h, more -> 4 days."""
+    if days <= 2:
+        return "30m"
+    return "4h" if days <= 30 else "4d"
+
+
+def parse_ohlc(body: object, coin_id: str, symbol: str, days: int) -> Parsed[CryptoOHLCVData]:
+    """/coins/{id}/ohlc `[[close_ms, open, high, low, close], ...]` -> candles (no volume)."""
+    parsed: Parsed[CryptoOHLCVData] = Parsed()
+    where = f"coins/{coin_id}/ohlc"
+    if not isinstance(body, list):
+        parsed.problems.append(f"{where}: expected a list of candles, got {_kind(body)}")
+        return parsed
+    timeframe = timeframe_for_days(days)
+    for index, candle in enumerate(body):
+        try:
+            if not isinstance(candle, list) or len(candle) != 5:
+                raise _Bad(f"expected [time, open, high, low, close], got {_kind(candle)}")
+            moment, *prices = candle
+            values = [_decimal(value, name) for value, name in zip(prices, "ohlc", strict=True)]
+            if any(value is None for value in values):
+                raise _Bad("a price is null")
+            record = CryptoOHLCVData(
+                coin_id=coin_id,
+                symbol=symbol,
+                timestamp=_epoch(moment, "time", "milliseconds"),
+                open=values[0],
+                high=values[1],
+                low=values[2],
+                close=values[3],
+                timeframe=timeframe,
+            )
+        except _Bad as bad:
+            parsed.skipped += 1
+            parsed.problems.append(f"{where} candle {index}: {bad}; skipped")
+        except ValidationError as error:
+            parsed.skipped += 1
+            parsed.problems.append(
+                f"{where} candle {index}: {describe_validation_error(error)}; skipped"
+            )
+        else:
+            parsed.records.append(record)
+    return parsed
+
+
+def _kind(value: object) -> str:
+    """A short description of a JSON value for messages (never the whole, possibly huge, value)."""
+    names = {dict: "an object", list: "a list", str: "a string", bool: "a boolean"}
+    if value is None:
+        return "null"
+    if isinstance(value, list):
+        return f"a list of {len(value)}"
+    return names.get(type(value), "a number" if _is_number(value) else type(value).__name__)

@@ -1,0 +1,286 @@
+"""The CoinGecko poller: prices, market analytics and candles, published as DSL records.
+
+`Poller` is the whole job and takes a `Settings`, a `CoinGeckoClient` and a `publish` callable,
+so tests run its cycles directly; `agents.poller` wraps the cycles in leader-only Faust timers.
+This module does not import the Faust app, so /health can import `POLL_STATUS` from anywhere.
+
+Calls per cycle stay low: prices come from /coins/markets, 250 coins per call (1,000 coins = 4
+calls); `btc_price`/`eth_price` stay null (see `coingecko.parse.parse_markets`). Candles take at
+most `OHLC_BUDGET_SHARE` of the plan's calls over their interval, coins in turn (round robin), so
+they never starve the price poll; each call returns `ohlc_days` of candles, so a coin whose turn
+comes round within that span misses no candle.
+
+CoinGecko serves cached snapshots (60 s for markets), so a record is published only if it is newer
+than the last one published for its key: per coin `last_updated`, per (coin, timeframe) candle
+time, `/global`'s `updated_at`. Candles whose close is still in the future are in progress and
+wait until they close. A cycle never raises: failures land in `POLL_STATUS` (which /health shows)
+and the log, and the next cycle tries again.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Hashable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
+from urllib.parse import quote
+
+from coingecko.client import CoinGeckoClient, CoinGeckoError, CoinGeckoRefused
+from coingecko.parse import Parsed, parse_global, parse_markets, parse_ohlc
+from models.dsl import StreamRecord
+
+if TYPE_CHECKING:  # importing app.* at run time would build the whole Faust app
+    from app.settings import Settings
+
+log = logging.getLogger(__name__)
+
+Publish = Callable[[Sequence[StreamRecord]], Awaitable[None]]
+K = TypeVar("K", bound=Hashable)
+MAX_PER_PAGE = 250  # CoinGecko's /coins/markets page limit
+OHLC_BUDGET_SHARE = 0.5  # of calls_per_minute over the OHLC interval; the rest is for prices
+DEDUPE_KEYS = 20_000  # newest-timestamp memory per endpoint (top_n is at most 5,000)
+REPORTED_PROBLEMS = 10_000  # distinct data problems remembered so each is logged once
+ENDPOINTS = ("prices", "global", "ohlc")
+
+
+@dataclass
+class EndpointStatus:
+    last_success: datetime | None = None
+    last_error: str | None = None
+    last_error_at: datetime | None = None
+    polls: int = 0
+    failures: int = 0
+    published: int = 0
+    unchanged: int = 0
+    skipped: int = 0
+
+
+@dataclass
+class PollStatus:
+    """What the poller last did, per endpoint; `as_json()` is what /health shows."""
+
+    endpoints: dict[str, EndpointStatus] = field(
+        default_factory=lambda: {name: EndpointStatus() for name in ENDPOINTS}
+    )
+    refused: dict[str, str] = field(default_factory=dict)  # path -> why (until restart)
+
+    def as_json(self, now: datetime | None = None) -> dict[str, Any]:
+        now = now or datetime.now(UTC)
+        shown: dict[str, Any] = {}
+        for name, status in self.endpoints.items():
+            entry = asdict(status)
+            for key in ("last_success", "last_error_at"):
+                entry[key] = entry[key].isoformat() if entry[key] else None
+            last = status.last_success
+            entry["age_seconds"] = round((now - last).total_seconds(), 3) if last else None
+            shown[name] = entry
+        return {"endpoints": shown, "refused": dict(self.refused)}
+
+
+POLL_STATUS = PollStatus()
+
+
+class LatestSeen(Generic[K]):
+    """Per key, the newest timestamp published; least recently updated keys are forgotten."""
+
+    def __init__(self, maxsize: int = DEDUPE_KEYS) -> None:
+        self.maxsize = maxsize
+        self._latest: OrderedDict[K, datetime] = OrderedDict()
+
+    def is_new(self, key: K, moment: datetime) -> bool:
+        last = self._latest.get(key)
+        return last is None or moment > last
+
+    def remember(self, key: K, moment: datetime) -> None:
+        if self.is_new(key, moment):
+            self._latest[key] = moment
+            self._latest.move_to_end(key)
+            while len(self._latest) > self.maxsize:
+                self._latest.popitem(last=False)
+
+
+class _Cycle:
+    """One poll of one endpoint: counts, and the errors that did not stop it."""
+
+    def __init__(self, status: EndpointStatus) -> None:
+        self.status = status
+        self.errors: list[str] = []
+
+    def fail(self, error: str) -> None:
+        self.errors.append(error)
+
+
+class Poller:
+    def __init__(
+        self,
+        settings: Settings,
+        client: CoinGeckoClient,
+        publish: Publish,
+        status: PollStatus = POLL_STATUS,
+    ) -> None:
+        self.settings = settings
+        self.client = client
+        self.publish = publish
+        self.status = status
+        self.symbols: dict[str, str] = {}  # coin id -> symbol, from the latest markets poll
+        self._prices: LatestSeen[str] = LatestSeen()
+        self._candles: LatestSeen[tuple[str, str]] = LatestSeen()
+        self._global: LatestSeen[str] = LatestSeen()
+        self._ohlc_turn = 0
+        self._reported: set[str] = set()
+
+    # -- the three polls ---------------------------------------------------------------------
+
+    async def poll_prices(self) -> None:
+        with self._cycle("prices") as cycle:
+            symbols: dict[str, str] = {}
+            for params, wanted in self._market_requests():
+                body = await self._get(cycle, "/coins/markets", params)
+                if body is None:
+                    continue
+                per_page, page = int(params["per_page"]), int(params["page"])
+                last_page = isinstance(body, list) and len(body) < per_page
+                if wanted:
+                    self._report_missing(wanted, body)
+                elif isinstance(body, list):  # the last page may reach past top_n
+                    body = body[: self.settings.top_n - (page - 1) * per_page]
+                parsed = parse_markets(body)
+                symbols.update((r.coin_id, r.symbol) for r in parsed.records)
+                await self._publish_new(cycle, parsed, self._prices, lambda r: r.coin_id)
+                if last_page and not wanted:
+                    break  # fewer coins exist than asked for: no further pages
+            self.symbols = symbols if not cycle.errors else {**self.symbols, **symbols}
+
+    async def poll_global(self) -> None:
+        with self._cycle("global") as cycle:
+            body = await self._get(cycle, "/global", {})
+            if body is not None:
+                await self._publish_new(cycle, parse_global(body), self._global, lambda r: r.source)
+
+    async def poll_ohlc(self) -> None:
+        with self._cycle("ohlc") as cycle:
+            days = self.settings.ohlc_days
+            for coin_id in self._ohlc_turns():
+                path = f"/coins/{quote(coin_id, safe='')}/ohlc"
+                body = await self._get(cycle, path, {"vs_currency": "usd", "days": days})
+                if body is None:
+                    continue
+                parsed = parse_ohlc(body, coin_id, self.symbols[coin_id], days)
+                now = datetime.now(UTC)
+                parsed.records = [r for r in parsed.records if r.timestamp <= now]
+                await self._publish_new(
+                    cycle, parsed, self._candles, lambda r: (r.coin_id, r.timeframe)
+                )
+
+    # -- helpers -----------------------------------------------------------------------------
+
+    def _market_requests(self) -> Iterator[tuple[dict[str, str | int], set[str]]]:
+        """(query, ids asked for) per /coins/markets call: batches of COINS, or top-N pages."""
+        common: dict[str, str | int] = {"vs_currency": "usd", "price_change_percentage": "24h,7d"}
+        coins = self.settings.coins
+        for start in range(0, len(coins), MAX_PER_PAGE):
+            batch = coins[start : start + MAX_PER_PAGE]
+            yield (
+                {**common, "ids": ",".join(batch), "per_page": MAX_PER_PAGE, "page": 1},
+                set(batch),
+            )
+        if not coins:
+            per_page = min(MAX_PER_PAGE, self.settings.top_n)
+            for page in range(1, math.ceil(self.settings.top_n / per_page) + 1):
+                order: dict[str, str | int] = {
+                    "order": "market_cap_desc",
+                    "per_page": per_page,
+                    "page": page,
+                }
+                yield {**common, **order}, set()
+
+    def _ohlc_turns(self) -> list[str]:
+        """This cycle's coins: the next ones in turn, within OHLC's share of the plan's calls."""
+        refused = self.client.refused
+        coins = [c for c in self.symbols if f"/coins/{quote(c, safe='')}/ohlc" not in refused]
+        if not coins:
+            return []
+        budget = self.settings.calls_per_minute * self.settings.ohlc_poll_seconds / 60
+        count = min(len(coins), max(1, int(budget * OHLC_BUDGET_SHARE)))
+        start = self._ohlc_turn % len(coins)
+        self._ohlc_turn = start + count
+        return [coins[(start + i) % len(coins)] for i in range(count)]
+
+    async def _get(self, cycle: _Cycle, path: str, params: dict[str, str | int]) -> Any:
+        """The decoded body, or None after recording why there is none."""
+        try:
+            return await self.client.get(path, params)
+        except CoinGeckoRefused as refused:  # the client logged it, once
+            self.status.refused[refused.path] = str(refused)
+            cycle.fail(str(refused))
+        except CoinGeckoError as error:
+            log.warning("coingecko poll failed: %s", error)
+            cycle.fail(str(error))
+        return None
+
+    async def _publish_new(
+        self,
+        cycle: _Cycle,
+        parsed: Parsed[Any],
+        seen: LatestSeen[Any],
+        key: Callable[[Any], Any],
+    ) -> None:
+        """Publish the records newer than the last published for their key, then remember them."""
+        self._report(parsed.problems)
+        cycle.status.skipped += parsed.skipped
+        if parsed.problems and not parsed.records:
+            cycle.fail(f"no usable data: {parsed.problems[0]}")
+        new = [r for r in parsed.records if seen.is_new(key(r), _time_of(r))]
+        cycle.status.unchanged += len(parsed.records) - len(new)
+        if new:
+            await self.publish(new)
+            for record in new:
+                seen.remember(key(record), _time_of(record))
+            cycle.status.published += len(new)
+
+    def _report_missing(self, wanted: set[str], body: object) -> None:
+        rows = body if isinstance(body, list) else []
+        returned = {row.get("id") for row in rows if isinstance(row, dict)}
+        self._report(
+            [
+                f"coins/markets: coin {coin!r} not returned (unknown id or delisted)"
+                for coin in sorted(wanted - returned)
+            ]
+        )
+
+    def _report(self, problems: list[str]) -> None:
+        """Log each distinct data problem once (they repeat every cycle until CoinGecko fixes
+        them); the skipped-row counts in the status keep counting."""
+        for problem in problems:
+            if problem not in self._reported and len(self._reported) < REPORTED_PROBLEMS:
+                self._reported.add(problem)
+                log.warning("coingecko data: %s", problem)
+
+    @contextmanager
+    def _cycle(self, endpoint: str) -> Iterator[_Cycle]:
+        status = self.status.endpoints[endpoint]
+        cycle = _Cycle(status)
+        status.polls += 1
+        try:
+            yield cycle
+        except Exception as error:  # a cycle never crashes the worker: record, retry next time
+            log.exception("coingecko %s poll crashed", endpoint)
+            cycle.fail(f"{type(error).__name__}: {error}")
+        now = datetime.now(UTC)
+        if cycle.errors:
+            status.failures += 1
+            status.last_error = "; ".join(cycle.errors)[:1000]
+            status.last_error_at = now
+        else:
+            status.last_success = now
+
+
+def _time_of(record: StreamRecord) -> datetime:
+    """The record's own timestamp (its table's time column): what dedupe compares."""
+    moment = getattr(record, record.table.time_column)
+    assert isinstance(moment, datetime)  # the DSL checks the time column is a timestamp
+    return moment
