@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import NoReturn
 
 import click
 from faust.cli import AppCommand, argument, option
@@ -12,16 +13,24 @@ from app.main import app, settings
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
-@app.command(argument("action", type=click.Choice(["generate", "check"])))
-async def schema(self: AppCommand, action: str) -> None:
+@app.command(
+    argument("action", type=click.Choice(["generate", "check"])),
+    option(
+        "--root",
+        type=click.Path(file_okay=False, path_type=Path),
+        default=PROJECT_ROOT,
+        help="Project root holding sql/ and schemas/ (default: this checkout).",
+    ),
+)
+async def schema(self: AppCommand, action: str, root: Path) -> None:
     """Write the generated files (`generate`) or fail if any is stale (`check`)."""
     from schema.artifacts import check_artifacts, write_artifacts
 
     if action == "generate":
-        for path in write_artifacts(PROJECT_ROOT):
-            self.say(f"wrote {path.relative_to(PROJECT_ROOT)}")
+        for path in write_artifacts(root):
+            self.say(f"{'wrote' if path.exists() else 'removed'} {path.relative_to(root)}")
         return
-    stale = check_artifacts(PROJECT_ROOT)
+    stale = check_artifacts(root)
     for problem in stale:
         self.say(f"stale: {problem}")
     if stale:
@@ -42,3 +51,13 @@ async def migrate(self: AppCommand, force: bool) -> None:
         raise SystemExit(1) from None
     for line in report:
         self.say(line)
+
+
+class up(AppCommand):  # the class name is the command name: `faust -A app up`
+    """Run the worker on embedded defaults: broker and PostgreSQL when their URLs are unset."""
+
+    def __call__(self, *args: object, **kwargs: object) -> NoReturn:
+        """Not async, unlike the other commands: it supervises processes, in the foreground."""
+        from app.dev import up
+
+        raise SystemExit(up(settings))

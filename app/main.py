@@ -34,6 +34,18 @@ app = faust.App(
     web_port=settings.web_listen_port,
 )
 
+# `faust worker` overwrites conf.web_enabled with its own --with-web flag (on by default); the
+# boot strategy has the last word on what starts, so WEB_ENABLED=false really opens no port.
+if not settings.web_enabled:
+    app.boot_strategy.enable_web = False
+
+
+@app.on_worker_init.connect
+def _create_data_dir(sender: object, /, *args: object, signal: object, **kwargs: object) -> None:
+    """Faust creates only the last level of its datadir; a fresh checkout has no DATA_DIR yet."""
+    Path(settings.data_dir).mkdir(parents=True, exist_ok=True)
+
+
 topics: dict[str, faust.TopicT] = {
     config.name: app.topic(
         config.name,
@@ -42,6 +54,9 @@ topics: dict[str, faust.TopicT] = {
         config=config.config,
         key_serializer="raw",
         value_serializer="raw",
+        # Faust declares internal topics before it subscribes to them; otherwise a broker that
+        # auto-creates topics (Kafka, Tansu) creates them on subscription with its default count.
+        internal=True,
     )
     for config in topic_configs()
 }
@@ -52,4 +67,3 @@ async def declare_topics() -> None:
     """Create every generated topic up front: Redpanda does not auto-create them."""
     for topic in topics.values():
         await topic.maybe_declare()
-

@@ -8,18 +8,18 @@ exits, so a typo stops start-up instead of surfacing as a stack trace minutes la
 from __future__ import annotations
 
 import sys
-from typing import Literal
+from typing import Annotated, Literal
 from urllib.parse import urlsplit, urlunsplit
 
-from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
-from typing_extensions import Annotated
 
 CoinGeckoPlan = Literal["keyless", "demo", "pro"]
 PUBLIC_API = "https://api.coingecko.com/api/v3"
 PRO_API = "https://pro-api.coingecko.com/api/v3"
 # Conservative defaults under CoinGecko's published limits (errors count against them too).
 DEFAULT_CALLS_PER_MINUTE: dict[CoinGeckoPlan, int] = {"keyless": 5, "demo": 30, "pro": 250}
+OFFLINE = "offline"  # COINGECKO_BASE_URL value: `faust -A app up` serves the bundled fake
 DEFAULT_BROKER_URL = "kafka://127.0.0.1:9092"
 DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 
@@ -27,7 +27,7 @@ DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 def redact_url(url: str) -> str:
     """Hide the password of a URL (`postgresql://user:secret@host` -> `user:***@host`)."""
     parts = urlsplit(url)
-    if parts.password is None:
+    if not parts.password:  # none, or empty (`user:@host`): nothing to hide
         return url
     netloc = parts.netloc.rsplit("@", 1)
     user = (parts.username or "") + ":***"
@@ -35,19 +35,25 @@ def redact_url(url: str) -> str:
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(case_sensitive=False, extra="ignore", frozen=True)
+    # An empty variable (`heroku config:set X=`) means "use the default", as if it were unset.
+    model_config = SettingsConfigDict(
+        case_sensitive=False, extra="ignore", frozen=True, env_ignore_empty=True
+    )
 
     app_id: str = Field("qicore-streams", min_length=1)
     broker_url: str = DEFAULT_BROKER_URL
     broker_session_timeout: float = Field(10.0, gt=0, description="seconds")
-    broker_heartbeat_interval: float = Field(3.0, gt=0, description="seconds")
+    broker_heartbeat_interval: float = Field(
+        3.0, gt=0, description="seconds", validate_default=True
+    )
     topic_replication_factor: int = Field(1, ge=1)
     database_url: SecretStr = SecretStr(DEFAULT_DATABASE_URL)
     database_pool_size: int = Field(4, ge=1, le=100)
 
     coingecko_base_url: str | None = None  # default follows the plan; "offline" = bundled fake
     coingecko_api_key: SecretStr | None = None
-    coingecko_plan: CoinGeckoPlan | None = None  # default: "demo" with a key, else "keyless"
+    # Default: "demo" with a key, else "keyless".
+    coingecko_plan: CoinGeckoPlan | None = Field(None, validate_default=True)
     coingecko_calls_per_minute: int | None = Field(None, ge=1)
     coingecko_timeout: float = Field(10.0, gt=0, description="seconds per request")
     coins: Annotated[tuple[str, ...], NoDecode] = ()
@@ -64,7 +70,8 @@ class Settings(BaseSettings):
     web_host: str = "127.0.0.1"
     web_port: int = Field(6066, ge=1, le=65535)
     web_enabled: bool = True
-    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    # The names `faust worker -l` accepts (it rejects "warning"), so LOG_LEVEL can be passed on.
+    log_level: Literal["debug", "info", "warn", "error", "crit"] = "info"
     data_dir: str = ".data"
 
     @field_validator("coins", mode="before")
@@ -90,6 +97,15 @@ class Settings(BaseSettings):
                 raise ValueError("must look like kafka://host:port (several joined by ';')")
         return value
 
+    @field_validator("coingecko_base_url")
+    @classmethod
+    def _check_coingecko(cls, value: str | None) -> str | None:
+        if value not in (None, OFFLINE):
+            parts = urlsplit(value)
+            if parts.scheme not in {"http", "https"} or not parts.hostname:
+                raise ValueError(f"must be an http(s) URL or {OFFLINE!r}")
+        return value
+
     @field_validator("database_url")
     @classmethod
     def _check_database(cls, value: SecretStr) -> SecretStr:
@@ -97,15 +113,24 @@ class Settings(BaseSettings):
             raise ValueError("must look like postgresql://user:password@host:port/dbname")
         return value
 
-    @model_validator(mode="after")
-    def _check_plan(self) -> Settings:
-        if self.coingecko_plan in ("demo", "pro") and self.coingecko_api_key is None:
-            raise ValueError(f"COINGECKO_PLAN={self.coingecko_plan} needs COINGECKO_API_KEY")
-        if self.broker_heartbeat_interval >= self.broker_session_timeout:
+    # Checks that involve two fields are field validators on the later one (`info.data` holds the
+    # earlier, valid fields), so the error names a variable.
+    @field_validator("broker_heartbeat_interval")
+    @classmethod
+    def _check_heartbeat(cls, value: float, info: ValidationInfo) -> float:
+        session_timeout = info.data.get("broker_session_timeout")
+        if session_timeout is not None and value >= session_timeout:
             raise ValueError(
-                "BROKER_HEARTBEAT_INTERVAL must be shorter than BROKER_SESSION_TIMEOUT"
+                f"{value:g} s must be shorter than BROKER_SESSION_TIMEOUT ({session_timeout:g} s)"
             )
-        return self
+        return value
+
+    @field_validator("coingecko_plan")
+    @classmethod
+    def _check_plan(cls, value: CoinGeckoPlan | None, info: ValidationInfo) -> CoinGeckoPlan | None:
+        if value in ("demo", "pro") and info.data.get("coingecko_api_key") is None:
+            raise ValueError(f"the {value} plan needs COINGECKO_API_KEY")
+        return value
 
     @property
     def plan(self) -> CoinGeckoPlan:
@@ -129,7 +154,7 @@ class Settings(BaseSettings):
 
     @property
     def web_bind(self) -> str:
-        return "0.0.0.0" if self.port is not None else self.web_host  # noqa: S104 (Heroku)
+        return "0.0.0.0" if self.port is not None else self.web_host  # Heroku routes to $PORT
 
     @property
     def web_listen_port(self) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -11,6 +12,7 @@ import asyncpg
 import pytest
 
 from app.embedded import EmbeddedBroker, embedded_postgres
+from app.settings import Settings
 
 
 @pytest.fixture(scope="session")
@@ -46,3 +48,10 @@ async def database_dsn(postgres_server: str) -> AsyncIterator[str]:
         await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
     finally:
         await admin.close()
+
+
+@pytest.fixture(scope="session")
+def bare_env() -> dict[str, str]:
+    """The environment without any app setting: a developer's own variables cannot leak in."""
+    names = {name.upper() for name in Settings.model_fields}
+    return {name: value for name, value in os.environ.items() if name.upper() not in names}

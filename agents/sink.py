@@ -1,0 +1,256 @@
+"""Sink agents: every record topic flows into its table, in batches, stored before acknowledged.
+
+One agent per record in `models.RECORDS`, made in a loop from the DSL, so a new record type gets
+a running sink with no new agent code. Why each agent works the way it does:
+
+- `stream.noack_take(size, within=seconds)` hands over batches WITHOUT acknowledging them:
+  `take()` acknowledges in a `finally`, even when the write raised, and Faust would then commit
+  past rows that were never stored. A batch is acknowledged only after its transaction committed
+  and its dead letters were delivered, all of it in offset order, so Faust's commit (the end of the
+  first unbroken run of acknowledged offsets per partition) never passes an unstored row.
+- `within` also flushes a half-full batch when the stream goes quiet: low latency at low rates.
+- A failed batch is retried with capped exponential backoff and jitter, for as long as it takes.
+  Moving past it would leave a hole, and faust-streaming #606 can commit past a single unacked
+  head offset. While the agent waits, Faust's buffers fill and it stops fetching: the worker stops
+  consuming instead of dropping data.
+- SIGTERM: Faust's `App.on_stop` stops fetching, waits until every event handed to a stream is
+  acknowledged (`stream_wait_empty`, on by default), then commits the offsets, before it stops any
+  agent. So the batch in flight is written, acknowledged and committed before the worker exits,
+  and only then is the pool closed (`on_before_shutdown`). The agent additionally only shields
+  the batch's task: if it is cancelled anyway, the batch is still finished and acknowledged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from functools import partial
+from typing import Any, TypeVar, cast
+from urllib.parse import urlsplit
+
+import asyncpg
+import faust
+from faust.types import EventT, StreamT
+
+from app.main import app, settings, topics
+from models import RECORDS, StreamRecord
+from models.codec import RecordRejected, decode_record
+from store.db import create_pool
+from store.writer import RecordWriter, WriteResult
+
+log = logging.getLogger(__name__)
+
+BACKOFF_FIRST = 0.2  # seconds before the first retry
+BACKOFF_CAP = 5.0  # a retry every few seconds costs a down database nothing and resumes quickly
+
+T = TypeVar("T")
+
+
+@dataclass
+class SinkStatus:
+    """What one sink has done, for /health and for operators."""
+
+    topic: str
+    table: str
+    rows_written: int = 0
+    duplicates_skipped: int = 0
+    dead_letters: int = 0
+    pending_events: int = 0  # events of the batch being written (or retried) right now
+    consecutive_failures: int = 0
+    last_error: str | None = None
+    last_write_at: datetime | None = None
+
+    def as_json(self) -> dict[str, Any]:
+        shown = asdict(self)
+        shown["last_write_at"] = self.last_write_at.isoformat() if self.last_write_at else None
+        return shown
+
+
+class SinkStatuses:
+    """Every sink's status, keyed by topic."""
+
+    def __init__(self) -> None:
+        self.sinks: dict[str, SinkStatus] = {}
+
+    def add(self, record: type[StreamRecord]) -> SinkStatus:
+        status = SinkStatus(topic=record.topic.name, table=record.table.name)
+        self.sinks[status.topic] = status
+        return status
+
+    def as_json(self) -> dict[str, dict[str, Any]]:
+        return {topic: status.as_json() for topic, status in self.sinks.items()}
+
+
+SINK_STATUS = SinkStatuses()
+
+
+class SinkDatabase:
+    """The worker's one asyncpg pool, shared by all sinks, opened on first use.
+
+    Opening it lazily makes a database that is down at start-up one more retried failure of the
+    first batch instead of a crash of the worker.
+    """
+
+    def __init__(self, dsn: str, max_size: int) -> None:
+        self._dsn = dsn
+        self._max_size = max_size
+        self._pool: asyncpg.Pool | None = None
+        self._lock = asyncio.Lock()
+
+    async def pool(self) -> asyncpg.Pool:
+        async with self._lock:
+            if self._pool is None:
+                self._pool = await create_pool(self._dsn, min_size=1, max_size=self._max_size)
+            return self._pool
+
+    async def close(self) -> None:
+        async with self._lock:
+            if self._pool is not None:
+                await self._pool.close()
+                self._pool = None
+
+
+DATABASE = SinkDatabase(settings.database_dsn, settings.database_pool_size)
+
+
+def describe_error(error: BaseException, dsn: str = settings.database_dsn) -> str:
+    """`Type: message`, with the database password blanked should a driver ever echo it."""
+    text = f"{type(error).__name__}: {error}"
+    password = urlsplit(dsn).password
+    return text.replace(password, "***") if password else text
+
+
+def backoff(failures: int) -> float:
+    """Seconds before retry number `failures`: doubling up to the cap, with jitter (50-100%) so
+    that sinks (and workers) hammering a database that just came back do not retry in step."""
+    return min(BACKOFF_CAP, BACKOFF_FIRST * 2 ** (failures - 1)) * random.uniform(0.5, 1.0)
+
+
+class Sink:
+    """Moves one record topic into its table; `consume` is the Faust agent."""
+
+    def __init__(self, record: type[StreamRecord], database: SinkDatabase) -> None:
+        self.record = record
+        self.database = database
+        self.writer = RecordWriter(record)
+        self.dead_letter_topic = topics[record.topic.dead_letter_name]
+        self.status = SINK_STATUS.add(record)
+
+    async def consume(self, stream: StreamT[bytes]) -> None:
+        batches = cast(faust.Stream[bytes], stream).noack_take(
+            settings.sink_batch_size, within=settings.sink_batch_seconds
+        )
+        async for batch in batches:
+            # noack_take yields the events themselves (values plus message metadata).
+            events = cast(Sequence[EventT], batch)
+            flush = asyncio.ensure_future(self.flush(stream, events))
+            try:
+                await asyncio.shield(flush)
+            except asyncio.CancelledError:
+                log.warning(
+                    "sink %s: cancelled mid-batch; finishing it first", self.record.topic.name
+                )
+                await flush
+                raise
+
+    async def flush(self, stream: StreamT[bytes], events: Sequence[EventT]) -> None:
+        """Store a batch, dead-letter its bad messages, then acknowledge all of it in order."""
+        records: list[StreamRecord] = []
+        rejected: list[tuple[EventT, str]] = []
+        for event in events:
+            try:
+                records.append(decode_record(self.record, event.message.value))
+            except RecordRejected as bad:
+                rejected.append((event, bad.reason))
+        self.status.pending_events = len(events)
+        if records:
+            result = await self._until_done("write", lambda: self._write(records))
+            self.status.rows_written += result.inserted
+            self.status.duplicates_skipped += result.duplicates
+            self.status.last_write_at = datetime.now(UTC)
+        for event, reason in rejected:
+            await self._until_done("dead-letter", partial(self._dead_letter, event, reason))
+            self.status.dead_letters += 1
+            log.warning(
+                "sink %s: dead-lettered partition %s offset %s: %s",
+                self.record.topic.name,
+                event.message.partition,
+                event.message.offset,
+                reason,
+            )
+        # Events come in offset order per partition; acknowledging them in that order, after
+        # everything above is durable, never leaves an unacknowledged offset below an acked one.
+        for event in events:
+            await stream.ack(event)
+        self.status.pending_events = 0
+
+    async def _write(self, records: list[StreamRecord]) -> WriteResult:
+        return await self.writer.write(await self.database.pool(), records)
+
+    async def _dead_letter(self, event: EventT, reason: str) -> None:
+        """Publish the original key, value and headers, plus where it came from and why; wait
+        for the broker to confirm, so that acknowledging the original cannot lose it."""
+        message = event.message
+        headers = message.headers or ()
+        items = list(headers.items() if isinstance(headers, Mapping) else headers)
+        items += [
+            ("x-error", reason.encode()),
+            ("x-original-topic", message.topic.encode()),
+            ("x-original-partition", str(message.partition).encode()),
+            ("x-original-offset", str(message.offset).encode()),
+        ]
+        # force=True sends now; otherwise Faust would attach the send to the current event and
+        # only publish it at commit time.
+        delivery = await self.dead_letter_topic.send(
+            key=message.key, value=message.value, headers=items, force=True
+        )
+        await delivery
+
+    async def _until_done(self, what: str, attempt: Callable[[], Awaitable[T]]) -> T:
+        """Retry `attempt` until it succeeds, logging each failure once."""
+        while True:
+            try:
+                result = await attempt()
+            except Exception as error:  # any failure of the database or broker: retry it
+                self.status.consecutive_failures += 1
+                self.status.last_error = describe_error(error)
+                delay = backoff(self.status.consecutive_failures)
+                log.error(
+                    "sink %s: %s of %d events failed (attempt %d), retrying in %.1fs: %s",
+                    self.record.topic.name,
+                    what,
+                    self.status.pending_events,
+                    self.status.consecutive_failures,
+                    delay,
+                    self.status.last_error,
+                )
+                await asyncio.sleep(delay)
+                continue
+            if self.status.consecutive_failures:
+                log.info(
+                    "sink %s: %s succeeded after %d failed attempts",
+                    self.record.topic.name,
+                    what,
+                    self.status.consecutive_failures,
+                )
+                self.status.consecutive_failures = 0
+            return result
+
+
+def _register(record: type[StreamRecord]) -> Sink:
+    sink = Sink(record, DATABASE)
+    app.agent(topics[record.topic.name], name=f"sink_{record.table.name}")(sink.consume)
+    return sink
+
+
+SINKS: dict[str, Sink] = {record.topic.name: _register(record) for record in RECORDS}
+
+
+@app.on_before_shutdown.connect
+async def _close_pool(sender: object, /, *args: object, signal: object, **kwargs: object) -> None:
+    """Runs after Faust waited for every stream to acknowledge its events: nothing is in flight."""
+    await DATABASE.close()

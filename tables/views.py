@@ -1,0 +1,269 @@
+"""JSON web views on the worker's web server.
+
+Workers may run on hosts that cannot reach each other (Heroku dynos), so no view routes a
+request to the worker that owns a key. Each answer merges two sources that are each a subset of
+the truth: the database (everything the sink has written, from every partition) and this
+worker's tables (its own partitions, possibly newer than the sink's last batch). Merging keeps
+the newest snapshot, and the max/min of both ranges, so the answer is right whichever worker
+serves it and whether or not its tables recovered fully; a database that cannot be reached is a
+503, never a silently partial answer.
+
+Decimals are JSON strings (exact); timestamps RFC 3339. No view writes anything.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Any, TypeVar, cast
+
+import asyncpg
+from faust.transport.drivers.aiokafka import Producer
+from faust.types import TableT
+from faust.web import Request, Response, View
+from faust.web.exceptions import NotFound, ServiceUnavailable, ValidationError
+
+from agents.sink import SINK_STATUS
+from app.main import app, settings
+from coingecko.poller import POLL_STATUS
+from models.dsl import StreamRecord
+from models.market import AGGREGATE_EXCHANGE, CryptoMarketAnalytics, CryptoPriceData
+from store import queries
+from store.db import create_pool
+from tables import live
+
+# CoinGecko ids are lower-case words joined by hyphens; allow a little more, never quotes,
+# slashes, spaces or a leading dot.
+COIN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+READ_TIMEOUT = 5.0  # seconds for a view's database work, including connecting
+PING_TIMEOUT = 2.0
+BROKER_TIMEOUT = 2.0
+AGGREGATE = {"exchange_id": AGGREGATE_EXCHANGE}
+
+R = TypeVar("R", bound=StreamRecord)
+
+
+class ReadPool:
+    """One lazily created asyncpg pool for every view's reads, closed when the app stops.
+
+    Lazy so that a database that is down at start makes views answer 503 (and /health say so)
+    instead of stopping the worker.
+    """
+
+    def __init__(self) -> None:
+        self._pool: asyncpg.Pool | None = None
+        self._lock = asyncio.Lock()
+
+    async def get(self) -> asyncpg.Pool:
+        async with self._lock:
+            if self._pool is None:
+                self._pool = await create_pool(
+                    settings.database_dsn, min_size=1, max_size=settings.database_pool_size
+                )
+            return self._pool
+
+    async def close(self) -> None:
+        async with self._lock:
+            if self._pool is not None:
+                await self._pool.close()
+                self._pool = None
+
+
+read_pool = ReadPool()
+
+
+@app.on_before_shutdown.connect
+async def _close_read_pool(
+    sender: object, /, *args: object, signal: object, **kwargs: object
+) -> None:
+    await read_pool.close()
+
+
+@asynccontextmanager
+async def database() -> AsyncIterator[asyncpg.Pool]:
+    """The read pool, with the view's database work bounded; failures become 503."""
+    try:
+        async with asyncio.timeout(READ_TIMEOUT):
+            yield await read_pool.get()
+    except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as error:
+        app.log.warning("web view: database unavailable: %s", type(error).__name__)
+        raise ServiceUnavailable("database unavailable") from None
+
+
+def _coin_id(value: str) -> str:
+    if not COIN_ID.match(value):
+        raise ValidationError("coin_id must be a CoinGecko coin id such as 'bitcoin'")
+    return value
+
+
+def _limit(request: Request) -> int:
+    raw = request.query.get("limit")
+    if raw is None:
+        return queries.HISTORY_LIMIT_DEFAULT
+    if not re.fullmatch(r"[0-9]{1,7}", raw) or not 1 <= int(raw) <= queries.HISTORY_LIMIT_MAX:
+        raise ValidationError(f"limit must be an integer from 1 to {queries.HISTORY_LIMIT_MAX}")
+    return int(raw)
+
+
+def _since(request: Request) -> datetime | None:
+    raw = request.query.get("since")
+    if raw is None:
+        return None
+    try:
+        since = datetime.fromisoformat(raw)
+    except ValueError:
+        raise ValidationError("since must be an ISO 8601 timestamp with a UTC offset") from None
+    if since.tzinfo is None:
+        raise ValidationError("since must have a UTC offset (e.g. 2024-01-01T00:00:00Z)")
+    return since
+
+
+def _decimal(value: Decimal) -> str:
+    """Plain notation ('2500000000000', not '2.5E+12'): exact, and the same whichever source
+    (the wire's JSON or PostgreSQL) the value came from."""
+    return format(value, "f")
+
+
+def _json(record: StreamRecord) -> dict[str, Any]:
+    shown = record.model_dump(mode="json")
+    for shape in record.shapes():
+        value = getattr(record, shape.name)
+        if shape.kind == "decimal" and value is not None:
+            shown[shape.name] = _decimal(value)
+    return shown
+
+
+def _merge_newest(record: type[R], stored: list[R], key: str, table: TableT) -> dict[str, R]:
+    """The stored records by `key`, each replaced by this worker's table value where newer."""
+    merged = {getattr(row, key): row for row in stored}
+    for name, value in list(table.items()):
+        candidate = live.newest(merged.get(name), live.stored(record, value))
+        if candidate is not None:
+            merged[name] = candidate
+    return merged
+
+
+def _bounds(*ranges: dict[str, Any]) -> dict[str, str | None]:
+    """Merge {"high", "low"} ranges (decimals or decimal strings); nulls if all are empty."""
+    present = [r for r in ranges if r]
+    if not present:
+        return {"high": None, "low": None}
+    return {
+        "high": _decimal(max(Decimal(str(r["high"])) for r in present)),
+        "low": _decimal(min(Decimal(str(r["low"])) for r in present)),
+    }
+
+
+@app.page("/prices")
+class Prices(View):
+    """GET /prices: the latest aggregate price of every coin, keyed by coin id."""
+
+    async def get(self, request: Request) -> Response:
+        async with database() as db:
+            stored = await queries.latest_per_group(db, CryptoPriceData, "coin_id", AGGREGATE)
+        merged = _merge_newest(CryptoPriceData, stored, "coin_id", live.latest_prices)
+        prices = {coin_id: _json(merged[coin_id]) for coin_id in sorted(merged)}
+        return self.json({"count": len(prices), "prices": prices})
+
+
+@app.page("/prices/{coin_id}")
+class Price(View):
+    """GET /prices/{coin_id}: one coin's latest price and its 24 h high/low."""
+
+    async def get(self, request: Request, coin_id: str) -> Response:
+        coin_id = _coin_id(coin_id)
+        since, until = live.range_window(datetime.now(UTC))
+        filters = {"coin_id": coin_id, **AGGREGATE}
+        async with database() as db:
+            stored = await queries.latest(db, CryptoPriceData, filters)
+            stored_range = await queries.value_range(
+                db, CryptoPriceData, "usd_price", filters, since, until
+            )
+        price = live.newest(stored, live.stored(CryptoPriceData, live.latest_prices.get(coin_id)))
+        if price is None:
+            raise NotFound(f"unknown coin {coin_id!r}")
+        bounds = _bounds(dict(stored_range or {}), live.local_range(coin_id, since))
+        window = {"since": since.isoformat(), "until": until.isoformat()}
+        return self.json({"price": _json(price), "range_24h": {**window, **bounds}})
+
+
+@app.page("/prices/{coin_id}/history")
+class PriceHistory(View):
+    """GET /prices/{coin_id}/history?limit=N&since=ISO: stored snapshots, newest first."""
+
+    async def get(self, request: Request, coin_id: str) -> Response:
+        coin_id = _coin_id(coin_id)
+        limit, since = _limit(request), _since(request)
+        filters = {"coin_id": coin_id, **AGGREGATE}
+        async with database() as db:
+            rows = await queries.history(db, CryptoPriceData, filters, limit=limit, since=since)
+            known = rows or coin_id in live.latest_prices
+            if not known and await queries.latest(db, CryptoPriceData, filters) is None:
+                raise NotFound(f"unknown coin {coin_id!r}")
+        return self.json(
+            {
+                "coin_id": coin_id,
+                "limit": limit,
+                "count": len(rows),
+                "prices": list(map(_json, rows)),
+            }
+        )
+
+
+@app.page("/analytics")
+class Analytics(View):
+    """GET /analytics: the latest market-wide analytics, keyed by source."""
+
+    async def get(self, request: Request) -> Response:
+        async with database() as db:
+            stored = await queries.latest_per_group(db, CryptoMarketAnalytics, "source")
+        merged = _merge_newest(CryptoMarketAnalytics, stored, "source", live.latest_analytics)
+        return self.json(
+            {"analytics": {source: _json(merged[source]) for source in sorted(merged)}}
+        )
+
+
+async def _broker_status() -> dict[str, Any]:
+    """Whether the broker answers a metadata request on the app's own producer connection."""
+    try:
+        # Faust has no public accessor for its aiokafka producer's client.
+        client = cast(Producer, app.producer)._ensure_producer().client
+        async with asyncio.timeout(BROKER_TIMEOUT):
+            await client.fetch_all_metadata()
+        connected = True
+    except Exception as error:  # any failure means "not connected"; the kind is logged
+        app.log.warning("health: broker metadata request failed: %s", type(error).__name__)
+        connected = False
+    return {
+        "connected": connected,
+        "rebalancing": app.rebalancing,
+        "assigned_partitions": len(app.consumer.assignment()),
+    }
+
+
+@app.page("/health")
+class Health(View):
+    """GET /health: broker, database, poller and sink state; 503 when broker or database is down."""
+
+    async def get(self, request: Request) -> Response:
+        try:
+            async with asyncio.timeout(PING_TIMEOUT):
+                pool = await read_pool.get()
+            reachable = await queries.ping(pool, PING_TIMEOUT)
+        except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError):
+            reachable = False
+        broker = await _broker_status()
+        healthy = reachable and broker["connected"]
+        body = {
+            "status": "ok" if healthy else "degraded",
+            "broker": broker,
+            "database": {"reachable": reachable},
+            "poller": POLL_STATUS.as_json(),
+            "sink": SINK_STATUS.as_json(),
+            "tables": {"undecodable": dict(live.UNDECODABLE)},
+        }
+        return self.json(body, status=200 if healthy else 503)

@@ -1,0 +1,262 @@
+"""The poller against the fake CoinGecko, publishing to the embedded broker (read back, decoded)."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from datetime import datetime
+from decimal import Decimal
+from importlib import resources
+from typing import Any
+
+import pytest
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+
+from app.embedded import EmbeddedBroker
+from app.settings import Settings
+from coingecko.client import CoinGeckoClient
+from coingecko.fake_server import FakeCoinGecko, body, html_page, serve_fake_coingecko
+from coingecko.parse import loads_exact
+from coingecko.poller import Poller, PollStatus
+from models.codec import decode_record, encode_record
+from models.dsl import StreamRecord
+from models.market import CryptoMarketAnalytics, CryptoOHLCVData, CryptoPriceData
+
+FIXTURE_COINS = [
+    "bitcoin",
+    "ethereum",
+    "tether",
+    "wrapped-bitcoin-x",
+    "pepe-cash",
+    "quiet-ledger",
+    "ghost-token",
+]
+
+
+class BrokerTopics:
+    """Publishes like the app (topic of the record, key, encoded value) under a per-test prefix,
+    so tests sharing the session broker never read each other's messages."""
+
+    def __init__(self, broker: EmbeddedBroker) -> None:
+        self.bootstrap = f"127.0.0.1:{broker.port}"
+        self.prefix = f"t{uuid.uuid4().hex[:8]}-"
+        self.producer = AIOKafkaProducer(bootstrap_servers=self.bootstrap)
+        self.published = 0
+
+    async def publish(self, records: Sequence[StreamRecord]) -> None:
+        pending = [
+            await self.producer.send(self.prefix + r.topic.name, encode_record(r), key=r.key())
+            for r in records
+        ]
+        for future in pending:
+            await future
+        self.published += len(records)
+
+    async def read(self, record_type: type[StreamRecord]) -> list[tuple[bytes, Any]]:
+        """Every message on the record's topic so far: (key, decoded record)."""
+        topic = self.prefix + record_type.topic.name
+        consumer = AIOKafkaConsumer(
+            bootstrap_servers=self.bootstrap,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+        )
+        await consumer.start()
+        try:
+            partitions = consumer.partitions_for_topic(topic) or set()
+            if not partitions:
+                await consumer._client.force_metadata_update()  # type: ignore[attr-defined]
+                partitions = consumer.partitions_for_topic(topic) or set()
+            consumer.assign([TopicPartition(topic, p) for p in partitions])
+            messages: list[tuple[bytes, Any]] = []
+            while batch := await consumer.getmany(timeout_ms=500):
+                for records in batch.values():
+                    messages += [(m.key, decode_record(record_type, m.value)) for m in records]
+            return messages
+        finally:
+            await consumer.stop()
+
+
+@pytest.fixture
+async def fake() -> AsyncIterator[FakeCoinGecko]:
+    async with serve_fake_coingecko(extra_coins=600) as server:
+        yield server
+
+
+@pytest.fixture
+async def kafka(broker: EmbeddedBroker) -> AsyncIterator[BrokerTopics]:
+    topics = BrokerTopics(broker)
+    await topics.producer.start()
+    yield topics
+    await topics.producer.stop()
+
+
+def make_poller(fake: FakeCoinGecko, kafka: BrokerTopics, **overrides: Any) -> Poller:
+    values: dict[str, Any] = {
+        "coingecko_base_url": fake.base_url,
+        "coingecko_calls_per_minute": 1000,
+        "coingecko_api_key": None,
+        "coingecko_plan": None,
+        "coins": ",".join([*FIXTURE_COINS, "no-such-coin"]),
+        "top_n": 100,
+        "ohlc_days": 1,
+        **overrides,
+    }
+    client = CoinGeckoClient(Settings(**values), backoff_base=0.01, max_attempts=2)
+    return Poller(Settings(**values), client, kafka.publish, status=PollStatus())
+
+
+def fixture_rows() -> dict[str, dict[str, Any]]:
+    text = (resources.files("coingecko") / "fixtures" / "coins_markets.json").read_text()
+    return {row["id"]: row for row in loads_exact(text)}
+
+
+async def test_prices_are_published_exactly_once_per_snapshot(
+    fake: FakeCoinGecko, kafka: BrokerTopics, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING)
+    poller = make_poller(fake, kafka)
+    await poller.poll_prices()
+    messages = await kafka.read(CryptoPriceData)
+    rows = fixture_rows()
+    assert sorted(key.decode() for key, _ in messages) == sorted(FIXTURE_COINS[:-1])
+    for key, record in messages:
+        row = rows[key.decode()]
+        assert record.coin_id == row["id"] and record.symbol == row["symbol"]
+        for field, source in [
+            ("usd_price", "current_price"), ("market_cap", "market_cap"),
+            ("volume_24h", "total_volume"), ("change_24h", "price_change_percentage_24h"),
+            ("change_7d", "price_change_percentage_7d_in_currency"),
+        ]:  # fmt: skip
+            expected = None if row[source] is None else Decimal(row[source])
+            assert getattr(record, field) == expected, (key, field)
+        assert record.last_updated == datetime.fromisoformat(row["last_updated"])
+    pepe = next(record for key, record in messages if key == b"pepe-cash")
+    assert str(pepe.usd_price) == "0.00000714159"
+
+    await poller.poll_prices()  # the same cached snapshot: nothing new
+    assert len(await kafka.read(CryptoPriceData)) == 6
+    status = poller.status.endpoints["prices"]
+    assert (status.published, status.unchanged, status.skipped) == (6, 6, 2)
+    assert status.last_success is not None and status.last_error is None
+
+    fake.advance(60)
+    await poller.poll_prices()
+    assert len(await kafka.read(CryptoPriceData)) == 12
+    assert fake.count("/coins/markets") == 3  # one call per poll for 8 ids
+    # Data problems are logged once each, however many polls repeat them.
+    logged = [r.getMessage() for r in caplog.records]
+    assert sum("'ghost-token'" in line for line in logged) == 1
+    assert sum("'no-such-coin' not returned" in line for line in logged) == 1
+
+
+async def test_global_is_published_once_per_update(
+    fake: FakeCoinGecko, kafka: BrokerTopics
+) -> None:
+    poller = make_poller(fake, kafka)
+    await poller.poll_global()
+    await poller.poll_global()
+    ((key, record),) = await kafka.read(CryptoMarketAnalytics)
+    assert key == b"coingecko"
+    assert str(record.total_market_cap) == "2788561234567.8125"
+    assert str(record.btc_dominance) == "59.89181526671431"
+    assert (record.active_cryptocurrencies, record.markets) == (16842, 1241)
+    fake.advance(600)
+    await poller.poll_global()
+    assert len(await kafka.read(CryptoMarketAnalytics)) == 2
+
+
+async def test_ohlc_candles_published_once_and_unknown_coin_disabled(
+    fake: FakeCoinGecko, kafka: BrokerTopics, caplog: pytest.LogCaptureFixture
+) -> None:
+    poller = make_poller(fake, kafka)
+    await poller.poll_ohlc()  # no coins known before the first prices poll: no calls
+    assert fake.requests == []
+    await poller.poll_prices()
+    fake.fail("/coins/tether/ohlc", body('{"error":"coin not found"}', status=404))
+    await poller.poll_ohlc()
+    candles = [record for _, record in await kafka.read(CryptoOHLCVData)]
+    assert sorted({c.coin_id for c in candles}) == ["bitcoin", "ethereum", "pepe-cash"]
+    assert len(candles) == 4 + 4 + 2
+    last_btc = max((c for c in candles if c.coin_id == "bitcoin"), key=lambda c: c.timestamp)
+    assert (str(last_btc.close), last_btc.timeframe, last_btc.volume) == ("84213.57", "30m", None)
+    assert poller.status.refused == {
+        "/coins/tether/ohlc": "/coins/tether/ohlc: HTTP 404, error_code None: coin not found"
+    }
+
+    await poller.poll_ohlc()  # same candles again: nothing new; tether is not asked again
+    assert len(await kafka.read(CryptoOHLCVData)) == 10
+    assert fake.count("/coins/tether/ohlc") == 1
+    assert fake.count("/coins/bitcoin/ohlc") == 2
+    fake.advance(1800)  # newest price 10:45:07 -> the 10:30 candle has closed
+    await poller.poll_ohlc()
+    before = {(c.coin_id, c.timestamp.isoformat()) for c in candles}
+    after = [(r.coin_id, r.timestamp.isoformat()) for _, r in await kafka.read(CryptoOHLCVData)]
+    assert len(after) == len(set(after))  # no candle published twice
+    new = set(after) - before
+    assert {
+        ("bitcoin", "2025-03-14T10:30:00+00:00"),
+        ("ethereum", "2025-03-14T10:30:00+00:00"),
+    } <= new
+    assert all(moment > "2025-03-14T10:00:00+00:00" for coin, moment in new if coin != "pepe-cash")
+
+
+@pytest.mark.parametrize(
+    ("overrides", "pages"),
+    [
+        ({"coins": "", "top_n": 600}, ["1", "2", "3"]),  # 600 of 607 coins: 3 pages of 250
+        ({"coins": "", "top_n": 1000}, ["1", "2", "3"]),  # only 607 exist: page 3 is the last
+    ],
+)
+async def test_top_n_pages(
+    fake: FakeCoinGecko, kafka: BrokerTopics, overrides: dict[str, Any], pages: list[str]
+) -> None:
+    poller = make_poller(fake, kafka, **overrides)
+    await poller.poll_prices()
+    calls = [r.query for r in fake.requests if r.path == "/coins/markets"]
+    assert [q["page"] for q in calls] == pages
+    assert {q["per_page"] for q in calls} == {"250"} and "ids" not in calls[0]
+    expected = min(overrides["top_n"], 606)  # ghost-token has no price
+    assert kafka.published == expected == len(poller.symbols)
+    assert list(poller.symbols)[:3] == ["bitcoin", "ethereum", "tether"]  # by market cap
+
+
+async def test_coin_list_goes_250_ids_per_call(fake: FakeCoinGecko, kafka: BrokerTopics) -> None:
+    ids = [f"coin-{n:04d}" for n in range(1, 601)]
+    poller = make_poller(fake, kafka, coins=",".join(ids))
+    await poller.poll_prices()
+    calls = [r.query for r in fake.requests if r.path == "/coins/markets"]
+    assert [len(q["ids"].split(",")) for q in calls] == [250, 250, 100]
+    assert kafka.published == 600
+
+
+async def test_failures_never_escape_a_cycle(fake: FakeCoinGecko, kafka: BrokerTopics) -> None:
+    poller = make_poller(fake, kafka)
+    fake.fail("/coins/markets", html_page(), html_page())  # both attempts of the first poll
+    fake.fail("/global", body("{}"))
+    await poller.poll_prices()
+    await poller.poll_global()
+    prices, global_ = poller.status.endpoints["prices"], poller.status.endpoints["global"]
+    assert prices.failures == 1
+    assert "HTTP 502" in (prices.last_error or "")
+    assert prices.last_success is None and kafka.published == 0
+    assert global_.failures == 1 and "no usable data" in (global_.last_error or "")
+    await poller.poll_prices()  # the next cycle recovers
+    assert prices.last_success is not None and kafka.published == 6
+    assert poller.status.as_json()["endpoints"]["prices"]["failures"] == 1
+
+
+async def test_wrong_key_is_reported_once_and_stops_calls(
+    fake: FakeCoinGecko, kafka: BrokerTopics, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.ERROR)
+    invalid = '{"status":{"error_code":10002,"error_message":"Invalid API key"}}'
+    fake.fail("/coins/markets", body(invalid, status=401))
+    poller = make_poller(fake, kafka, coingecko_plan="demo", coingecko_api_key="CG-bad")
+    for _ in range(3):
+        await poller.poll_prices()
+    assert fake.count("/coins/markets") == 1
+    assert "/coins/markets" in poller.status.refused
+    assert poller.status.endpoints["prices"].failures == 3
+    errors = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
+    assert len(errors) == 1 and "HTTP 401, error_code 10002: Invalid API key" in errors[0]

@@ -1,0 +1,153 @@
+"""store.queries against a real, migrated PostgreSQL: exact values, ordering, bounds, ranges."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterable
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+
+import asyncpg
+import pytest
+
+from models.dsl import StreamRecord, quote_ident
+from models.market import CryptoMarketAnalytics, CryptoPriceData
+from schema.migrate import migrate_database
+from store import queries
+from store.db import create_pool
+
+T0 = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
+AGGREGATE = {"exchange_id": "aggregate"}
+
+
+def price(coin: str, usd: str, at: datetime, **extra: object) -> CryptoPriceData:
+    return CryptoPriceData.model_validate(
+        {
+            "coin_id": coin,
+            "symbol": coin[:3],
+            "name": coin.title(),
+            "usd_price": usd,
+            "last_updated": at,
+            **extra,
+        }
+    )
+
+
+async def insert(db: asyncpg.Pool, records: Iterable[StreamRecord]) -> None:
+    """Rows written the way the sink would: every field a bound parameter."""
+    for record in records:
+        names = list(type(record).model_fields)
+        sql = "INSERT INTO {} ({}) VALUES ({})".format(  # noqa: S608 (test, DSL identifiers)
+            quote_ident(record.table.name),
+            ", ".join(map(quote_ident, names)),
+            ", ".join(f"${i}" for i in range(1, len(names) + 1)),
+        )
+        await db.execute(sql, *(getattr(record, name) for name in names))
+
+
+@pytest.fixture
+async def db(database_dsn: str) -> AsyncIterator[asyncpg.Pool]:
+    await migrate_database(database_dsn)
+    pool = await create_pool(database_dsn, min_size=1, max_size=2)
+    yield pool
+    await pool.close()
+
+
+async def test_latest_per_group_takes_each_coins_newest_aggregate_row(db: asyncpg.Pool) -> None:
+    await insert(
+        db,
+        [
+            price("bitcoin", "60000.10", T0),
+            price("bitcoin", "61000.123456789012345678901234567890", T0 + timedelta(minutes=2)),
+            price("bitcoin", "59000", T0 + timedelta(minutes=1)),
+            # A venue quote newer than every aggregate one must not be served as the price.
+            price("bitcoin", "1", T0 + timedelta(hours=1), exchange_id="binance"),
+            price("shiba-inu", "6.31917E-7", T0 - timedelta(days=3)),
+            price("only-venue", "5", T0, exchange_id="binance"),
+        ],
+    )
+    latest = await queries.latest_per_group(db, CryptoPriceData, "coin_id", AGGREGATE)
+    assert [(p.coin_id, p.usd_price, p.last_updated) for p in latest] == [
+        ("bitcoin", Decimal("61000.123456789012345678901234567890"), T0 + timedelta(minutes=2)),
+        ("shiba-inu", Decimal("6.31917E-7"), T0 - timedelta(days=3)),
+    ]
+    assert str(latest[0].usd_price) == "61000.123456789012345678901234567890"
+    # Plain text, as written: not asyncpg's binary decoding (which would give '6E+4').
+    await insert(db, [price("round", "60000", T0), price("round", "60000.10", T0 - timedelta(1))])
+    history = await queries.history(db, CryptoPriceData, {"coin_id": "round", **AGGREGATE})
+    assert [str(row.usd_price) for row in history] == ["60000", "60000.10"]
+
+
+async def test_latest_per_group_on_an_empty_table_and_for_analytics(db: asyncpg.Pool) -> None:
+    assert await queries.latest_per_group(db, CryptoPriceData, "coin_id", AGGREGATE) == []
+    old = CryptoMarketAnalytics(timestamp=T0, total_market_cap=Decimal("2.5E12"), markets=900)
+    new = CryptoMarketAnalytics(timestamp=T0 + timedelta(minutes=10), btc_dominance=Decimal("-1"))
+    await insert(db, [new, old])
+    assert await queries.latest_per_group(db, CryptoMarketAnalytics, "source") == [new]
+
+
+async def test_latest_and_history_order_limit_and_since(db: asyncpg.Pool) -> None:
+    rows = [price("ethereum", str(3000 + i), T0 + timedelta(minutes=i)) for i in range(12)]
+    await insert(db, [*rows, price("bitcoin", "1", T0 + timedelta(hours=5))])
+    coin = {"coin_id": "ethereum", **AGGREGATE}
+
+    assert await queries.latest(db, CryptoPriceData, coin) == rows[-1]
+    assert await queries.latest(db, CryptoPriceData, {"coin_id": "nope", **AGGREGATE}) is None
+
+    history = await queries.history(db, CryptoPriceData, coin, limit=5)
+    assert history == rows[::-1][:5]
+    everything = await queries.history(db, CryptoPriceData, coin)
+    assert everything == rows[::-1]
+    since = await queries.history(db, CryptoPriceData, coin, since=rows[9].last_updated)
+    assert since == [rows[11], rows[10], rows[9]]  # `since` is inclusive
+
+    for limit in (0, -1, queries.HISTORY_LIMIT_MAX + 1):
+        with pytest.raises(ValueError, match="limit"):
+            await queries.history(db, CryptoPriceData, coin, limit=limit)
+    assert len(await queries.history(db, CryptoPriceData, coin, limit=1000)) == 12
+
+
+async def test_values_are_bound_and_identifiers_must_be_fields(db: asyncpg.Pool) -> None:
+    await insert(db, [price("bitcoin", "1", T0)])
+    hostile = {"coin_id": "bitcoin'; drop table crypto_prices;--", **AGGREGATE}
+    assert await queries.history(db, CryptoPriceData, hostile) == []
+    with pytest.raises(ValueError, match="no field"):
+        await queries.history(db, CryptoPriceData, {'coin_id" = 1; --': "x"})
+    with pytest.raises(ValueError, match="no field"):
+        await queries.latest_per_group(db, CryptoPriceData, "1; drop table crypto_prices")
+    assert len(await queries.history(db, CryptoPriceData, {"coin_id": "bitcoin"})) == 1
+
+
+async def test_value_range_is_max_and_min_over_a_half_open_window(db: asyncpg.Pool) -> None:
+    since, until = T0, T0 + timedelta(hours=24)
+    await insert(
+        db,
+        [
+            price("bitcoin", "99999", since - timedelta(microseconds=1)),  # before the window
+            price("bitcoin", "100.5", since),  # on the lower bound: inside
+            price("bitcoin", "250.25", since + timedelta(hours=3)),
+            price("bitcoin", "0.000000000000000000001", since + timedelta(hours=20)),
+            price("bitcoin", "1000000", until),  # on the upper bound: outside
+            price("bitcoin", "5000000", since + timedelta(hours=1), exchange_id="binance"),
+        ],
+    )
+    coin = {"coin_id": "bitcoin", **AGGREGATE}
+    found = await queries.value_range(db, CryptoPriceData, "usd_price", coin, since, until)
+    assert found is not None and str(found["high"]) == "250.25"
+    assert found == {
+        "high": Decimal("250.25"),
+        "low": Decimal("0.000000000000000000001"),
+        "samples": 3,
+    }
+    empty = await queries.value_range(
+        db, CryptoPriceData, "usd_price", coin, until + timedelta(hours=1), until + timedelta(2)
+    )
+    assert empty is None
+    with pytest.raises(ValueError, match="not a decimal"):
+        await queries.value_range(db, CryptoPriceData, "symbol", coin, since, until)
+
+
+async def test_ping(db: asyncpg.Pool, database_dsn: str) -> None:
+    assert await queries.ping(db, timeout=2) is True
+    connection = await asyncpg.connect(database_dsn)
+    await connection.close()
+    assert await queries.ping(connection, timeout=2) is False

@@ -1,0 +1,160 @@
+"""Settings: a bad value stops start-up with one line naming the variable; secrets never show."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from app.dev import _banner
+from app.settings import Settings, load_settings, redact_url
+
+API_KEY = "sekrit-123"
+DB_PASSWORD = "pg-sekrit-456"
+DSN = f"postgresql://qi:{DB_PASSWORD}@db.example:5432/qi"
+
+INVALID = [
+    ({"COINS": "bitcoin,not a coin id"}, "COINS", "'not a coin id' is not a CoinGecko coin id"),
+    ({"PORT": "70000"}, "PORT", "Input should be less than or equal to 65535"),
+    ({"BROKER_URL": "http://x"}, "BROKER_URL", "must look like kafka://host:port"),
+    ({"DATABASE_URL": f"mysql://qi:{DB_PASSWORD}@h/qi"}, "DATABASE_URL", "must look like"),
+    ({"COINGECKO_PLAN": "pro"}, "COINGECKO_PLAN", "the pro plan needs COINGECKO_API_KEY"),
+    # An empty variable counts as unset, so an empty key is no key.
+    ({"COINGECKO_PLAN": "demo", "COINGECKO_API_KEY": ""}, "COINGECKO_PLAN", "needs"),
+    (
+        {"BROKER_HEARTBEAT_INTERVAL": "10"},
+        "BROKER_HEARTBEAT_INTERVAL",
+        "10 s must be shorter than BROKER_SESSION_TIMEOUT (10 s)",
+    ),
+    # The default heartbeat (3 s) is checked against a shorter session timeout too.
+    ({"BROKER_SESSION_TIMEOUT": "2"}, "BROKER_HEARTBEAT_INTERVAL", "shorter than"),
+    ({"LOG_LEVEL": "warning"}, "LOG_LEVEL", "Input should be 'debug', 'info', 'warn', 'error' or"),
+    ({"WEB_ENABLED": "maybe"}, "WEB_ENABLED", "valid boolean"),
+]
+
+
+@pytest.fixture
+def environ(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
+    """`monkeypatch` on an environment without the developer's own app settings."""
+    names = {name.upper() for name in Settings.model_fields}
+    for name in list(os.environ):
+        if name.upper() in names:
+            monkeypatch.delenv(name)
+    return monkeypatch
+
+
+@pytest.mark.parametrize(("variables", "variable", "problem"), INVALID)
+def test_an_invalid_setting_stops_with_one_line_naming_it(
+    environ: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    variables: dict[str, str],
+    variable: str,
+    problem: str,
+) -> None:
+    for name, value in variables.items():
+        environ.setenv(name, value)
+    with pytest.raises(SystemExit) as stopped:
+        load_settings()
+    assert stopped.value.code == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1
+    assert lines[0].startswith(f"qicore: invalid setting {variable}: ")
+    assert problem in lines[0]
+    assert DB_PASSWORD not in lines[0]
+
+
+def test_each_invalid_setting_gets_its_own_line(
+    environ: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    environ.setenv("PORT", "0")
+    environ.setenv("TOP_N", "many")
+    with pytest.raises(SystemExit):
+        load_settings()
+    lines = capsys.readouterr().err.splitlines()
+    assert [line.split(":")[1] for line in lines] == [
+        " invalid setting TOP_N",
+        " invalid setting PORT",
+    ]
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        [sys.executable, "-c", "import app"],
+        [sys.executable, "-m", "faust", "-A", "app", "worker"],
+    ],
+    ids=["import", "faust-worker"],
+)
+def test_start_up_stops_with_status_2_and_no_traceback(
+    bare_env: dict[str, str], command: list[str]
+) -> None:
+    env = {**bare_env, "PORT": "70000", "DATABASE_URL": f"mysql://qi:{DB_PASSWORD}@h/qi"}
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.splitlines() == [
+        "qicore: invalid setting DATABASE_URL: "
+        "must look like postgresql://user:password@host:port/dbname",
+        "qicore: invalid setting PORT: Input should be less than or equal to 65535",
+    ]
+
+
+def test_empty_variables_mean_the_defaults(environ: pytest.MonkeyPatch) -> None:
+    for name in ("PORT", "COINS", "COINGECKO_API_KEY", "BROKER_URL"):
+        environ.setenv(name, "")
+    settings = Settings()
+    assert settings.port is None
+    assert settings.coins == ()
+    assert settings.plan == "keyless"
+    assert settings.broker_url == Settings.model_fields["broker_url"].default
+
+
+def test_secrets_never_show(environ: pytest.MonkeyPatch) -> None:
+    environ.setenv("COINGECKO_API_KEY", API_KEY)
+    environ.setenv("DATABASE_URL", DSN)
+    settings = Settings()
+    views = [
+        repr(settings),
+        str(settings),
+        repr(settings.public_view()),
+        settings.model_dump_json(),
+    ]
+    for view in views:
+        assert API_KEY not in view
+        assert DB_PASSWORD not in view
+    assert settings.public_view()["database_url"] == "postgresql://qi:***@db.example:5432/qi"
+    assert settings.public_view()["coingecko_api_key"] == "***"
+    # ...while the program itself still gets them.
+    assert settings.database_dsn == DSN
+    assert settings.plan == "demo"
+
+
+def test_up_banner_hides_the_database_password(
+    environ: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    environ.setenv("DATABASE_URL", DSN)
+    environ.setenv("PORT", "5000")
+    settings = Settings()
+    _banner(settings, "kafka://127.0.0.1:9092", settings.database_dsn, {"BROKER_URL": "x"})
+    out = capsys.readouterr().out
+    assert DB_PASSWORD not in out
+    assert "qicore: database  postgresql://qi:***@db.example:5432/qi\n" in out
+    assert "qicore: broker    kafka://127.0.0.1:9092 (embedded)\n" in out
+    assert "qicore: web       http://127.0.0.1:5000/\n" in out
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("postgresql://qi:pw@h:5432/db", "postgresql://qi:***@h:5432/db"),
+        ("postgresql://qi:p%40ss@h/db?sslmode=require", "postgresql://qi:***@h/db?sslmode=require"),
+        ("postgresql://qi@h/db", "postgresql://qi@h/db"),
+        (
+            "postgresql://postgres:@/postgres?host=/tmp/pg",
+            "postgresql://postgres:@/postgres?host=/tmp/pg",
+        ),
+    ],
+)
+def test_redact_url(url: str, shown: str) -> None:
+    assert redact_url(url) == shown

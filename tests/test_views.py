@@ -1,0 +1,418 @@
+"""The web views of a real worker (`faust -A app worker`), over real HTTP, broker and PostgreSQL.
+
+Records are produced to the worker's topics; other rows are written straight into the database,
+standing for partitions another worker (on a host this one cannot reach) consumed and sank.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import uuid
+from collections.abc import AsyncIterator, Iterable
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import httpx
+import pytest
+from aiokafka import AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from conftest import dsn_for
+
+from app.embedded import EmbeddedBroker, free_port
+from models.codec import encode_record
+from models.dsl import StreamRecord, quote_ident
+from models.market import CryptoMarketAnalytics, CryptoPriceData
+from schema.migrate import migrate_database
+from schema.topics import topic_configs
+from tables.live import range_window, widen
+
+pytestmark = pytest.mark.slow
+
+START_TIMEOUT = 90.0  # generous: the suite shares two cores
+SETTLE_TIMEOUT = 60.0
+API_KEY = "views-sekrit-key"
+DB_PASSWORD = "views-sekrit-pw"
+NOW = datetime.now(UTC).replace(microsecond=0)
+
+
+def price(coin: str, usd: str, hours_ago: float, **extra: object) -> CryptoPriceData:
+    return CryptoPriceData.model_validate(
+        {
+            "coin_id": coin,
+            "symbol": coin[:3],
+            "name": coin.title(),
+            "usd_price": usd,
+            "last_updated": NOW - timedelta(hours=hours_ago),
+            "btc_price": "0.000001",
+            **extra,
+        }
+    )
+
+
+def analytics(source: str, hours_ago: float, cap: str) -> CryptoMarketAnalytics:
+    return CryptoMarketAnalytics.model_validate(
+        {
+            "source": source,
+            "timestamp": NOW - timedelta(hours=hours_ago),
+            "total_market_cap": cap,
+            "btc_dominance": "52.123456789",
+        }
+    )
+
+
+def as_json(record: StreamRecord) -> dict[str, Any]:
+    """How a view shows a record: its JSON, decimals in plain notation."""
+    shown = record.model_dump(mode="json")
+    for name, value in record:
+        if isinstance(value, Decimal):
+            shown[name] = format(value, "f")
+    return shown
+
+
+# Produced, in this order: the newest bitcoin snapshot comes before an older one.
+NEWEST_BTC = price("bitcoin", "65000.123456789012345678", 1, btc_price="1E-8")
+PRODUCED_PRICES = [
+    price("bitcoin", "70000", 3),
+    price("bitcoin", "50000.5", 2),
+    NEWEST_BTC,
+    price("bitcoin", "40000.25", 5),  # late and older: must not become the latest
+    price("ripple", "0.5", 2),
+]
+NEWEST_ANALYTICS = analytics("coingecko", 0.1, "2.5E12")
+PRODUCED_ANALYTICS = [NEWEST_ANALYTICS, analytics("coingecko", 0.3, "1")]
+# Rows only in the database.
+STORED = [
+    price("bitcoin", "90000", 10),  # inside the 24 h window: the high
+    price("bitcoin", "1000000", 30),  # outside it
+    price("bitcoin", "1", 0.5, exchange_id="binance"),  # a venue quote: never the price
+    price("dogecoin", "0.1234", 2),
+    price("ripple", "0.6", 1),  # newer than the produced ripple snapshot
+    *[price("ethereum", f"3000.{i:02d}", i / 10) for i in range(15)],
+    analytics("other-source", 1, "42"),
+]
+
+
+async def insert(dsn: str, records: Iterable[StreamRecord]) -> None:
+    connection = await asyncpg.connect(dsn)
+    try:
+        for record in records:
+            names = list(type(record).model_fields)
+            await connection.execute(
+                "INSERT INTO {} ({}) VALUES ({}) ON CONFLICT DO NOTHING".format(  # noqa: S608
+                    quote_ident(record.table.name),
+                    ", ".join(map(quote_ident, names)),
+                    ", ".join(f"${i}" for i in range(1, len(names) + 1)),
+                ),
+                *(getattr(record, name) for name in names),
+            )
+    finally:
+        await connection.close()
+
+
+async def produce(broker: EmbeddedBroker, messages: list[tuple[str, bytes, bytes]]) -> None:
+    """Send (topic, key, value) in order, all to partition 0, so a later message on a topic is
+    processed after every earlier one (the sentinels below rely on that)."""
+    producer = AIOKafkaProducer(bootstrap_servers=f"127.0.0.1:{broker.port}")
+    await producer.start()
+    try:
+        for topic, key, value in messages:
+            await producer.send_and_wait(topic, value, key=key, partition=0)
+    finally:
+        await producer.stop()
+
+
+class Worker:
+    def __init__(self, env: dict[str, str], log_path: Path) -> None:
+        self.log_path = log_path
+        self.url = f"http://127.0.0.1:{env['WEB_PORT']}"
+        with log_path.open("wb") as log:
+            self.popen = subprocess.Popen(
+                [sys.executable, "-m", "faust", "-A", "app", "worker", "-l", "info"],
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+
+    @property
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    async def until(self, client: httpx.AsyncClient, check: Any, what: str) -> Any:
+        """Poll `check(client)` until it returns something truthy; fail with the log if not."""
+        deadline = asyncio.get_running_loop().time() + START_TIMEOUT
+        while True:
+            assert self.popen.poll() is None, f"worker exited before {what}:\n{self.output}"
+            try:
+                result = await check(client)
+            except httpx.TransportError:
+                result = None
+            if result:
+                return result
+            assert asyncio.get_running_loop().time() < deadline, f"no {what}:\n{self.output}"
+            await asyncio.sleep(0.2)
+
+    def stop(self) -> None:
+        self.popen.terminate()
+        try:
+            self.popen.wait(45)
+        except subprocess.TimeoutExpired:
+            self.popen.kill()
+            self.popen.wait()
+
+
+def worker_env(bare_env: dict[str, str], broker: EmbeddedBroker, dsn: str, tmp: Path) -> dict:
+    return {
+        **bare_env,
+        "APP_ID": f"qicore-views-{uuid.uuid4().hex[:8]}",
+        "BROKER_URL": broker.url,
+        # Trust authentication accepts any password: this one exists only to be hidden.
+        "DATABASE_URL": dsn.replace("postgres:@", f"postgres:{DB_PASSWORD}@"),
+        "COINGECKO_API_KEY": API_KEY,
+        "COINGECKO_BASE_URL": f"http://127.0.0.1:{free_port()}",  # nothing listens: polls fail
+        "BROKER_SESSION_TIMEOUT": "4",
+        "BROKER_HEARTBEAT_INTERVAL": "1",
+        "WEB_PORT": str(free_port()),
+        "DATA_DIR": str(tmp / "data"),
+    }
+
+
+@pytest.fixture(scope="module")
+async def broker(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[EmbeddedBroker]:
+    """A broker of this module's own: nothing another test's worker publishes reaches these
+    views. Its topics are created up front, as an operator does from the generated file (Tansu
+    would otherwise auto-create a topic with 4 partitions on a consumer's first metadata request,
+    before the worker's own declaration)."""
+    log_path = tmp_path_factory.mktemp("views-broker") / "broker.log"
+    with EmbeddedBroker(log_path=log_path) as running:
+        admin = AIOKafkaAdminClient(bootstrap_servers=f"127.0.0.1:{running.port}")
+        await admin.start()
+        try:
+            await admin.create_topics(
+                [NewTopic(c.name, c.partitions, 1, topic_configs=c.config) for c in topic_configs()]
+            )
+        finally:
+            await admin.close()
+        yield running
+
+
+@pytest.fixture(scope="module")
+async def views(
+    broker: EmbeddedBroker,
+    postgres_server: str,
+    tmp_path_factory: pytest.TempPathFactory,
+    bare_env: dict[str, str],
+) -> AsyncIterator[tuple[httpx.AsyncClient, str, Worker]]:
+    """A worker that has processed the produced records, over a database holding `STORED`."""
+    name = f"v_{uuid.uuid4().hex[:12]}"
+    admin = await asyncpg.connect(postgres_server)
+    await admin.execute(f'CREATE DATABASE "{name}"')
+    await admin.close()
+    dsn = dsn_for(postgres_server, name)
+    await migrate_database(dsn)
+    await insert(dsn, STORED)
+
+    tmp = tmp_path_factory.mktemp("views")
+    worker = Worker(worker_env(bare_env, broker, dsn, tmp), tmp / "worker.log")
+    try:
+        async with httpx.AsyncClient(base_url=worker.url, timeout=10) as client:
+
+            async def ready(client: httpx.AsyncClient) -> bool:
+                return (await client.get("/health")).status_code == 200
+
+            await worker.until(client, ready, "a healthy worker")
+            sentinel = price("zz-sentinel", "1", 0)
+            await produce(
+                broker,
+                [
+                    *[(p.topic.name, p.key(), encode_record(p)) for p in PRODUCED_PRICES],
+                    ("crypto-prices", b"bitcoin", b"{not json"),
+                    (sentinel.topic.name, sentinel.key(), encode_record(sentinel)),
+                    *[(a.topic.name, a.key(), encode_record(a)) for a in PRODUCED_ANALYTICS],
+                    ("market-analytics", b"zz", encode_record(analytics("zz-sentinel", 0, "1"))),
+                ],
+            )
+
+            async def processed(client: httpx.AsyncClient) -> bool:
+                # Faust's own table view reads this worker's tables (it owns every partition).
+                prices = await client.get("/table/latest-prices/zz-sentinel/")
+                stats = await client.get("/table/latest-analytics/zz-sentinel/")
+                return prices.status_code == 200 and stats.status_code == 200
+
+            await worker.until(client, processed, "the produced records in the tables")
+            yield client, dsn, worker
+    finally:
+        worker.stop()
+        admin = await asyncpg.connect(postgres_server)
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await admin.close()
+
+
+async def test_tables_keep_the_newest_snapshot(views: tuple[httpx.AsyncClient, str, Worker]):
+    client, _, _ = views
+    # Tables hold the record's own JSON form (decimals as the wire carried them).
+    local = await client.get("/table/latest-prices/bitcoin/")
+    assert local.json() == NEWEST_BTC.model_dump(mode="json")
+    local = await client.get("/table/latest-analytics/coingecko/")
+    assert local.json() == NEWEST_ANALYTICS.model_dump(mode="json")
+
+
+async def test_prices_merge_tables_and_database_exactly(views):
+    client, _, _ = views
+    response = await client.get("/prices")
+    assert response.status_code == 200
+    body = response.json()
+    assert sorted(body["prices"]) == ["bitcoin", "dogecoin", "ethereum", "ripple", "zz-sentinel"]
+    assert body["count"] == 5
+    assert body["prices"]["bitcoin"] == as_json(NEWEST_BTC)
+    assert body["prices"]["bitcoin"]["usd_price"] == "65000.123456789012345678"
+    assert body["prices"]["bitcoin"]["btc_price"] == "0.00000001"
+    assert body["prices"]["dogecoin"]["usd_price"] == "0.1234"  # database only
+    assert body["prices"]["ripple"]["usd_price"] == "0.6"  # the database's is newer
+    assert body["prices"]["ethereum"] == as_json(STORED[5])
+
+
+async def test_one_price_with_its_24h_range(views):
+    client, _, _ = views
+    response = await client.get("/prices/bitcoin")
+    assert response.status_code == 200
+    body = response.json()
+    assert body["price"] == as_json(NEWEST_BTC)
+    window = body["range_24h"]
+    # The stored 90000 (10 h ago) is the high; the late 40000.25 snapshot is the low; the
+    # 1000000 of 30 h ago and the venue's quote of 1 are outside the range.
+    assert (window["high"], window["low"]) == ("90000", "40000.25")
+    since, until = (datetime.fromisoformat(window[k]) for k in ("since", "until"))
+    assert until - since == timedelta(hours=24)
+    assert since <= NOW - timedelta(hours=22) and until > datetime.now(UTC)
+
+    dogecoin = (await client.get("/prices/dogecoin")).json()
+    assert dogecoin["price"]["usd_price"] == "0.1234"
+    assert (dogecoin["range_24h"]["high"], dogecoin["range_24h"]["low"]) == ("0.1234", "0.1234")
+
+
+async def test_history_is_ordered_bounded_and_filtered(views):
+    client, _, _ = views
+    ethereum = [
+        as_json(r) for r in STORED if getattr(r, "coin_id", "") == "ethereum"
+    ]  # newest first
+    body = (await client.get("/prices/ethereum/history", params={"limit": 5})).json()
+    assert body["prices"] == ethereum[:5] and body["count"] == 5 and body["limit"] == 5
+    body = (await client.get("/prices/ethereum/history")).json()
+    assert body["prices"] == ethereum and body["limit"] == 100
+    since = ethereum[3]["last_updated"]
+    body = (await client.get("/prices/ethereum/history", params={"since": since})).json()
+    assert body["prices"] == ethereum[:4]
+    future = (NOW + timedelta(days=1)).isoformat()
+    body = (await client.get("/prices/ethereum/history", params={"since": future})).json()
+    assert body["prices"] == []
+
+
+async def test_analytics(views):
+    client, _, _ = views
+    body = (await client.get("/analytics")).json()
+    assert body["analytics"]["coingecko"] == as_json(NEWEST_ANALYTICS)
+    assert body["analytics"]["coingecko"]["total_market_cap"] == "2500000000000"
+    assert body["analytics"]["other-source"]["total_market_cap"] == "42"
+
+
+@pytest.mark.parametrize(
+    ("path", "params", "status"),
+    [
+        ("/prices/unknown-coin", {}, 404),
+        ("/prices/unknown-coin/history", {}, 404),
+        ("/prices/bitcoin'; drop table crypto_prices;--", {}, 400),
+        ("/prices/bitcoin'; drop table crypto_prices;--/history", {}, 400),
+        ("/prices/..%2F..%2Fetc%2Fpasswd", {}, 400),
+        ("/prices/.hidden", {}, 400),
+        ("/prices/" + "a" * 200, {}, 400),
+        ("/prices/ethereum/history", {"limit": "0"}, 400),
+        ("/prices/ethereum/history", {"limit": "-1"}, 400),
+        ("/prices/ethereum/history", {"limit": "1001"}, 400),
+        ("/prices/ethereum/history", {"limit": "1" + "0" * 40}, 400),
+        ("/prices/ethereum/history", {"limit": "ten"}, 400),
+        ("/prices/ethereum/history", {"limit": "5; drop table crypto_prices"}, 400),
+        ("/prices/ethereum/history", {"since": "yesterday"}, 400),
+        ("/prices/ethereum/history", {"since": "2024-01-01T00:00:00"}, 400),  # no offset
+        ("/prices/ethereum/history", {"since": "1'; drop table crypto_prices;--"}, 400),
+    ],
+)
+async def test_bad_requests_get_json_errors_and_change_nothing(views, path, params, status):
+    client, dsn, _ = views
+    response = await client.get(path, params=params)
+    assert response.status_code == status, response.text
+    assert isinstance(response.json()["error"], str)
+    connection = await asyncpg.connect(dsn)
+    try:
+        assert await connection.fetchval("SELECT to_regclass('crypto_prices')") is not None
+        assert await connection.fetchval("SELECT count(*) FROM crypto_prices") >= len(STORED) - 1
+    finally:
+        await connection.close()
+
+
+async def test_path_traversal_never_reaches_a_file(views):
+    client, _, _ = views
+    response = await client.get("/prices/../../etc/passwd")
+    assert 400 <= response.status_code < 500
+    assert "root:" not in response.text
+
+
+async def test_health_reports_broker_database_poller_sink_and_no_secret(views):
+    client, _, worker = views
+    response = await client.get("/health")
+    assert response.status_code == 200
+    body = response.json()
+    assert body["status"] == "ok"
+    assert body["broker"]["connected"] is True
+    assert body["broker"]["assigned_partitions"] > 0
+    assert body["database"] == {"reachable": True}
+    assert isinstance(body["poller"], dict) and isinstance(body["sink"], dict)
+    assert body["tables"]["undecodable"]["crypto-prices"] >= 1
+    for path in ("/health", "/prices", "/prices/bitcoin", "/analytics"):
+        text = (await client.get(path)).text
+        assert API_KEY not in text and DB_PASSWORD not in text
+    assert API_KEY not in worker.output and DB_PASSWORD not in worker.output
+
+
+async def test_unreachable_database_is_503_and_unhealthy(
+    broker: EmbeddedBroker, bare_env: dict[str, str], tmp_path: Path
+) -> None:
+    closed = f"postgresql://postgres@127.0.0.1:{free_port()}/postgres"
+    worker = Worker(worker_env(bare_env, broker, closed, tmp_path), tmp_path / "worker.log")
+    try:
+        async with httpx.AsyncClient(base_url=worker.url, timeout=15) as client:
+
+            async def health(client: httpx.AsyncClient) -> httpx.Response | None:
+                response = await client.get("/health")
+                return response if response.status_code != 404 else None
+
+            response = await worker.until(client, health, "the health view")
+            assert response.status_code == 503
+            body = response.json()
+            assert body["status"] == "degraded" and body["database"] == {"reachable": False}
+            prices = await client.get("/prices")
+            assert prices.status_code == 503
+            assert prices.json() == {"error": "database unavailable"}
+    finally:
+        worker.stop()
+
+
+def test_widen_keeps_exact_extremes_as_given() -> None:
+    bounds = widen({}, "1E-8")
+    assert bounds == {"high": "1E-8", "low": "1E-8"}
+    bounds = widen(bounds, "0.00000002")
+    assert bounds == {"high": "0.00000002", "low": "1E-8"}
+    assert widen(bounds, "0.000000010") == bounds  # equal to the low: the first spelling stays
+    assert widen(bounds, "0.000000009") == {"high": "0.00000002", "low": "0.000000009"}
+
+
+@pytest.mark.parametrize("minute", [0, 1, 59])
+def test_range_window_is_the_earliest_hopping_window_containing_now(minute: int) -> None:
+    now = datetime(2024, 5, 1, 12, minute, 30, tzinfo=UTC)
+    since, until = range_window(now)
+    assert since == datetime(2024, 4, 30, 13, tzinfo=UTC)
+    assert until == datetime(2024, 5, 1, 13, tzinfo=UTC)

@@ -1,0 +1,117 @@
+"""RecordWriter against a real PostgreSQL: idempotent batches, exact decimals, atomic failures."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+
+import asyncpg
+import pytest
+
+from models import CryptoMarketAnalytics, CryptoPriceData
+from schema.migrate import migrate_database
+from store.db import create_pool
+from store.writer import RecordWriter, WriteResult
+
+T0 = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
+# Values a float would mangle: tiny prices, 38 fractional digits, market caps beyond 2**63.
+EDGE_DECIMALS = [
+    Decimal("6.31917E-7"),
+    Decimal("0.00000000000000000001234567890123456"),
+    Decimal("0." + "1" * 38),
+    Decimal("123456789012345678901234567890.12345678"),
+    Decimal("0"),
+    Decimal("1E+18"),
+]
+
+
+def price(coin: str, minute: int, usd: Decimal, name: str = "Coin") -> CryptoPriceData:
+    return CryptoPriceData(
+        coin_id=coin,
+        symbol=coin[:3],
+        name=name,
+        usd_price=usd,
+        market_cap=usd * 1000,
+        change_24h=-usd,
+        last_updated=T0 + timedelta(minutes=minute),
+    )
+
+
+@pytest.fixture
+async def pool(database_dsn: str) -> AsyncIterator[asyncpg.Pool]:
+    await migrate_database(database_dsn)
+    # One connection: every batch reuses the same session (and its staging table).
+    pool = await create_pool(database_dsn, min_size=1, max_size=1)
+    yield pool
+    await pool.close()
+
+
+async def stored_prices(pool: asyncpg.Pool) -> dict[tuple[str, datetime], asyncpg.Record]:
+    rows = await pool.fetch("SELECT * FROM crypto_prices")
+    return {(row["coin_id"], row["last_updated"]): row for row in rows}
+
+
+async def test_batch_stores_exact_values_once_and_replays_add_nothing(pool: asyncpg.Pool) -> None:
+    writer = RecordWriter(CryptoPriceData)
+    batch = [price(f"coin-{i}", i, value) for i, value in enumerate(EDGE_DECIMALS)]
+
+    assert await writer.write(pool, batch) == WriteResult(len(batch), 0, 0)
+    stored = await stored_prices(pool)
+    assert len(stored) == len(batch)
+    for record in batch:
+        row = stored[(record.coin_id, record.last_updated)]
+        for column in writer.columns:
+            assert row[column] == getattr(record, column), column
+        assert isinstance(row["usd_price"], Decimal)
+        assert row["btc_price"] is None
+        assert row["exchange_id"] == "aggregate"
+
+    assert await writer.write(pool, batch) == WriteResult(0, len(batch), 0)
+    assert len(await stored_prices(pool)) == len(batch)
+    # Staging rows go at commit: nothing lingers in the session for the next batch.
+    async with pool.acquire() as connection:
+        assert await connection.fetchval(f"SELECT count(*) FROM {writer.staging}") == 0  # noqa: S608
+
+
+async def test_repeated_keys_in_a_batch_keep_the_first(pool: asyncpg.Pool) -> None:
+    writer = RecordWriter(CryptoPriceData)
+    first = price("bitcoin", 0, Decimal("65000.5"), name="first")
+    again = price("bitcoin", 0, Decimal("1"), name="second")  # same key, other values
+    other = price("bitcoin", 1, Decimal("65001"))
+
+    assert await writer.write(pool, [first, again, other, first]) == WriteResult(2, 0, 2)
+    stored = await stored_prices(pool)
+    assert stored[("bitcoin", T0)]["name"] == "first"
+    assert stored[("bitcoin", T0)]["usd_price"] == Decimal("65000.5")
+
+    newer = price("bitcoin", 2, Decimal("64999.99"))
+    result = await writer.write(pool, [again, other, newer])
+    assert result == WriteResult(1, 2, 0)
+    assert result.duplicates == 2
+    stored = await stored_prices(pool)
+    assert len(stored) == 3
+    assert stored[("bitcoin", T0)]["name"] == "first"
+
+
+async def test_each_record_type_uses_its_own_key(pool: asyncpg.Pool) -> None:
+    writer = RecordWriter(CryptoMarketAnalytics)
+    snapshot = CryptoMarketAnalytics(
+        timestamp=T0, total_market_cap=Decimal("2.5E+12"), btc_dominance=Decimal("52.123456789")
+    )
+    other_source = snapshot.model_copy(update={"source": "elsewhere"})
+    assert await writer.write(pool, [snapshot, other_source, snapshot]) == WriteResult(2, 0, 1)
+    row = await pool.fetchrow("SELECT * FROM market_analytics WHERE source = 'coingecko'")
+    assert row["total_market_cap"] == Decimal("2500000000000")
+    assert row["btc_dominance"] == Decimal("52.123456789")
+
+
+async def test_a_failed_batch_stores_nothing(pool: asyncpg.Pool) -> None:
+    writer = RecordWriter(CryptoPriceData)
+    await pool.execute("ALTER TABLE crypto_prices ADD CONSTRAINT no_doge CHECK (coin_id <> 'doge')")
+    good, bad = price("bitcoin", 0, Decimal("1")), price("doge", 0, Decimal("0.1"))
+    with pytest.raises(asyncpg.CheckViolationError):
+        await writer.write(pool, [good, bad])
+    assert await stored_prices(pool) == {}
+    # The session (and its staging table) is still usable and clean afterwards.
+    assert await writer.write(pool, [good]) == WriteResult(1, 0, 0)
