@@ -3,15 +3,18 @@
 One agent per record in `models.RECORDS`, made in a loop from the DSL, so a new record type gets
 a running sink with no new agent code. Why each agent works the way it does:
 
-- `stream.noack_take(size, within=seconds)` hands over batches WITHOUT acknowledging them:
-  `take()` acknowledges in a `finally`, even when the write raised, and Faust would then commit
-  past rows that were never stored. A batch is acknowledged only after its transaction committed
-  and its dead letters were delivered, all of it in offset order, so Faust's commit (the end of the
-  first unbroken run of acknowledged offsets per partition) never passes an unstored row.
+- The database decides where each partition continues: a batch's rows and its partitions' next
+  offsets (`sink_offsets`, store/offsets.py) are written in ONE transaction. Faust's committed
+  offsets are only where fetching starts; they cannot lose data even where Faust's own offset
+  handling slips (faust-streaming #606; a message dropped during a rebalance): a batch that does
+  not continue the stored offset is not written past the hole, and the partition is sought back.
+  Replays below the stored offset (a consumer-group reset) are skipped.
+- `stream.noack_take(size, within=seconds)` hands over batches WITHOUT acknowledging them
+  (`take()` acknowledges in a `finally`, even when the write raised). A batch is acknowledged,
+  in offset order, only after its transaction committed and its dead letters were delivered.
 - `within` also flushes a half-full batch when the stream goes quiet: low latency at low rates.
-- A failed batch is retried with capped exponential backoff and jitter, for as long as it takes.
-  Moving past it would leave a hole, and faust-streaming #606 can commit past a single unacked
-  head offset. While the agent waits, Faust's buffers fill and it stops fetching: the worker stops
+- A failed batch is retried with capped exponential backoff and jitter, for as long as it takes:
+  moving past it would leave a hole. While the agent waits, Faust's buffers fill and it stops fetching: the worker stops
   consuming instead of dropping data.
 - SIGTERM: Faust's `App.on_stop` stops fetching, waits until every event handed to a stream is
   acknowledged (`stream_wait_empty`, on by default), then commits the offsets, before it stops any
@@ -34,12 +37,13 @@ from urllib.parse import urlsplit
 
 import asyncpg
 import faust
-from faust.types import EventT, StreamT
+from faust.types import TP, EventT, StreamT
 
 from app.main import app, settings, topics
 from models import RECORDS, StreamRecord
 from models.codec import RecordRejected, decode_record
 from store.db import create_pool
+from store.offsets import Continuation, Delivered, SinkOffsets, continue_sequences
 from store.writer import RecordWriter, WriteResult
 
 log = logging.getLogger(__name__)
@@ -59,6 +63,8 @@ class SinkStatus:
     rows_written: int = 0
     duplicates_skipped: int = 0
     dead_letters: int = 0
+    replayed_skipped: int = 0  # messages below the stored offset (stored before)
+    holes_refetched: int = 0  # times a partition was sought back to its stored offset
     pending_events: int = 0  # events of the batch being written (or retried) right now
     consecutive_failures: int = 0
     last_error: str | None = None
@@ -135,10 +141,14 @@ class Sink:
 
     def __init__(self, record: type[StreamRecord], database: SinkDatabase) -> None:
         self.record = record
+        self.topic = record.topic.name
         self.database = database
         self.writer = RecordWriter(record)
+        self.offsets = SinkOffsets(app.conf.id, self.topic)
         self.dead_letter_topic = topics[record.topic.dead_letter_name]
         self.status = SINK_STATUS.add(record)
+        self.stored_next: dict[int, int] = {}  # last known stored offsets (a cache)
+        self.floors: dict[int, int] = {}  # earliest offsets the broker still holds, after holes
 
     async def consume(self, stream: StreamT[bytes]) -> None:
         batches = cast(faust.Stream[bytes], stream).noack_take(
@@ -151,45 +161,89 @@ class Sink:
             try:
                 await asyncio.shield(flush)
             except asyncio.CancelledError:
-                log.warning(
-                    "sink %s: cancelled mid-batch; finishing it first", self.record.topic.name
-                )
+                log.warning("sink %s: cancelled mid-batch; finishing it first", self.topic)
                 await flush
                 raise
 
     async def flush(self, stream: StreamT[bytes], events: Sequence[EventT]) -> None:
-        """Store a batch, dead-letter its bad messages, then acknowledge all of it in order."""
-        records: list[StreamRecord] = []
-        rejected: list[tuple[EventT, str]] = []
+        """Dead-letter a batch's bad messages, store the rest with their offsets in one
+        transaction, seek back over any hole, then acknowledge all of it in order."""
+        delivered: list[Delivered[StreamRecord | None]] = []
         for event in events:
+            message = event.message
+            payload: StreamRecord | None = None
             try:
-                records.append(decode_record(self.record, event.message.value))
+                payload = decode_record(self.record, message.value)
             except RecordRejected as bad:
-                rejected.append((event, bad.reason))
+                # Before the offsets can move past it, the bad message must be in the DLQ.
+                if message.offset >= self.stored_next.get(message.partition, -1):
+                    await self._until_done(
+                        "dead-letter", partial(self._dead_letter, event, bad.reason)
+                    )
+            delivered.append(Delivered(message.partition, message.offset, payload))
         self.status.pending_events = len(events)
-        if records:
-            result = await self._until_done("write", lambda: self._write(records))
-            self.status.rows_written += result.inserted
-            self.status.duplicates_skipped += result.duplicates
-            self.status.last_write_at = datetime.now(UTC)
-        for event, reason in rejected:
-            await self._until_done("dead-letter", partial(self._dead_letter, event, reason))
-            self.status.dead_letters += 1
-            log.warning(
-                "sink %s: dead-lettered partition %s offset %s: %s",
-                self.record.topic.name,
-                event.message.partition,
-                event.message.offset,
-                reason,
-            )
-        # Events come in offset order per partition; acknowledging them in that order, after
-        # everything above is durable, never leaves an unacknowledged offset below an acked one.
+        continuation, result = await self._until_done("write", partial(self._store, delivered))
+        self.status.rows_written += result.inserted
+        self.status.duplicates_skipped += result.duplicates
+        self.status.replayed_skipped += continuation.replayed
+        self.status.last_write_at = datetime.now(UTC)
+        for partition, offset in continuation.holes.items():
+            await self._refetch(partition, offset)
+        # Acknowledged in offset order, after everything above is durable. Faust's committed
+        # offsets are only a starting hint now: the stored offsets decide what is written.
         for event in events:
             await stream.ack(event)
         self.status.pending_events = 0
 
-    async def _write(self, records: list[StreamRecord]) -> WriteResult:
-        return await self.writer.write(await self.database.pool(), records)
+    async def _store(
+        self, delivered: Sequence[Delivered[StreamRecord | None]]
+    ) -> tuple[Continuation[StreamRecord | None], WriteResult]:
+        """One transaction: lock the partitions' stored offsets, write what continues them,
+        advance them."""
+        partitions = sorted({item.partition for item in delivered})
+        new = [p for p in partitions if p not in self.stored_next]
+        starts = await self._earliest(new) if new else {}
+        pool = await self.database.pool()
+        async with pool.acquire() as connection, connection.transaction():
+            stored = await self.offsets.lock(connection, partitions, starts, self.floors)
+            continuation = continue_sequences(delivered, stored)
+            records = [record for record in continuation.accepted if record is not None]
+            result = await self.writer.insert(connection, records)
+            await self.offsets.advance(connection, continuation.next_offsets)
+        self.stored_next.update({**stored, **continuation.next_offsets})
+        return continuation, result
+
+    async def _earliest(self, partitions: Sequence[int]) -> dict[int, int]:
+        earliest = await app.consumer.earliest_offsets(*(TP(self.topic, p) for p in partitions))
+        return {tp.partition: offset for tp, offset in earliest.items()}
+
+    async def _refetch(self, partition: int, offset: int) -> None:
+        """Seek back to the first offset not stored, unless retention has deleted it."""
+        self.status.holes_refetched += 1
+        earliest = (await self._earliest([partition]))[partition]
+        if earliest > offset:
+            log.error(
+                "sink %s: partition %d offsets %d..%d expired from the topic before they were "
+                "stored; continuing at %d",
+                self.topic,
+                partition,
+                offset,
+                earliest - 1,
+                earliest,
+            )
+            self.floors[partition] = earliest
+            offset = earliest
+        else:
+            log.warning(
+                "sink %s: partition %d skipped to a later offset; fetching again from %d",
+                self.topic,
+                partition,
+                offset,
+            )
+        try:
+            await app.consumer.seek(TP(self.topic, partition), offset)
+        except Exception as error:  # no longer assigned (rebalance): the new owner resumes it
+            log.info("sink %s: seek of partition %d skipped: %s", self.topic, partition, error)
 
     async def _dead_letter(self, event: EventT, reason: str) -> None:
         """Publish the original key, value and headers, plus where it came from and why; wait
@@ -209,6 +263,14 @@ class Sink:
             key=message.key, value=message.value, headers=items, force=True
         )
         await delivery
+        self.status.dead_letters += 1
+        log.warning(
+            "sink %s: dead-lettered partition %s offset %s: %s",
+            self.topic,
+            message.partition,
+            message.offset,
+            reason,
+        )
 
     async def _until_done(self, what: str, attempt: Callable[[], Awaitable[T]]) -> T:
         """Retry `attempt` until it succeeds, logging each failure once."""

@@ -77,11 +77,19 @@ class RecordWriter:
         return rows, len(records) - len(rows)
 
     async def write(self, pool: asyncpg.Pool, records: Sequence[StreamRecord]) -> WriteResult:
-        """Store a batch in one transaction; on any error nothing of it is stored."""
-        rows, repeated = self.rows(records)
+        """Store a batch in its own transaction; on any error nothing of it is stored."""
         async with pool.acquire() as connection, connection.transaction():
-            await connection.execute(self._create_staging)
-            await connection.copy_records_to_table(self.staging, records=rows, columns=self.columns)
-            status = await connection.execute(self._move)
+            return await self.insert(connection, records)
+
+    async def insert(
+        self, connection: asyncpg.Connection, records: Sequence[StreamRecord]
+    ) -> WriteResult:
+        """Store a batch inside the caller's transaction (the sink adds its offsets to it)."""
+        rows, repeated = self.rows(records)
+        if not rows:
+            return WriteResult(0, 0, repeated)
+        await connection.execute(self._create_staging)
+        await connection.copy_records_to_table(self.staging, records=rows, columns=self.columns)
+        status = await connection.execute(self._move)
         inserted = int(status.rsplit(" ", 1)[1])  # "INSERT 0 <rows>"
         return WriteResult(inserted, len(rows) - inserted, repeated)
