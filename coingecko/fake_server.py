@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import random
 import threading
 import time
 from collections import deque
@@ -37,7 +38,7 @@ from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from decimal import Decimal
+from decimal import Context, Decimal
 from importlib import resources
 from typing import Any
 
@@ -45,6 +46,7 @@ from aiohttp import web
 
 API_PREFIX = "/api/v3"
 MAX_PER_PAGE = 250
+OFFLINE_EXTRA_COINS = 40  # offline runs: enough coins to watch data flow across partitions
 CANDLE_MS = 30 * 60 * 1000  # the fixtures' candles are 30 minutes wide
 ORDERS = {
     "market_cap_desc": ("market_cap", True),
@@ -166,6 +168,18 @@ class FakeCoinGecko:
         """A new snapshot: every coin's last_updated and /global's updated_at move by `seconds`;
         each OHLC series gains the candles (copies of its last) that have closed by then."""
         self._shift_times(timedelta(seconds=seconds))
+
+    def wander(self, rng: random.Random) -> None:
+        """Offline runs: every known price takes a random step of up to ±0.5%, rounded to 12
+        significant digits (Decimal's text: exponent form for the tiniest, as CoinGecko)."""
+        context = Context(prec=12)
+        for coin in self.coins:
+            price = coin.get("current_price")
+            if price is None:
+                continue
+            step = Decimal(rng.randint(-50, 50)).scaleb(-4)
+            moved = context.multiply(Decimal(str(price)), 1 + step)
+            coin["current_price"] = RawNumber(str(moved))
 
     def rebase(self, now: datetime) -> None:
         """Move every timestamp by the same amount so that the newest price is `now`."""
@@ -352,13 +366,15 @@ async def serve_fake_coingecko(
 
 
 @contextmanager
-def fake_coingecko_in_thread(*, port: int = 0, tick: int = 60) -> Iterator[str]:
+def fake_coingecko_in_thread(
+    *, port: int = 0, tick: int = 60, extra_coins: int = OFFLINE_EXTRA_COINS
+) -> Iterator[str]:
     """Run the fake on its own event loop in a daemon thread, moved to the present and advancing
-    every `tick` seconds; yield its base URL."""
+    every `tick` seconds with wandering prices; yield its base URL."""
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, name="fake-coingecko", daemon=True)
     thread.start()
-    fake = FakeCoinGecko(port=port)
+    fake = FakeCoinGecko(port=port, extra_coins=extra_coins)
     fake.rebase(datetime.now(UTC))
     try:
         base_url = asyncio.run_coroutine_threadsafe(fake.start(), loop).result(15)
@@ -375,8 +391,10 @@ def fake_coingecko_in_thread(*, port: int = 0, tick: int = 60) -> Iterator[str]:
 
 
 async def _advance_forever(fake: FakeCoinGecko, tick: int) -> None:
+    rng = random.Random(1)  # the same walk every run
     while True:
         await asyncio.sleep(tick)
+        fake.wander(rng)
         fake.advance(tick)
 
 
@@ -385,7 +403,7 @@ def main() -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8765)
     parser.add_argument("--tick", type=int, default=60, help="seconds between snapshots")
-    parser.add_argument("--extra-coins", type=int, default=0)
+    parser.add_argument("--extra-coins", type=int, default=OFFLINE_EXTRA_COINS)
     args = parser.parse_args()
 
     async def serve() -> None:
