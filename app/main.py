@@ -8,19 +8,42 @@ instead of an exception inside Faust's deserializer.
 
 from __future__ import annotations
 
+import ssl
 from pathlib import Path
 
 import faust
+from faust.types.auth import CredentialsT
 
-from app.settings import load_settings
+from app.settings import SASL_PROTOCOLS, TLS_PROTOCOLS, Settings, load_settings
 from models.market import PARTITIONS
 from schema.topics import topic_configs
+
+
+def broker_credentials(settings: Settings) -> CredentialsT | None:
+    """Faust's credentials for BROKER_SECURITY_PROTOCOL: Faust hands them to every aiokafka
+    client it makes (consumer, producer, topic admin). None is PLAINTEXT."""
+    protocol = settings.broker_security_protocol
+    context = None
+    if protocol in TLS_PROTOCOLS:
+        # Verifies the broker's certificate and host name; no cafile means the system's CAs.
+        context = ssl.create_default_context(cafile=settings.broker_ssl_cafile)
+    if protocol in SASL_PROTOCOLS:
+        assert settings.broker_sasl_password is not None  # Settings requires it with SASL
+        return faust.SASLCredentials(
+            username=settings.broker_sasl_username,
+            password=settings.broker_sasl_password.get_secret_value(),
+            ssl_context=context,
+            mechanism=settings.broker_sasl_mechanism,
+        )
+    return faust.SSLCredentials(context) if context is not None else None
+
 
 settings = load_settings()
 
 app = faust.App(
     settings.app_id,
     broker=settings.broker_url,
+    broker_credentials=broker_credentials(settings),
     store="memory://",
     autodiscover=False,
     datadir=str(Path(settings.data_dir) / "faust"),

@@ -8,8 +8,9 @@ exits, so a typo stops start-up instead of surfacing as a stack trace minutes la
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import Annotated, Literal
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qs, urlsplit, urlunsplit
 
 from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -22,6 +23,13 @@ DEFAULT_CALLS_PER_MINUTE: dict[CoinGeckoPlan, int] = {"keyless": 5, "demo": 30, 
 OFFLINE = "offline"  # COINGECKO_BASE_URL value: `faust -A app up` serves the bundled fake
 DEFAULT_BROKER_URL = "kafka://127.0.0.1:9092"
 DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
+BrokerSecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
+SASL_PROTOCOLS = frozenset({"SASL_PLAINTEXT", "SASL_SSL"})
+TLS_PROTOCOLS = frozenset({"SSL", "SASL_SSL"})
+SaslMechanism = Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"]
+# asyncpg reads these from DATABASE_URL's query string (libpq's names and values).
+SSL_MODES = frozenset({"disable", "allow", "prefer", "require", "verify-ca", "verify-full"})
+SSL_FILE_PARAMS = ("sslrootcert", "sslcert", "sslkey", "sslcrl")
 
 
 def redact_url(url: str) -> str:
@@ -46,6 +54,13 @@ class Settings(BaseSettings):
     broker_heartbeat_interval: float = Field(
         3.0, gt=0, description="seconds", validate_default=True
     )
+    # Redpanda Cloud: SASL_SSL with SCRAM-SHA-256. Credentials are checked against the protocol
+    # (validate_default), so a password that would be silently ignored stops start-up instead.
+    broker_security_protocol: BrokerSecurityProtocol = "PLAINTEXT"
+    broker_sasl_mechanism: SaslMechanism = "SCRAM-SHA-256"
+    broker_sasl_username: str | None = Field(None, validate_default=True)
+    broker_sasl_password: SecretStr | None = Field(None, validate_default=True)
+    broker_ssl_cafile: str | None = None  # default: the system's trusted CAs
     topic_replication_factor: int = Field(1, ge=1)
     database_url: SecretStr = SecretStr(DEFAULT_DATABASE_URL)
     database_pool_size: int = Field(4, ge=1, le=100)
@@ -93,9 +108,19 @@ class Settings(BaseSettings):
     @classmethod
     def _check_broker(cls, value: str) -> str:
         for url in value.split(";"):
-            if urlsplit(url).scheme not in {"kafka", "aiokafka"} or not urlsplit(url).hostname:
+            parts = urlsplit(url)
+            if parts.scheme not in {"kafka", "aiokafka"} or not parts.hostname:
                 raise ValueError("must look like kafka://host:port (several joined by ';')")
+            if parts.username is not None or parts.password is not None:  # Faust prints the URL
+                raise ValueError(
+                    "must not hold credentials: use BROKER_SASL_USERNAME and BROKER_SASL_PASSWORD"
+                )
         return value
+
+    @field_validator("broker_security_protocol", "broker_sasl_mechanism", mode="before")
+    @classmethod
+    def _upper(cls, value: object) -> object:
+        return value.upper() if isinstance(value, str) else value
 
     @field_validator("coingecko_base_url")
     @classmethod
@@ -109,8 +134,20 @@ class Settings(BaseSettings):
     @field_validator("database_url")
     @classmethod
     def _check_database(cls, value: SecretStr) -> SecretStr:
-        if urlsplit(value.get_secret_value()).scheme not in {"postgres", "postgresql"}:
+        parts = urlsplit(value.get_secret_value())
+        if parts.scheme not in {"postgres", "postgresql"}:
             raise ValueError("must look like postgresql://user:password@host:port/dbname")
+        query = parse_qs(parts.query)
+        # Every redaction hides the password of the user:password@ part only.
+        if "password" in query or "sslpassword" in query:
+            raise ValueError("put the password in user:password@host, not in the query string")
+        for mode in query.get("sslmode", []):
+            if mode not in SSL_MODES:
+                raise ValueError(f"sslmode {mode!r} is not one of {', '.join(sorted(SSL_MODES))}")
+        for name in SSL_FILE_PARAMS:
+            for path in query.get(name, []):
+                if not Path(path).is_file():
+                    raise ValueError(f"{name} {path!r} is not a readable file")
         return value
 
     # Checks that involve two fields are field validators on the later one (`info.data` holds the
@@ -123,6 +160,34 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"{value:g} s must be shorter than BROKER_SESSION_TIMEOUT ({session_timeout:g} s)"
             )
+        return value
+
+    @field_validator("broker_sasl_username", "broker_sasl_password")
+    @classmethod
+    def _check_sasl(cls, value: object, info: ValidationInfo) -> object:
+        protocol = info.data.get("broker_security_protocol")
+        if protocol is None:  # itself invalid, and reported
+            return value
+        if protocol in SASL_PROTOCOLS and value is None:
+            raise ValueError(f"BROKER_SECURITY_PROTOCOL={protocol} needs it")
+        if protocol not in SASL_PROTOCOLS and value is not None:
+            raise ValueError(
+                f"is set but BROKER_SECURITY_PROTOCOL={protocol} does not use it "
+                "(SASL_SSL or SASL_PLAINTEXT do)"
+            )
+        return value
+
+    @field_validator("broker_ssl_cafile")
+    @classmethod
+    def _check_cafile(cls, value: str | None, info: ValidationInfo) -> str | None:
+        protocol = info.data.get("broker_security_protocol")
+        if value is not None and protocol is not None and protocol not in TLS_PROTOCOLS:
+            raise ValueError(
+                f"is set but BROKER_SECURITY_PROTOCOL={protocol} does not use TLS "
+                "(SSL or SASL_SSL do)"
+            )
+        if value is not None and not Path(value).is_file():
+            raise ValueError(f"{value!r} is not a readable file")
         return value
 
     @field_validator("coingecko_plan")
@@ -162,9 +227,11 @@ class Settings(BaseSettings):
 
     def public_view(self) -> dict[str, object]:
         """Settings safe to show: secrets replaced, the database password hidden."""
-        shown = self.model_dump(exclude={"database_url", "coingecko_api_key"})
+        secrets = {"database_url", "coingecko_api_key", "broker_sasl_password"}
+        shown = self.model_dump(exclude=secrets)
         shown["database_url"] = redact_url(self.database_dsn)
         shown["coingecko_api_key"] = "***" if self.coingecko_api_key else None
+        shown["broker_sasl_password"] = "***" if self.broker_sasl_password else None
         return shown
 
 

@@ -66,6 +66,8 @@ def _count(value: object, name: str) -> int | None:
         return None
     if not number.is_finite() or number != number.to_integral_value():
         raise _Bad(f"{name} is {number}, not a whole number")
+    if number.adjusted() > 18:  # beyond bigint; int() of 1E+999999999 would never finish
+        raise _Bad(f"{name} is {number}, too large")
     return int(number)
 
 

@@ -40,7 +40,12 @@ class ExactDecimal:
             raise ValueError("must be a finite number (NaN and infinities are not prices)")
         if self.non_negative and value < 0:
             raise ValueError("must not be negative")
-        normal = value.normalize(_EXACT)
+        try:
+            normal = value.normalize(_EXACT)
+        except ArithmeticError:  # an exponent beyond any context, e.g. 1E+999999999
+            raise ValueError(
+                f"does not fit DECIMAL({DECIMAL_PRECISION}, {DECIMAL_SCALE}) exactly"
+            ) from None
         exponent = normal.as_tuple().exponent
         assert isinstance(exponent, int)  # finite values have an int exponent
         fractional = max(-exponent, 0)
@@ -70,7 +75,14 @@ def _aware_utc(value: datetime) -> datetime:
 
 Price = Annotated[Decimal, BeforeValidator(_no_float), AfterValidator(ExactDecimal(True))]
 SignedDecimal = Annotated[Decimal, BeforeValidator(_no_float), AfterValidator(ExactDecimal(False))]
-Timestamp = Annotated[datetime, AfterValidator(_aware_utc)]
+def _no_number(value: Any) -> Any:
+    """Epoch numbers are ambiguous (seconds or milliseconds?): the wire carries RFC 3339 text."""
+    if isinstance(value, int | float):
+        raise ValueError("must be an RFC 3339 date-time string, not a number")
+    return value
+
+
+Timestamp = Annotated[datetime, BeforeValidator(_no_number), AfterValidator(_aware_utc)]
 # No control characters: PostgreSQL text refuses NUL, and one such value would fail a whole batch.
 Text = Annotated[str, Field(min_length=1, max_length=MAX_TEXT_LENGTH, pattern=TEXT_PATTERN)]
 Count = Annotated[int, Field(ge=0, le=BIGINT_MAX)]

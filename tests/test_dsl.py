@@ -246,6 +246,7 @@ REJECTED = [
     # PostgreSQL text cannot hold NUL: one such value would fail a whole sink batch.
     ("name", "Bit\x00coin", "should match pattern"),
     ("last_updated", "2024-05-01T12:30:00", "must be timezone-aware"),
+    ("last_updated", 1714564800, "not a number"),
 ]
 
 
