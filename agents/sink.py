@@ -14,8 +14,8 @@ a running sink with no new agent code. Why each agent works the way it does:
   in offset order, only after its transaction committed and its dead letters were delivered.
 - `within` also flushes a half-full batch when the stream goes quiet: low latency at low rates.
 - A failed batch is retried with capped exponential backoff and jitter, for as long as it takes:
-  moving past it would leave a hole. While the agent waits, Faust's buffers fill and it stops fetching: the worker stops
-  consuming instead of dropping data.
+  moving past it would leave a hole. While the agent waits, Faust's buffers fill and it stops
+  fetching: the worker stops consuming instead of dropping data.
 - SIGTERM: Faust's `App.on_stop` stops fetching, waits until every event handed to a stream is
   acknowledged (`stream_wait_empty`, on by default), then commits the offsets, before it stops any
   agent. So the batch in flight is written, acknowledged and committed before the worker exits,
@@ -52,6 +52,8 @@ BACKOFF_FIRST = 0.2  # seconds before the first retry
 BACKOFF_CAP = 5.0  # a retry every few seconds costs a down database nothing and resumes quickly
 
 T = TypeVar("T")
+# One message of a stored batch: its event and its decoded record (None: dead-lettered).
+Stored = tuple[EventT, StreamRecord | None]
 
 
 @dataclass
@@ -149,6 +151,9 @@ class Sink:
         self.status = SINK_STATUS.add(record)
         self.stored_next: dict[int, int] = {}  # last known stored offsets (a cache)
         self.floors: dict[int, int] = {}  # earliest offsets the broker still holds, after holes
+        # Called with every batch once it is durable, before it is acknowledged: the live
+        # tables (tables.live) follow the sink's batches instead of reading the topic again.
+        self.observers: list[Callable[[Sequence[Stored]], None]] = []
 
     async def consume(self, stream: StreamT[bytes]) -> None:
         batches = cast(faust.Stream[bytes], stream).noack_take(
@@ -169,6 +174,7 @@ class Sink:
         """Dead-letter a batch's bad messages, store the rest with their offsets in one
         transaction, seek back over any hole, then acknowledge all of it in order."""
         delivered: list[Delivered[StreamRecord | None]] = []
+        batch: list[Stored] = []
         for event in events:
             message = event.message
             payload: StreamRecord | None = None
@@ -181,6 +187,7 @@ class Sink:
                         "dead-letter", partial(self._dead_letter, event, bad.reason)
                     )
             delivered.append(Delivered(message.partition, message.offset, payload))
+            batch.append((event, payload))
         self.status.pending_events = len(events)
         continuation, result = await self._until_done("write", partial(self._store, delivered))
         self.status.rows_written += result.inserted
@@ -189,11 +196,21 @@ class Sink:
         self.status.last_write_at = datetime.now(UTC)
         for partition, offset in continuation.holes.items():
             await self._refetch(partition, offset)
+        self._notify(batch)
         # Acknowledged in offset order, after everything above is durable. Faust's committed
         # offsets are only a starting hint now: the stored offsets decide what is written.
         for event in events:
             await stream.ack(event)
         self.status.pending_events = 0
+
+    def _notify(self, batch: Sequence[Stored]) -> None:
+        """Hand the stored batch to the observers; their updates are idempotent (a replay or
+        re-fetch changes nothing), and a failing observer must not stop the sink."""
+        for observer in self.observers:
+            try:
+                observer(batch)
+            except Exception:
+                log.exception("sink %s: observer %s failed", self.topic, observer.__name__)
 
     async def _store(
         self, delivered: Sequence[Delivered[StreamRecord | None]]

@@ -1,38 +1,49 @@
-"""Live state in Faust tables, fed by their own agents on the record topics.
+"""Live state in Faust tables, fed from the sinks' batches once they are stored.
 
 - `latest_prices`: the newest `CryptoPriceData` snapshot of each coin, by `last_updated` (a late,
   older snapshot never overwrites a newer one; an equal timestamp keeps the first, as the sink's
   primary key does).
 - `latest_analytics`: the newest `CryptoMarketAnalytics` per source, by `timestamp`.
-- `price_ranges`: high/low of each coin's USD price in hopping windows of 24 h stepping 1 h,
-  placed by the snapshot's own `last_updated` (event time), expiring after 25 h. A snapshot lies
-  in 24 windows and `WindowSet.apply()` widens each one separately (assigning one merged value,
-  `table[k] = v`, would copy the newest window's range into the older ones). That is 24 changelog
-  writes per snapshot: fine at CoinGecko's rates.
+- `price_ranges`: high/low of each coin's USD price per hour, in tumbling 1 h windows placed by
+  the snapshot's own `last_updated` (event time), expiring after 25 h. The 24 h range the views
+  report is the merge of the 24 hourly windows of `range_window` (`local_range`).
+
+Why fed from the sinks (`agents.sink.Sink.observers`) and not by agents of their own: a second
+agent on a record topic doubles Faust's per-message cost (a second channel, stream and event per
+message), and updating per message wrote the changelog once per snapshot (24 times with the
+former 24 h/1 h hopping window), which filled the producer buffer and throttled the whole worker
+to ~150 messages/s. Per batch, each key is written at most once: the newest snapshot per coin, one
+merged high/low per coin and hour. Every update is idempotent (newest wins, max/min), so a replayed
+or re-fetched batch changes nothing.
 
 Only CoinGecko's aggregate quotes (`exchange_id == AGGREGATE_EXCHANGE`) feed these tables, the
 same rows `store.queries` reads for the views, so the two sources agree.
 
 Values are JSON (decimals as strings), so the changelog round-trips exactly. Tables are keyed like
-their topics, with the same partition count, so each changelog partition matches its source
-partition. A worker holds only its assigned partitions, and table recovery is unreliable on
-brokers with wrong high-water marks, so the views treat these tables as a freshness layer over the
-database, never as the only source (see `tables.views`).
+their topics, with the same partition count, and every write goes to the changelog partition of
+the message it came from (Faust takes it from the current event, which `_on_behalf_of` sets), so
+each changelog partition matches its source partition. A worker holds only its assigned
+partitions, and table recovery is unreliable on brokers with wrong high-water marks, so the views
+treat these tables as a freshness layer over the database, never as the only source (see
+`tables.views`).
 """
 
 from __future__ import annotations
 
+import weakref
 from collections import Counter
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any, TypeVar, cast
 
-import faust
+from faust.streams import _current_event
 from faust.tables.wrappers import WindowWrapper
-from faust.types import TableT
+from faust.types import EventT, TableT
 
-from app.main import app, topics
-from models.codec import RecordRejected, decode_record
+from agents.sink import SINKS, Stored
+from app.main import app
 from models.dsl import StreamRecord
 from models.market import AGGREGATE_EXCHANGE, CryptoMarketAnalytics, CryptoPriceData
 
@@ -42,8 +53,8 @@ RANGE_SIZE = timedelta(hours=24)
 RANGE_STEP = timedelta(hours=1)
 RANGE_EXPIRES = timedelta(hours=25)
 
-# Messages these agents could not decode, per topic. The sink dead-letters them; here they are
-# only skipped and counted (shown by /health).
+# Messages that could not be decoded, per topic. The sink dead-letters them; the tables only
+# skip and count them (shown by /health).
 UNDECODABLE: Counter[str] = Counter()
 
 
@@ -54,21 +65,13 @@ def _table(name: str, record: type[StreamRecord], **options: Any) -> TableT:
 
 latest_prices = _table("latest-prices", CryptoPriceData, default=None)
 latest_analytics = _table("latest-analytics", CryptoMarketAnalytics, default=None)
-# `hopping()` is typed as the abstract wrapper, which lacks the `relative_to()` used below.
+# `tumbling()` is typed as the abstract wrapper, which lacks the `relative_to()` used below.
 price_ranges = cast(
     WindowWrapper,
-    _table("price-ranges", CryptoPriceData, default=dict).hopping(
-        RANGE_SIZE, RANGE_STEP, expires=RANGE_EXPIRES
+    _table("price-ranges", CryptoPriceData, default=dict).tumbling(
+        RANGE_STEP, expires=RANGE_EXPIRES
     ),
 )
-
-
-def _decode(record: type[R], raw: bytes | None) -> R | None:
-    try:
-        return decode_record(record, raw)
-    except RecordRejected:
-        UNDECODABLE[record.topic.name] += 1
-        return None
 
 
 def _time_of(record: StreamRecord) -> datetime:
@@ -91,12 +94,6 @@ def newest(*candidates: R | None) -> R | None:
     return best
 
 
-def _keep_newest(table: TableT, key: str, record: StreamRecord) -> None:
-    current = stored(type(record), table.get(key))
-    if newest(current, record) is record:
-        table[key] = record.model_dump(mode="json")
-
-
 def widen(bounds: dict[str, str], price: str) -> dict[str, str]:
     """Extend a window's {"high", "low"} (decimal strings) by one price."""
     if not bounds:
@@ -108,47 +105,94 @@ def widen(bounds: dict[str, str], price: str) -> dict[str, str]:
     }
 
 
-def range_window(now: datetime) -> tuple[datetime, datetime]:
-    """The 24 h window that the views report at `now`: [start of the hour 23 h ago, that + 24 h).
+def merge_bounds(bounds: dict[str, str], other: dict[str, str]) -> dict[str, str]:
+    """Extend a window's {"high", "low"} by another one."""
+    return widen(widen(bounds, other["high"]), other["low"]) if other else bounds
 
-    It is the earliest hopping window still containing `now`, i.e. the one covering the most of
-    the past day.
-    """
-    window = price_ranges.table.window
-    assert window is not None  # a hopping table always has one
-    start, _ = window.earliest(now.timestamp())
-    begin = datetime.fromtimestamp(start, UTC)
+
+def _hour(moment: datetime) -> datetime:
+    return moment.replace(minute=0, second=0, microsecond=0)
+
+
+def range_window(now: datetime) -> tuple[datetime, datetime]:
+    """The 24 h window that the views report at `now`: [start of the hour 23 h ago, that + 24 h),
+    the 24 whole hourly windows that end with the current one."""
+    begin = _hour(now.astimezone(UTC)) - RANGE_SIZE + RANGE_STEP
     return begin, begin + RANGE_SIZE
 
 
 def local_range(coin_id: str, window_start: datetime) -> dict[str, str]:
-    """This worker's {"high", "low"} for the window starting at `window_start` ({} if none).
+    """This worker's {"high", "low"} over the 24 hourly windows from `window_start` ({} if none).
 
-    Read relative to the window's own start, `value()` selects exactly that window (Faust picks
-    the latest window starting at or before the time).
+    Read relative to an hour's own start, `value()` selects exactly that hour's window.
     """
-    value: dict[str, str] = price_ranges.relative_to(window_start)[coin_id].value()
-    return value
+    bounds: dict[str, str] = {}
+    hour = window_start
+    while hour < window_start + RANGE_SIZE:
+        bounds = merge_bounds(bounds, price_ranges.relative_to(hour)[coin_id].value())
+        hour += RANGE_STEP
+    return bounds
 
 
-@app.agent(topics[CryptoPriceData.topic.name])
-async def track_prices(stream: faust.StreamT[bytes]) -> None:
-    """Latest snapshot and 24 h high/low per coin, from the price topic."""
-    async for raw in stream:
-        price = _decode(CryptoPriceData, raw)
-        if price is None or price.exchange_id != AGGREGATE_EXCHANGE:
-            continue
-        _keep_newest(latest_prices, price.coin_id, price)
-        # A fixed time-relativity per event: windows follow `last_updated`, not arrival time.
-        price_ranges.relative_to(price.last_updated)[price.coin_id].apply(
-            widen, str(price.usd_price)
-        )
+@contextmanager
+def _on_behalf_of(event: EventT) -> Iterator[None]:
+    """Make `event` Faust's current event: a table write goes to the changelog partition of the
+    current event's message (`Collection.partition_for_key`), the co-partitioned one."""
+    token = _current_event.set(weakref.ref(event))
+    try:
+        yield
+    finally:
+        _current_event.reset(token)
 
 
-@app.agent(topics[CryptoMarketAnalytics.topic.name])
-async def track_analytics(stream: faust.StreamT[bytes]) -> None:
-    """Latest market analytics per source, from the analytics topic."""
-    async for raw in stream:
-        analytics = _decode(CryptoMarketAnalytics, raw)
-        if analytics is not None:
-            _keep_newest(latest_analytics, analytics.source, analytics)
+def _newest_per_key(
+    table: TableT, key_of: str, batch: Sequence[tuple[EventT, StreamRecord]]
+) -> None:
+    """Write each key's newest record of the batch, if it is newer than the table's."""
+    by_key: dict[str, list[tuple[EventT, StreamRecord]]] = {}
+    for event, record in batch:
+        by_key.setdefault(getattr(record, key_of), []).append((event, record))
+    for key, items in by_key.items():
+        current = stored(type(items[0][1]), table.get(key))
+        best = newest(current, *(record for _, record in items))
+        if best is not None and best is not current:
+            event = next(event for event, record in items if record is best)
+            with _on_behalf_of(event):
+                table[key] = best.model_dump(mode="json")
+
+
+def _ranges(batch: Sequence[tuple[EventT, CryptoPriceData]]) -> None:
+    """Merge the batch's high/low per coin and hour into the hourly windows, one write each."""
+    merged: dict[tuple[str, datetime], tuple[EventT, dict[str, str]]] = {}
+    for event, price in batch:
+        where = (price.coin_id, _hour(price.last_updated))
+        _, bounds = merged.get(where, (event, {}))
+        merged[where] = (event, widen(bounds, str(price.usd_price)))
+    for (coin_id, hour), (event, bounds) in merged.items():
+        with _on_behalf_of(event):
+            price_ranges.relative_to(hour)[coin_id].apply(merge_bounds, bounds)
+
+
+def _decoded(topic: str, batch: Sequence[Stored]) -> list[tuple[EventT, StreamRecord]]:
+    UNDECODABLE[topic] += sum(1 for _, record in batch if record is None)
+    return [(event, record) for event, record in batch if record is not None]
+
+
+def track_prices(batch: Sequence[Stored]) -> None:
+    """Latest snapshot and hourly high/low per coin, from a stored batch of the price topic."""
+    prices = [
+        (event, cast(CryptoPriceData, record))
+        for event, record in _decoded(CryptoPriceData.topic.name, batch)
+        if cast(CryptoPriceData, record).exchange_id == AGGREGATE_EXCHANGE
+    ]
+    _newest_per_key(latest_prices, "coin_id", prices)
+    _ranges(prices)
+
+
+def track_analytics(batch: Sequence[Stored]) -> None:
+    """Latest market analytics per source, from a stored batch of the analytics topic."""
+    _newest_per_key(latest_analytics, "source", _decoded(CryptoMarketAnalytics.topic.name, batch))
+
+
+SINKS[CryptoPriceData.topic.name].observers.append(track_prices)
+SINKS[CryptoMarketAnalytics.topic.name].observers.append(track_analytics)

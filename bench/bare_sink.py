@@ -1,0 +1,56 @@
+"""Baseline (a), the practical limit: no Faust, a bare aiokafka consumer and the same write.
+
+Run by `bench.sink_throughput` as a subprocess (like the workers it is compared with). Large
+fetches (`fetch_max_bytes`, `max_partition_fetch_bytes`, `getmany(max_records=...)`), the app's
+own decode (`models.codec.decode_record`: pydantic, Decimals exact) and the app's own write
+(`store.writer.RecordWriter`: COPY into staging + INSERT ... ON CONFLICT DO NOTHING) in one
+transaction per fetched batch. Stops after `BENCH_ROWS` messages.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+import asyncpg
+from aiokafka import AIOKafkaConsumer, TopicPartition
+
+from models.codec import decode_record
+from models.market import CryptoPriceData
+from store.writer import RecordWriter
+
+
+async def main() -> None:
+    target = int(os.environ["BENCH_ROWS"])
+    topic = CryptoPriceData.topic.name
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=os.environ["BENCH_BOOTSTRAP"],
+        enable_auto_commit=False,
+        fetch_max_bytes=64 * 1024 * 1024,
+        max_partition_fetch_bytes=16 * 1024 * 1024,
+    )
+    await consumer.start()
+    writer = RecordWriter(CryptoPriceData)
+    connection = await asyncpg.connect(os.environ["DATABASE_URL"])
+    try:
+        consumer.assign([TopicPartition(topic, p) for p in range(CryptoPriceData.topic.partitions)])
+        await consumer.seek_to_beginning()
+        seen = 0
+        while seen < target:
+            fetched = await consumer.getmany(timeout_ms=500, max_records=10_000)
+            batch = [
+                decode_record(CryptoPriceData, message.value)
+                for messages in fetched.values()
+                for message in messages
+            ]
+            if batch:
+                async with connection.transaction():
+                    await writer.insert(connection, batch)
+                seen += len(batch)
+    finally:
+        await connection.close()
+        await consumer.stop()
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

@@ -1,0 +1,307 @@
+"""What every benchmark needs: its own broker and PostgreSQL, realistic records, worker processes.
+
+Nothing here is shared with the tests: a benchmark measures, it never asserts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+import httpx
+import psutil
+from aiokafka import AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+
+from app.embedded import EmbeddedBroker, embedded_postgres, free_port
+from models.codec import encode_record
+from models.dsl import quote_ident
+from models.market import CryptoPriceData
+from schema.migrate import migrate_database
+from schema.topics import topic_configs
+
+PRICES_TOPIC = CryptoPriceData.topic.name
+PRICES_TABLE = quote_ident(CryptoPriceData.table.name)
+T0 = datetime(2024, 5, 1, tzinfo=UTC)
+
+
+@dataclass
+class Stack:
+    """A running embedded broker and PostgreSQL server, in one temporary directory."""
+
+    directory: Path
+    broker: EmbeddedBroker
+    server_dsn: str
+
+    @property
+    def bootstrap(self) -> str:
+        return f"127.0.0.1:{self.broker.port}"
+
+    async def database(self) -> str:
+        """A fresh database with the app's schema; its DSN."""
+        name = f"bench_{uuid.uuid4().hex[:10]}"
+        admin = await asyncpg.connect(self.server_dsn)
+        try:
+            await admin.execute(f"CREATE DATABASE {quote_ident(name)}")
+        finally:
+            await admin.close()
+        dsn = urlunsplit(urlsplit(self.server_dsn)._replace(path=f"/{name}"))
+        await migrate_database(dsn)
+        return dsn
+
+
+@contextlib.contextmanager
+def stack() -> Iterator[Stack]:
+    with tempfile.TemporaryDirectory(prefix="qicore-bench-") as tmp:
+        directory = Path(tmp)
+        with (
+            EmbeddedBroker(log_path=directory / "broker.log") as broker,
+            embedded_postgres(directory / "postgres") as server_dsn,
+        ):
+            yield Stack(directory, broker, server_dsn)
+
+
+async def create_topics(bootstrap: str) -> None:
+    """Every generated topic with its generated partition count (6 for crypto-prices)."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        await admin.create_topics(
+            [NewTopic(c.name, c.partitions, 1, topic_configs=c.config) for c in topic_configs()]
+        )
+    finally:
+        await admin.close()
+
+
+def coin_price(coin: int, cycle: int, when: datetime) -> CryptoPriceData:
+    """A CoinGecko-like snapshot: prices from 1E-10 to 1E+5 (tiny ones in exponent form), long
+    market caps, signed percentages, optional fields sometimes null."""
+    base = Decimal(f"{(coin * 7919) % 9973 + 1}E{coin % 16 - 10}")
+    wiggle = Decimal(1000 + (cycle * 37 + coin) % 61 - 30) / 1000
+    return CryptoPriceData(
+        coin_id=f"coin-{coin:04d}",
+        symbol=f"c{coin}",
+        name=f"Coin {coin}",
+        usd_price=base * wiggle,
+        btc_price=(base * wiggle / 65000).quantize(Decimal("1E-18")) if coin % 4 else None,
+        eth_price=(base * wiggle / 3200).quantize(Decimal("1E-18")) if coin % 4 else None,
+        market_cap=Decimal(f"{(coin + 1) * 1234567890123 + cycle}"),
+        volume_24h=Decimal(f"{(coin + 7) * 9876543 + cycle}.{cycle % 100:02d}"),
+        change_24h=Decimal(f"{(cycle % 200) - 100}.{coin:04d}"),
+        change_7d=None if coin % 3 else Decimal(f"-{cycle % 50}.125"),
+        last_updated=when,
+    )
+
+
+def snapshots(count: int, coins: int = 100, start: datetime = T0) -> list[CryptoPriceData]:
+    """`count` snapshots of `coins` coins, one polling cycle (a minute) after another."""
+    return [
+        coin_price(i % coins, i // coins, start + timedelta(minutes=i // coins))
+        for i in range(count)
+    ]
+
+
+def producer(bootstrap: str) -> AIOKafkaProducer:
+    return AIOKafkaProducer(
+        bootstrap_servers=bootstrap, linger_ms=5, max_batch_size=1024 * 1024, acks=1
+    )
+
+
+async def produce(bootstrap: str, records: Sequence[CryptoPriceData]) -> float:
+    """Produce all records keyed by coin (as the poller does); seconds it took."""
+    started = time.perf_counter()
+    kafka = producer(bootstrap)
+    await kafka.start()
+    try:
+        pending = [
+            await kafka.send(PRICES_TOPIC, key=r.coin_id.encode(), value=encode_record(r))
+            for r in records
+        ]
+        await asyncio.gather(*pending)
+    finally:
+        await kafka.stop()
+    return time.perf_counter() - started
+
+
+async def count_rows(dsn: str) -> int:
+    connection = await asyncpg.connect(dsn)
+    try:
+        count: int = await connection.fetchval(f"SELECT count(*) FROM {PRICES_TABLE}")  # noqa: S608
+    finally:
+        await connection.close()
+    return count
+
+
+@dataclass
+class Run:
+    """When rows started and finished arriving, and the watched processes' peak RSS."""
+
+    rows: int
+    first_row_at: float
+    done_at: float
+    rows_at_first: int
+    peak_rss: int = 0
+
+    @property
+    def rate(self) -> float:
+        """Rows per second from the first observed row to the last: start-up is excluded."""
+        return (self.rows - self.rows_at_first) / max(self.done_at - self.first_row_at, 1e-9)
+
+
+async def watch_rows(
+    dsn: str, target: int, processes: Sequence[Process], timeout: float = 900.0
+) -> Run:
+    """Poll COUNT(*) every 50 ms until `target` rows are in; sample RSS meanwhile."""
+    connection = await asyncpg.connect(dsn)
+    peak = 0
+    first: tuple[float, int] | None = None
+    deadline = time.perf_counter() + timeout
+    try:
+        while True:
+            for process in processes:
+                process.check()
+                peak = max(peak, process.rss())
+            count = await connection.fetchval(f"SELECT count(*) FROM {PRICES_TABLE}")  # noqa: S608
+            now = time.perf_counter()
+            if count and first is None:
+                first = (now, count)
+            if count >= target:
+                assert first is not None
+                return Run(count, first[0], now, first[1] if first[0] < now else 0, peak)
+            if now > deadline:
+                raise TimeoutError(f"only {count} of {target} rows after {timeout:.0f}s")
+            await asyncio.sleep(0.05)
+    finally:
+        await connection.close()
+
+
+@dataclass
+class Process:
+    """A subprocess (a Faust worker or a baseline script) logging to a file; RSS measurable."""
+
+    argv: list[str]
+    env: dict[str, str]
+    log_path: Path
+    web_port: int | None = None
+    popen: subprocess.Popen[bytes] = field(init=False)
+
+    def __post_init__(self) -> None:
+        with self.log_path.open("wb") as log:
+            self.popen = subprocess.Popen(
+                self.argv, env=self.env, stdout=log, stderr=subprocess.STDOUT
+            )
+        self._process = psutil.Process(self.popen.pid)
+
+    def rss(self) -> int:
+        try:
+            return int(self._process.memory_info().rss)
+        except psutil.Error:
+            return 0
+
+    def check(self) -> None:
+        if self.popen.poll() is not None:
+            tail = self.log_path.read_text(errors="replace")[-3000:]
+            raise RuntimeError(f"{self.argv} exited with {self.popen.returncode}:\n{tail}")
+
+    async def health(self) -> dict[str, Any]:
+        assert self.web_port is not None
+        async with httpx.AsyncClient(timeout=10) as client:
+            body: dict[str, Any] = (
+                await client.get(f"http://127.0.0.1:{self.web_port}/health")
+            ).json()
+        return body
+
+    def stop(self) -> None:
+        if self.popen.poll() is None:
+            self.popen.terminate()
+            try:
+                self.popen.wait(45)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait()
+
+
+def worker_env(stack: Stack, dsn: str, app_id: str, web_port: int, **extra: str) -> dict[str, str]:
+    """The environment of `faust -A app worker` for a benchmark: the poller is idle."""
+    names = {"APP_ID", "BROKER_URL", "DATABASE_URL", "COINS", "TOP_N", "LOG_LEVEL"}
+    base = {k: v for k, v in os.environ.items() if k.upper() not in names}
+    return {
+        **base,
+        "APP_ID": app_id,
+        "BROKER_URL": stack.broker.url,
+        "DATABASE_URL": dsn,
+        "BROKER_SESSION_TIMEOUT": "4",
+        "BROKER_HEARTBEAT_INTERVAL": "1",
+        "WEB_PORT": str(web_port),
+        "DATA_DIR": str(stack.directory / f"data-{app_id}-{web_port}"),
+        "COINGECKO_BASE_URL": f"http://127.0.0.1:{free_port()}/api/v3",
+        "PRICE_POLL_SECONDS": "3600",
+        "GLOBAL_POLL_SECONDS": "3600",
+        "OHLC_POLL_SECONDS": "3600",
+        **extra,
+    }
+
+
+def faust_worker(stack: Stack, module: str, dsn: str, app_id: str, **extra: str) -> Process:
+    """`faust -A <module> worker -l info`, as the Procfile starts it."""
+    port = free_port()
+    return Process(
+        [sys.executable, "-m", "faust", "-A", module, "worker", "-l", "info"],
+        worker_env(stack, dsn, app_id, port, **extra),
+        stack.directory / f"{app_id}-{port}.log",
+        web_port=port,
+    )
+
+
+@contextlib.asynccontextmanager
+async def running(*processes: Process) -> AsyncIterator[None]:
+    try:
+        yield
+    finally:
+        for process in processes:
+            await asyncio.to_thread(process.stop)
+
+
+def percentile(values: Sequence[float], fraction: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
+
+
+def describe_machine() -> str:
+    memory = psutil.virtual_memory().total / 2**30
+    versions = ", ".join(
+        f"{name} {metadata.version(name)}"
+        for name in ("faust-streaming", "aiokafka", "asyncpg", "pydantic", "pydantic_core")
+    )
+    return (
+        f"{platform.platform()}; {os.cpu_count()} CPUs; {memory:.1f} GiB; "
+        f"Python {platform.python_version()}; {versions}"
+    )
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    """A Markdown table, ready to paste into docs/performance.md."""
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def mean(values: Sequence[float]) -> float:
+    return statistics.fmean(values) if values else float("nan")
