@@ -75,6 +75,8 @@ def _aware_utc(value: datetime) -> datetime:
 
 Price = Annotated[Decimal, BeforeValidator(_no_float), AfterValidator(ExactDecimal(True))]
 SignedDecimal = Annotated[Decimal, BeforeValidator(_no_float), AfterValidator(ExactDecimal(False))]
+
+
 def _no_number(value: Any) -> Any:
     """Epoch numbers are ambiguous (seconds or milliseconds?): the wire carries RFC 3339 text."""
     if isinstance(value, int | float):
