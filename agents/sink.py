@@ -35,14 +35,13 @@ from functools import partial
 from typing import Any, TypeVar, cast
 from urllib.parse import urlsplit
 
-import asyncpg
 import faust
 from faust.types import TP, EventT, StreamT
 
 from app.main import app, settings, topics
 from models import RECORDS, StreamRecord
 from models.codec import RecordRejected, decode_record
-from store.db import create_pool
+from store.db import LazyPool
 from store.offsets import Continuation, Delivered, SinkOffsets, continue_sequences
 from store.writer import RecordWriter, WriteResult
 
@@ -96,33 +95,8 @@ class SinkStatuses:
 SINK_STATUS = SinkStatuses()
 
 
-class SinkDatabase:
-    """The worker's one asyncpg pool, shared by all sinks, opened on first use.
-
-    Opening it lazily makes a database that is down at start-up one more retried failure of the
-    first batch instead of a crash of the worker.
-    """
-
-    def __init__(self, dsn: str, max_size: int) -> None:
-        self._dsn = dsn
-        self._max_size = max_size
-        self._pool: asyncpg.Pool | None = None
-        self._lock = asyncio.Lock()
-
-    async def pool(self) -> asyncpg.Pool:
-        async with self._lock:
-            if self._pool is None:
-                self._pool = await create_pool(self._dsn, min_size=1, max_size=self._max_size)
-            return self._pool
-
-    async def close(self) -> None:
-        async with self._lock:
-            if self._pool is not None:
-                await self._pool.close()
-                self._pool = None
-
-
-DATABASE = SinkDatabase(settings.database_dsn, settings.database_pool_size)
+# The worker's one write pool, shared by all sinks.
+DATABASE = LazyPool(settings.database_dsn, settings.database_pool_size)
 
 
 def describe_error(error: BaseException, dsn: str = settings.database_dsn) -> str:
@@ -141,7 +115,7 @@ def backoff(failures: int) -> float:
 class Sink:
     """Moves one record topic into its table; `consume` is the Faust agent."""
 
-    def __init__(self, record: type[StreamRecord], database: SinkDatabase) -> None:
+    def __init__(self, record: type[StreamRecord], database: LazyPool) -> None:
         self.record = record
         self.topic = record.topic.name
         self.database = database
@@ -220,7 +194,7 @@ class Sink:
         partitions = sorted({item.partition for item in delivered})
         new = [p for p in partitions if p not in self.stored_next]
         starts = await self._earliest(new) if new else {}
-        pool = await self.database.pool()
+        pool = await self.database.get()
         async with pool.acquire() as connection, connection.transaction():
             stored = await self.offsets.lock(connection, partitions, starts, self.floors)
             continuation = continue_sequences(delivered, stored)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import asyncpg
 
 # A statement that runs longer than this is stuck (a lock, a dead server): fail rather than hang.
@@ -30,3 +32,29 @@ async def create_pool(dsn: str, *, min_size: int = 1, max_size: int = 4) -> asyn
     )
     assert pool is not None  # asyncpg types it Optional; it only returns None if not awaited
     return pool
+
+
+class LazyPool:
+    """A pool opened on first use and closed on shutdown.
+
+    Lazy, so that a database that is down when the worker starts is a retried failure (the sink)
+    or a 503 (the views) instead of a worker that does not start.
+    """
+
+    def __init__(self, dsn: str, max_size: int) -> None:
+        self._dsn = dsn
+        self._max_size = max_size
+        self._pool: asyncpg.Pool | None = None
+        self._lock = asyncio.Lock()
+
+    async def get(self) -> asyncpg.Pool:
+        async with self._lock:
+            if self._pool is None:
+                self._pool = await create_pool(self._dsn, min_size=1, max_size=self._max_size)
+            return self._pool
+
+    async def close(self) -> None:
+        async with self._lock:
+            if self._pool is not None:
+                await self._pool.close()
+                self._pool = None

@@ -33,7 +33,7 @@ from coingecko.poller import POLL_STATUS
 from models.dsl import StreamRecord
 from models.market import AGGREGATE_EXCHANGE, CryptoMarketAnalytics, CryptoPriceData
 from store import queries
-from store.db import create_pool
+from store.db import LazyPool
 from tables import live
 
 # CoinGecko ids are lower-case words joined by hyphens; allow a little more, never quotes,
@@ -47,33 +47,8 @@ AGGREGATE = {"exchange_id": AGGREGATE_EXCHANGE}
 R = TypeVar("R", bound=StreamRecord)
 
 
-class ReadPool:
-    """One lazily created asyncpg pool for every view's reads, closed when the app stops.
-
-    Lazy so that a database that is down at start makes views answer 503 (and /health say so)
-    instead of stopping the worker.
-    """
-
-    def __init__(self) -> None:
-        self._pool: asyncpg.Pool | None = None
-        self._lock = asyncio.Lock()
-
-    async def get(self) -> asyncpg.Pool:
-        async with self._lock:
-            if self._pool is None:
-                self._pool = await create_pool(
-                    settings.database_dsn, min_size=1, max_size=settings.database_pool_size
-                )
-            return self._pool
-
-    async def close(self) -> None:
-        async with self._lock:
-            if self._pool is not None:
-                await self._pool.close()
-                self._pool = None
-
-
-read_pool = ReadPool()
+# One pool for every view's reads, apart from the sinks' writes.
+read_pool = LazyPool(settings.database_dsn, settings.database_pool_size)
 
 
 @app.on_before_shutdown.connect

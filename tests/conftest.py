@@ -61,6 +61,14 @@ def bare_env() -> dict[str, str]:
 
 
 @pytest.fixture
+def environ(monkeypatch: pytest.MonkeyPatch, bare_env: dict[str, str]) -> pytest.MonkeyPatch:
+    """`monkeypatch` on an environment without the developer's own app settings."""
+    for name in set(os.environ) - set(bare_env):
+        monkeypatch.delenv(name)
+    return monkeypatch
+
+
+@pytest.fixture
 async def migrated(database_dsn: str) -> str:
     """A fresh database with the app's schema applied."""
     await migrate_database(database_dsn)

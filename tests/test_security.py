@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import ast
 import asyncio
-import os
 import re
 import ssl
 import struct
@@ -360,14 +359,6 @@ def test_the_scanner_accepts_quoted_identifiers_and_parameter_numbers() -> None:
 # --- 2. secrets never show ---------------------------------------------------------------------
 
 
-@pytest.fixture
-def environ(monkeypatch: pytest.MonkeyPatch, bare_env: dict[str, str]) -> pytest.MonkeyPatch:
-    """`monkeypatch` on an environment without the developer's own app settings."""
-    for name in set(os.environ) - set(bare_env):
-        monkeypatch.delenv(name)
-    return monkeypatch
-
-
 def sasl_settings(**overrides: Any) -> Settings:
     values: dict[str, Any] = {
         "broker_security_protocol": "SASL_SSL",
@@ -530,69 +521,6 @@ def test_the_app_takes_its_credentials_from_the_environment(bare_env: dict[str, 
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["SASL_SSL", "SCRAM-SHA-256", "qicore", "True", "True"]
-
-
-@pytest.mark.parametrize(
-    ("variables", "variable", "problem"),
-    [
-        ({"BROKER_SECURITY_PROTOCOL": "TLS"}, "BROKER_SECURITY_PROTOCOL", "'SASL_SSL'"),
-        (
-            {"BROKER_SECURITY_PROTOCOL": "SASL_SSL", "BROKER_SASL_PASSWORD": "x"},
-            "BROKER_SASL_USERNAME",
-            "BROKER_SECURITY_PROTOCOL=SASL_SSL needs it",
-        ),
-        (
-            {"BROKER_SECURITY_PROTOCOL": "SASL_PLAINTEXT", "BROKER_SASL_USERNAME": "u"},
-            "BROKER_SASL_PASSWORD",
-            "BROKER_SECURITY_PROTOCOL=SASL_PLAINTEXT needs it",
-        ),
-        (
-            {"BROKER_SASL_USERNAME": "u"},
-            "BROKER_SASL_USERNAME",
-            "is set but BROKER_SECURITY_PROTOCOL=PLAINTEXT does not use it",
-        ),
-        (
-            {
-                "BROKER_SECURITY_PROTOCOL": "SASL_SSL",
-                "BROKER_SASL_USERNAME": "u",
-                "BROKER_SASL_PASSWORD": "p",
-                "BROKER_SASL_MECHANISM": "GSSAPI",
-            },
-            "BROKER_SASL_MECHANISM",
-            "'SCRAM-SHA-256'",
-        ),
-        (
-            {"BROKER_SSL_CAFILE": certifi.where()},
-            "BROKER_SSL_CAFILE",
-            "is set but BROKER_SECURITY_PROTOCOL=PLAINTEXT does not use TLS",
-        ),
-        (
-            {"BROKER_SECURITY_PROTOCOL": "SSL", "BROKER_SSL_CAFILE": "/no/such/ca.pem"},
-            "BROKER_SSL_CAFILE",
-            "'/no/such/ca.pem' is not a readable file",
-        ),
-        (
-            {"DATABASE_URL": "postgresql://u@h/d?sslmode=verify-full&sslrootcert=/no/ca.pem"},
-            "DATABASE_URL",
-            "sslrootcert '/no/ca.pem' is not a readable file",
-        ),
-    ],
-)
-def test_security_settings_are_checked_with_one_line(
-    environ: pytest.MonkeyPatch,
-    capsys: pytest.CaptureFixture[str],
-    variables: dict[str, str],
-    variable: str,
-    problem: str,
-) -> None:
-    for name, value in variables.items():
-        environ.setenv(name, value)
-    with pytest.raises(SystemExit) as stopped:
-        load_settings()
-    assert stopped.value.code == 2
-    (line,) = capsys.readouterr().err.splitlines()
-    assert line.startswith(f"qicore: invalid setting {variable}: ")
-    assert problem in line
 
 
 SSL_REQUEST = struct.pack("!ii", 8, 80877103)  # PostgreSQL's "may we speak TLS?" message

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 
+import certifi
 import pytest
 
 from app.dev import _banner
@@ -32,17 +32,49 @@ INVALID = [
     ({"BROKER_SESSION_TIMEOUT": "2"}, "BROKER_HEARTBEAT_INTERVAL", "shorter than"),
     ({"LOG_LEVEL": "warning"}, "LOG_LEVEL", "Input should be 'debug', 'info', 'warn', 'error' or"),
     ({"WEB_ENABLED": "maybe"}, "WEB_ENABLED", "valid boolean"),
+    # Broker TLS/SASL and database TLS.
+    ({"BROKER_SECURITY_PROTOCOL": "TLS"}, "BROKER_SECURITY_PROTOCOL", "'SASL_SSL'"),
+    (
+        {"BROKER_SECURITY_PROTOCOL": "SASL_SSL", "BROKER_SASL_PASSWORD": "x"},
+        "BROKER_SASL_USERNAME",
+        "BROKER_SECURITY_PROTOCOL=SASL_SSL needs it",
+    ),
+    (
+        {"BROKER_SECURITY_PROTOCOL": "SASL_PLAINTEXT", "BROKER_SASL_USERNAME": "u"},
+        "BROKER_SASL_PASSWORD",
+        "BROKER_SECURITY_PROTOCOL=SASL_PLAINTEXT needs it",
+    ),
+    (
+        {"BROKER_SASL_USERNAME": "u"},
+        "BROKER_SASL_USERNAME",
+        "is set but BROKER_SECURITY_PROTOCOL=PLAINTEXT does not use it",
+    ),
+    (
+        {
+            "BROKER_SECURITY_PROTOCOL": "SASL_SSL",
+            "BROKER_SASL_USERNAME": "u",
+            "BROKER_SASL_PASSWORD": "p",
+            "BROKER_SASL_MECHANISM": "GSSAPI",
+        },
+        "BROKER_SASL_MECHANISM",
+        "'SCRAM-SHA-256'",
+    ),
+    (
+        {"BROKER_SSL_CAFILE": certifi.where()},
+        "BROKER_SSL_CAFILE",
+        "is set but BROKER_SECURITY_PROTOCOL=PLAINTEXT does not use TLS",
+    ),
+    (
+        {"BROKER_SECURITY_PROTOCOL": "SSL", "BROKER_SSL_CAFILE": "/no/such/ca.pem"},
+        "BROKER_SSL_CAFILE",
+        "'/no/such/ca.pem' is not a readable file",
+    ),
+    (
+        {"DATABASE_URL": "postgresql://u@h/d?sslmode=verify-full&sslrootcert=/no/ca.pem"},
+        "DATABASE_URL",
+        "sslrootcert '/no/ca.pem' is not a readable file",
+    ),
 ]
-
-
-@pytest.fixture
-def environ(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
-    """`monkeypatch` on an environment without the developer's own app settings."""
-    names = {name.upper() for name in Settings.model_fields}
-    for name in list(os.environ):
-        if name.upper() in names:
-            monkeypatch.delenv(name)
-    return monkeypatch
 
 
 @pytest.mark.parametrize(("variables", "variable", "problem"), INVALID)
