@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import ssl
 from pathlib import Path
+from typing import Any
 
 import faust
+from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread
 from faust.types.auth import CredentialsT
 
 from app.settings import SASL_PROTOCOLS, TLS_PROTOCOLS, Settings, load_settings
@@ -39,6 +41,23 @@ def broker_credentials(settings: Settings) -> CredentialsT | None:
 
 
 settings = load_settings()
+
+
+def _use_fetch_max_wait(milliseconds: int) -> None:
+    """Faust 0.15.3 hard-codes the worker consumer's `fetch_max_wait_ms` to 1500 ms and has no
+    setting for it; set the aiokafka consumer's value before it starts (BROKER_FETCH_MAX_WAIT_MS).
+    Pinned Faust version: the method wrapped here is `AIOKafkaConsumerThread`'s own."""
+    create = AIOKafkaConsumerThread._create_worker_consumer
+
+    def create_worker_consumer(self: AIOKafkaConsumerThread, transport: Any) -> Any:
+        consumer = create(self, transport)
+        consumer._fetch_max_wait_ms = milliseconds
+        return consumer
+
+    AIOKafkaConsumerThread._create_worker_consumer = create_worker_consumer  # type: ignore[method-assign]
+
+
+_use_fetch_max_wait(settings.broker_fetch_max_wait_ms)
 
 app = faust.App(
     settings.app_id,

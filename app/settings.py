@@ -54,6 +54,9 @@ class Settings(BaseSettings):
     broker_heartbeat_interval: float = Field(
         3.0, gt=0, description="seconds", validate_default=True
     )
+    # How long a fetch may wait for data. Kafka and Redpanda answer as soon as data arrives; a
+    # broker that holds the fetch (Tansu) adds up to this to every record's latency.
+    broker_fetch_max_wait_ms: int = Field(100, ge=1, le=10_000)
     # Redpanda Cloud: SASL_SSL with SCRAM-SHA-256. Credentials are checked against the protocol
     # (validate_default), so a password that would be silently ignored stops start-up instead.
     broker_security_protocol: BrokerSecurityProtocol = "PLAINTEXT"

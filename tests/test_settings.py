@@ -190,3 +190,21 @@ def test_up_banner_hides_the_database_password(
 )
 def test_redact_url(url: str, shown: str) -> None:
     assert redact_url(url) == shown
+
+
+def test_the_worker_consumer_uses_broker_fetch_max_wait_ms(bare_env: dict[str, str]) -> None:
+    """Faust hard-codes 1500 ms; a broker that holds fetches would add that to every record."""
+    script = (
+        "import asyncio\n"
+        "async def main():\n"
+        "    from app import app\n"
+        "    consumer = app.consumer._thread._create_worker_consumer(app.transport)\n"
+        "    print(consumer._fetch_max_wait_ms)\n"
+        "asyncio.run(main())\n"
+    )
+    env = {**bare_env, "BROKER_FETCH_MAX_WAIT_MS": "77"}
+    result = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["77"]
