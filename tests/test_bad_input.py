@@ -34,8 +34,8 @@ from conftest import dsn_for
 from hypothesis import HealthCheck, given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
-from test_poller import BrokerTopics, make_poller
-from test_schemas import valid
+from pollers import BrokerTopics, make_poller
+from strategies import valid
 from workers import Kafka, Worker, count_rows, eventually
 
 from app.embedded import EmbeddedBroker

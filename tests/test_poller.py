@@ -3,78 +3,19 @@
 from __future__ import annotations
 
 import logging
-import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from datetime import datetime
 from decimal import Decimal
 from importlib import resources
 from typing import Any
 
 import pytest
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from pollers import FIXTURE_COINS, BrokerTopics, make_poller
 
 from app.embedded import EmbeddedBroker
-from app.settings import Settings
-from coingecko.client import CoinGeckoClient
 from coingecko.fake_server import FakeCoinGecko, body, html_page, serve_fake_coingecko
 from coingecko.parse import loads_exact
-from coingecko.poller import Poller, PollStatus
-from models.codec import decode_record, encode_record
-from models.dsl import StreamRecord
 from models.market import CryptoMarketAnalytics, CryptoOHLCVData, CryptoPriceData
-
-FIXTURE_COINS = [
-    "bitcoin",
-    "ethereum",
-    "tether",
-    "wrapped-bitcoin-x",
-    "pepe-cash",
-    "quiet-ledger",
-    "ghost-token",
-]
-
-
-class BrokerTopics:
-    """Publishes like the app (topic of the record, key, encoded value) under a per-test prefix,
-    so tests sharing the session broker never read each other's messages."""
-
-    def __init__(self, broker: EmbeddedBroker) -> None:
-        self.bootstrap = f"127.0.0.1:{broker.port}"
-        self.prefix = f"t{uuid.uuid4().hex[:8]}-"
-        self.producer = AIOKafkaProducer(bootstrap_servers=self.bootstrap)
-        self.published = 0
-
-    async def publish(self, records: Sequence[StreamRecord]) -> None:
-        pending = [
-            await self.producer.send(self.prefix + r.topic.name, encode_record(r), key=r.key())
-            for r in records
-        ]
-        for future in pending:
-            await future
-        self.published += len(records)
-
-    async def read(self, record_type: type[StreamRecord]) -> list[tuple[bytes, Any]]:
-        """Every message on the record's topic so far: (key, decoded record)."""
-        topic = self.prefix + record_type.topic.name
-        consumer = AIOKafkaConsumer(
-            bootstrap_servers=self.bootstrap,
-            enable_auto_commit=False,
-            auto_offset_reset="earliest",
-        )
-        await consumer.start()
-        try:
-            partitions = consumer.partitions_for_topic(topic) or set()
-            if not partitions:
-                await consumer._client.force_metadata_update()  # type: ignore[attr-defined]
-                partitions = consumer.partitions_for_topic(topic) or set()
-            consumer.assign([TopicPartition(topic, p) for p in partitions])
-            messages: list[tuple[bytes, Any]] = []
-            while batch := await consumer.getmany(timeout_ms=500):
-                for records in batch.values():
-                    messages += [(m.key, decode_record(record_type, m.value)) for m in records]
-            return messages
-        finally:
-            await consumer.stop()
 
 
 @pytest.fixture
@@ -89,21 +30,6 @@ async def kafka(broker: EmbeddedBroker) -> AsyncIterator[BrokerTopics]:
     await topics.producer.start()
     yield topics
     await topics.producer.stop()
-
-
-def make_poller(fake: FakeCoinGecko, kafka: BrokerTopics, **overrides: Any) -> Poller:
-    values: dict[str, Any] = {
-        "coingecko_base_url": fake.base_url,
-        "coingecko_calls_per_minute": 1000,
-        "coingecko_api_key": None,
-        "coingecko_plan": None,
-        "coins": ",".join([*FIXTURE_COINS, "no-such-coin"]),
-        "top_n": 100,
-        "ohlc_days": 1,
-        **overrides,
-    }
-    client = CoinGeckoClient(Settings(**values), backoff_base=0.01, max_attempts=2)
-    return Poller(Settings(**values), client, kafka.publish, status=PollStatus())
 
 
 def fixture_rows() -> dict[str, dict[str, Any]]:
