@@ -115,3 +115,21 @@ def embedded_postgres(data_dir: Path) -> Iterator[str]:
         yield server.get_uri("postgres")
     finally:
         server.cleanup()
+
+
+async def create_generated_topics(bootstrap: str) -> None:
+    """Create every generated topic with its generated partitions and configuration, before any
+    client asks for it (a metadata request would auto-create it with the broker's default count).
+    For tests and benchmarks on a fresh broker; the worker declares its topics itself."""
+    from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+
+    from schema.topics import topic_configs
+
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        await admin.create_topics(
+            [NewTopic(c.name, c.partitions, 1, topic_configs=c.config) for c in topic_configs()]
+        )
+    finally:
+        await admin.close()

@@ -28,14 +28,12 @@ import asyncpg
 import httpx
 import psutil
 from aiokafka import AIOKafkaProducer
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from app.embedded import EmbeddedBroker, embedded_postgres, free_port
 from models.codec import encode_record
 from models.dsl import quote_ident
 from models.market import CryptoPriceData
 from schema.migrate import migrate_database
-from schema.topics import topic_configs
 
 PRICES_TOPIC = CryptoPriceData.topic.name
 PRICES_TABLE = quote_ident(CryptoPriceData.table.name)
@@ -76,18 +74,6 @@ def stack() -> Iterator[Stack]:
             embedded_postgres(directory / "postgres") as server_dsn,
         ):
             yield Stack(directory, broker, server_dsn)
-
-
-async def create_topics(bootstrap: str) -> None:
-    """Every generated topic with its generated partition count (6 for crypto-prices)."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
-    await admin.start()
-    try:
-        await admin.create_topics(
-            [NewTopic(c.name, c.partitions, 1, topic_configs=c.config) for c in topic_configs()]
-        )
-    finally:
-        await admin.close()
 
 
 def coin_price(coin: int, cycle: int, when: datetime) -> CryptoPriceData:

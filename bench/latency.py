@@ -25,12 +25,12 @@ from datetime import UTC, datetime
 import asyncpg
 from aiokafka import AIOKafkaProducer
 
+from app.embedded import create_generated_topics
 from bench.common import (
     PRICES_TABLE,
     PRICES_TOPIC,
     Stack,
     coin_price,
-    create_topics,
     describe_machine,
     faust_worker,
     percentile,
@@ -134,7 +134,7 @@ async def send(kafka: AIOKafkaProducer, coin: int, cycle: int) -> None:
 async def main(seconds: float) -> None:
     print(describe_machine())
     with stack() as s:
-        await create_topics(s.bootstrap)
+        await create_generated_topics(s.bootstrap)
         rows = []
         for rate, duration in ((1000, seconds), (10, max(seconds, 30.0))):
             result = await measure(s, rate, duration)

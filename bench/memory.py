@@ -16,10 +16,10 @@ import argparse
 import asyncio
 from datetime import timedelta
 
+from app.embedded import create_generated_topics
 from bench.common import (
     T0,
     coin_price,
-    create_topics,
     describe_machine,
     faust_worker,
     produce,
@@ -35,7 +35,7 @@ CLEANUP_WAIT = 35.0  # Faust's table_cleanup_interval (30 s) plus slack
 async def main(coins: int, phases: int) -> None:
     print(describe_machine())
     with stack() as s:
-        await create_topics(s.bootstrap)
+        await create_generated_topics(s.bootstrap)
         dsn = await s.database()
         worker = faust_worker(s, "app", dsn, "bench-memory")
         rows = []

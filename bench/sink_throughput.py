@@ -24,12 +24,11 @@ import sys
 import time
 from typing import Any
 
-from app.embedded import free_port
+from app.embedded import create_generated_topics, free_port
 from bench.common import (
     Process,
     Run,
     Stack,
-    create_topics,
     describe_machine,
     faust_worker,
     produce,
@@ -73,7 +72,7 @@ async def workers(
 async def main(rows: int, naive_rows: int, only: set[str]) -> None:
     print(describe_machine())
     with stack() as s:
-        await create_topics(s.bootstrap)
+        await create_generated_topics(s.bootstrap)
         records = snapshots(rows)
         seconds = await produce(s.bootstrap, records)
         print(f"pre-filled {rows} records in {seconds:.1f}s")

@@ -20,15 +20,13 @@ import asyncpg
 import httpx
 import pytest
 from aiokafka import AIOKafkaProducer
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from conftest import dsn_for
 
-from app.embedded import EmbeddedBroker, free_port
+from app.embedded import EmbeddedBroker, create_generated_topics, free_port
 from models.codec import encode_record
 from models.dsl import StreamRecord, quote_ident
 from models.market import CryptoMarketAnalytics, CryptoPriceData
 from schema.migrate import migrate_database
-from schema.topics import topic_configs
 from tables.live import range_window, widen
 
 pytestmark = pytest.mark.slow
@@ -189,14 +187,7 @@ async def broker(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Embe
     before the worker's own declaration)."""
     log_path = tmp_path_factory.mktemp("views-broker") / "broker.log"
     with EmbeddedBroker(log_path=log_path) as running:
-        admin = AIOKafkaAdminClient(bootstrap_servers=f"127.0.0.1:{running.port}")
-        await admin.start()
-        try:
-            await admin.create_topics(
-                [NewTopic(c.name, c.partitions, 1, topic_configs=c.config) for c in topic_configs()]
-            )
-        finally:
-            await admin.close()
+        await create_generated_topics(f"127.0.0.1:{running.port}")
         yield running
 
 

@@ -21,10 +21,9 @@ from typing import Any, TypeVar
 import asyncpg
 import httpx
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.coordinator.assignors.roundrobin import RoundRobinPartitionAssignor
 
-from app.embedded import EmbeddedBroker, free_port
+from app.embedded import EmbeddedBroker, create_generated_topics, free_port
 from models import CryptoPriceData, StreamRecord
 from models.codec import encode_record
 from models.dsl import quote_ident
@@ -141,14 +140,7 @@ class Kafka:
 
     async def start(self) -> None:
         # The generated partition counts, before anything is produced (no auto-created topics).
-        admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap)
-        await admin.start()
-        try:
-            await admin.create_topics(
-                [NewTopic(c.name, c.partitions, 1, topic_configs=c.config) for c in topic_configs()]
-            )
-        finally:
-            await admin.close()
+        await create_generated_topics(self.bootstrap)
         await self.producer.start()
         await self.group.start()
 
