@@ -43,6 +43,20 @@ class Parsed(Generic[R]):
     problems: list[str] = field(default_factory=list)
     skipped: int = 0  # rows (or candles) that did not become records
 
+    def keep(self, where: str, build: Callable[[], R]) -> None:
+        """Add the record `build` makes, or count the row as skipped and say why."""
+        try:
+            record = build()
+        except _Bad as bad:
+            problem = str(bad)
+        except ValidationError as error:
+            problem = describe_validation_error(error)
+        else:
+            self.records.append(record)
+            return
+        self.skipped += 1
+        self.problems.append(f"{where}: {problem}; skipped")
+
 
 class _Bad(ValueError):
     """One field (hence its row) cannot be used; the message names the field."""
@@ -152,11 +166,12 @@ def parse_markets(body: object) -> Parsed[CryptoPriceData]:
         if isinstance(row.get("id"), str) and row["id"]:
             where = f"coins/markets coin {row['id']!r}"
         fields = _Fields(row, missing)
-        try:
+
+        def build(row: dict[str, Any] = row, fields: _Fields = fields) -> CryptoPriceData:
             price = _decimal(row.get("current_price"), "current_price")
             if price is None:
                 raise _Bad("current_price is null or missing (no USD price)")
-            record = CryptoPriceData(
+            return CryptoPriceData(
                 coin_id=_text(row.get("id"), "id"),
                 symbol=_text(row.get("symbol"), "symbol"),
                 name=_text(row.get("name"), "name"),
@@ -167,14 +182,8 @@ def parse_markets(body: object) -> Parsed[CryptoPriceData]:
                 change_7d=fields.optional("price_change_percentage_7d_in_currency", _decimal),
                 last_updated=_iso(row.get("last_updated"), "last_updated"),
             )
-        except _Bad as bad:
-            parsed.skipped += 1
-            parsed.problems.append(f"{where}: {bad}; skipped")
-        except ValidationError as error:
-            parsed.skipped += 1
-            parsed.problems.append(f"{where}: {describe_validation_error(error)}; skipped")
-        else:
-            parsed.records.append(record)
+
+        parsed.keep(where, build)
     _drift(parsed, "coins/markets", missing)
     return parsed
 
@@ -188,8 +197,9 @@ def parse_global(body: object) -> Parsed[CryptoMarketAnalytics]:
         return parsed
     missing: Counter[str] = Counter()
     fields = _Fields(data, missing)
-    try:
-        record = CryptoMarketAnalytics(
+
+    def build() -> CryptoMarketAnalytics:
+        return CryptoMarketAnalytics(
             timestamp=_epoch(data.get("updated_at"), "updated_at", "seconds"),
             total_market_cap=fields.nested("total_market_cap", "usd"),
             total_volume=fields.nested("total_volume", "usd"),
@@ -199,14 +209,8 @@ def parse_global(body: object) -> Parsed[CryptoMarketAnalytics]:
             markets=fields.optional("markets", _count),
             market_cap_change_24h=fields.optional("market_cap_change_percentage_24h_usd", _decimal),
         )
-    except _Bad as bad:
-        parsed.skipped += 1
-        parsed.problems.append(f"global: {bad}; skipped")
-    except ValidationError as error:
-        parsed.skipped += 1
-        parsed.problems.append(f"global: {describe_validation_error(error)}; skipped")
-    else:
-        parsed.records.append(record)
+
+    parsed.keep("global", build)
     _drift(parsed, "global", missing)
     return parsed
 
@@ -227,14 +231,15 @@ def parse_ohlc(body: object, coin_id: str, symbol: str, days: int) -> Parsed[Cry
         return parsed
     timeframe = timeframe_for_days(days)
     for index, candle in enumerate(body):
-        try:
+
+        def build(candle: object = candle) -> CryptoOHLCVData:
             if not isinstance(candle, list) or len(candle) != 5:
                 raise _Bad(f"expected [time, open, high, low, close], got {_kind(candle)}")
             moment, *prices = candle
             values = [_decimal(value, name) for value, name in zip(prices, "ohlc", strict=True)]
             if any(value is None for value in values):
                 raise _Bad("a price is null")
-            record = CryptoOHLCVData(
+            return CryptoOHLCVData(
                 coin_id=coin_id,
                 symbol=symbol,
                 timestamp=_epoch(moment, "time", "milliseconds"),
@@ -244,16 +249,8 @@ def parse_ohlc(body: object, coin_id: str, symbol: str, days: int) -> Parsed[Cry
                 close=values[3],
                 timeframe=timeframe,
             )
-        except _Bad as bad:
-            parsed.skipped += 1
-            parsed.problems.append(f"{where} candle {index}: {bad}; skipped")
-        except ValidationError as error:
-            parsed.skipped += 1
-            parsed.problems.append(
-                f"{where} candle {index}: {describe_validation_error(error)}; skipped"
-            )
-        else:
-            parsed.records.append(record)
+
+        parsed.keep(f"{where} candle {index}", build)
     return parsed
 
 
