@@ -6,21 +6,19 @@ standing for partitions another worker (on a host this one cannot reach) consume
 
 from __future__ import annotations
 
-import asyncio
-import subprocess
-import sys
 import uuid
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import asyncpg
 import httpx
 import pytest
 from aiokafka import AIOKafkaProducer
 from conftest import dsn_for
+from workers import Worker, eventually
 
 from app.embedded import EmbeddedBroker, create_generated_topics, free_port
 from models.codec import encode_record
@@ -31,6 +29,7 @@ from tables.live import range_window, widen
 
 pytestmark = pytest.mark.slow
 
+T = TypeVar("T")
 START_TIMEOUT = 90.0  # generous: the suite shares two cores
 SETTLE_TIMEOUT = 60.0
 API_KEY = "views-sekrit-key"
@@ -124,59 +123,29 @@ async def produce(broker: EmbeddedBroker, messages: list[tuple[str, bytes, bytes
         await producer.stop()
 
 
-class Worker:
-    def __init__(self, env: dict[str, str], log_path: Path) -> None:
-        self.log_path = log_path
-        self.url = f"http://127.0.0.1:{env['WEB_PORT']}"
-        with log_path.open("wb") as log:
-            self.popen = subprocess.Popen(
-                [sys.executable, "-m", "faust", "-A", "app", "worker", "-l", "info"],
-                env=env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
+def start_worker(bare_env: dict[str, str], broker: EmbeddedBroker, dsn: str, tmp: Path) -> Worker:
+    """A worker whose environment holds secrets, so the tests can check none of them leaks."""
+    # Trust authentication accepts any password: this one exists only to be hidden.
+    dsn = dsn.replace("postgres:@", f"postgres:{DB_PASSWORD}@")
+    app_id = f"qicore-views-{uuid.uuid4().hex[:8]}"
+    return Worker(bare_env, broker, dsn, app_id, tmp, extra={"COINGECKO_API_KEY": API_KEY})
 
-    @property
-    def output(self) -> str:
-        return self.log_path.read_text(errors="replace")
 
-    async def until(self, client: httpx.AsyncClient, check: Any, what: str) -> Any:
-        """Poll `check(client)` until it returns something truthy; fail with the log if not."""
-        deadline = asyncio.get_running_loop().time() + START_TIMEOUT
-        while True:
-            assert self.popen.poll() is None, f"worker exited before {what}:\n{self.output}"
-            try:
-                result = await check(client)
-            except httpx.TransportError:
-                result = None
-            if result:
-                return result
-            assert asyncio.get_running_loop().time() < deadline, f"no {what}:\n{self.output}"
-            await asyncio.sleep(0.2)
+async def until(
+    worker: Worker,
+    client: httpx.AsyncClient,
+    check: Callable[[httpx.AsyncClient], Awaitable[T]],
+    what: str,
+) -> T:
+    """Poll `check(client)` until it returns something truthy (the server may not listen yet)."""
 
-    def stop(self) -> None:
-        self.popen.terminate()
+    async def attempt() -> T | None:
         try:
-            self.popen.wait(45)
-        except subprocess.TimeoutExpired:
-            self.popen.kill()
-            self.popen.wait()
+            return await check(client) or None
+        except httpx.TransportError:
+            return None
 
-
-def worker_env(bare_env: dict[str, str], broker: EmbeddedBroker, dsn: str, tmp: Path) -> dict:
-    return {
-        **bare_env,
-        "APP_ID": f"qicore-views-{uuid.uuid4().hex[:8]}",
-        "BROKER_URL": broker.url,
-        # Trust authentication accepts any password: this one exists only to be hidden.
-        "DATABASE_URL": dsn.replace("postgres:@", f"postgres:{DB_PASSWORD}@"),
-        "COINGECKO_API_KEY": API_KEY,
-        "COINGECKO_BASE_URL": f"http://127.0.0.1:{free_port()}",  # nothing listens: polls fail
-        "BROKER_SESSION_TIMEOUT": "4",
-        "BROKER_HEARTBEAT_INTERVAL": "1",
-        "WEB_PORT": str(free_port()),
-        "DATA_DIR": str(tmp / "data"),
-    }
+    return await eventually(attempt, worker, what, timeout=START_TIMEOUT)
 
 
 @pytest.fixture(scope="module")
@@ -208,14 +177,14 @@ async def views(
     await insert(dsn, STORED)
 
     tmp = tmp_path_factory.mktemp("views")
-    worker = Worker(worker_env(bare_env, broker, dsn, tmp), tmp / "worker.log")
+    worker = start_worker(bare_env, broker, dsn, tmp)
     try:
         async with httpx.AsyncClient(base_url=worker.url, timeout=10) as client:
 
             async def ready(client: httpx.AsyncClient) -> bool:
                 return (await client.get("/health")).status_code == 200
 
-            await worker.until(client, ready, "a healthy worker")
+            await until(worker, client, ready, "a healthy worker")
             sentinel = price("zz-sentinel", "1", 0)
             await produce(
                 broker,
@@ -234,10 +203,10 @@ async def views(
                 stats = await client.get("/table/latest-analytics/zz-sentinel/")
                 return prices.status_code == 200 and stats.status_code == 200
 
-            await worker.until(client, processed, "the produced records in the tables")
+            await until(worker, client, processed, "the produced records in the tables")
             yield client, dsn, worker
     finally:
-        worker.stop()
+        worker.kill()
         admin = await asyncpg.connect(postgres_server)
         await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         await admin.close()
@@ -373,7 +342,7 @@ async def test_unreachable_database_is_503_and_unhealthy(
     broker: EmbeddedBroker, bare_env: dict[str, str], tmp_path: Path
 ) -> None:
     closed = f"postgresql://postgres@127.0.0.1:{free_port()}/postgres"
-    worker = Worker(worker_env(bare_env, broker, closed, tmp_path), tmp_path / "worker.log")
+    worker = start_worker(bare_env, broker, closed, tmp_path)
     try:
         async with httpx.AsyncClient(base_url=worker.url, timeout=15) as client:
 
@@ -381,7 +350,7 @@ async def test_unreachable_database_is_503_and_unhealthy(
                 response = await client.get("/health")
                 return response if response.status_code != 404 else None
 
-            response = await worker.until(client, health, "the health view")
+            response = await until(worker, client, health, "the health view")
             assert response.status_code == 503
             body = response.json()
             assert body["status"] == "degraded" and body["database"] == {"reachable": False}
@@ -389,7 +358,7 @@ async def test_unreachable_database_is_503_and_unhealthy(
             assert prices.status_code == 503
             assert prices.json() == {"error": "database unavailable"}
     finally:
-        worker.stop()
+        worker.kill()
 
 
 def test_widen_keeps_exact_extremes_as_given() -> None:

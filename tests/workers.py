@@ -62,6 +62,7 @@ class Worker:
         dsn: str,
         app_id: str,
         directory: Path,
+        extra: Mapping[str, str] | None = None,
     ) -> None:
         port = free_port()
         self.log_path = directory / f"worker-{port}.log"
@@ -79,6 +80,7 @@ class Worker:
             "PRICE_POLL_SECONDS": "3600",
             "GLOBAL_POLL_SECONDS": "3600",
             "OHLC_POLL_SECONDS": "3600",
+            **(extra or {}),
         }
         with self.log_path.open("wb") as log:
             self.process = subprocess.Popen(
@@ -92,11 +94,14 @@ class Worker:
     def output(self) -> str:
         return self.log_path.read_text(errors="replace")
 
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.env['WEB_PORT']}"
+
     async def health(self) -> dict[str, Any]:
         """The worker's /health body (served with 503 when degraded, which is still JSON)."""
-        url = f"http://127.0.0.1:{self.env['WEB_PORT']}/health"
         async with httpx.AsyncClient(timeout=10) as client:
-            body: dict[str, Any] = (await client.get(url)).json()
+            body: dict[str, Any] = (await client.get(f"{self.url}/health")).json()
         return body
 
     async def sink_status(self, topic: str) -> dict[str, Any]:
