@@ -153,12 +153,17 @@ def _newest_per_key(
     for event, record in batch:
         by_key.setdefault(getattr(record, key_of), []).append((event, record))
     for key, items in by_key.items():
-        current = stored(type(items[0][1]), table.get(key))
-        best = newest(current, *(record for _, record in items))
-        if best is not None and best is not current:
-            event = next(event for event, record in items if record is best)
-            with _on_behalf_of(event):
-                table[key] = best.model_dump(mode="json")
+        best = newest(*(record for _, record in items))
+        assert best is not None
+        current = table.get(key)
+        # Only the stored time matters here: no need to validate the whole stored record.
+        if current is not None:
+            stored_time = datetime.fromisoformat(current[best.table.time_column])
+            if stored_time >= _time_of(best):  # a tie keeps the stored one, as the sink's key does
+                continue
+        event = next(event for event, record in items if record is best)
+        with _on_behalf_of(event):
+            table[key] = best.model_dump(mode="json")
 
 
 def _ranges(batch: Sequence[tuple[EventT, CryptoPriceData]]) -> None:
