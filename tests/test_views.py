@@ -376,3 +376,27 @@ def test_range_window_is_the_earliest_hopping_window_containing_now(minute: int)
     since, until = range_window(now)
     assert since == datetime(2024, 4, 30, 13, tzinfo=UTC)
     assert until == datetime(2024, 5, 1, 13, tzinfo=UTC)
+
+
+async def test_a_late_older_snapshot_in_a_later_batch_does_not_replace_the_table_value(
+    views: tuple[httpx.AsyncClient, str, Worker], broker: EmbeddedBroker
+) -> None:
+    """The tables compare with what they already hold, not only within one batch. (Last in the
+    module: it adds a snapshot and a coin that the tests above do not expect.)"""
+    client, _, worker = views
+    late = price("bitcoin", "50000", 2.5)  # older than NEWEST_BTC, inside the 24 h range
+    sentinel = price("zz-sentinel-late", "1", 0)
+    await produce(
+        broker,
+        [
+            (late.topic.name, late.key(), encode_record(late)),
+            (sentinel.topic.name, sentinel.key(), encode_record(sentinel)),
+        ],
+    )
+
+    async def processed(client: httpx.AsyncClient) -> bool:
+        return (await client.get("/table/latest-prices/zz-sentinel-late/")).status_code == 200
+
+    await until(worker, client, processed, "the late batch in the tables")
+    held = (await client.get("/table/latest-prices/bitcoin/")).json()
+    assert CryptoPriceData.model_validate(held) == NEWEST_BTC
