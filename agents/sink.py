@@ -9,14 +9,15 @@ a running sink with no new agent code. Why each agent works the way it does:
   handling slips (faust-streaming #606; a message dropped during a rebalance): a batch that does
   not continue the stored offset is not written past the hole, and the partition is sought back.
   Replays below the stored offset (a consumer-group reset) are skipped.
-- `stream.noack_take(size, within=seconds)` hands over batches WITHOUT acknowledging them
-  (`take()` acknowledges in a `finally`, even when the write raised). A batch is acknowledged,
-  in offset order, only after its transaction committed and its dead letters were delivered.
-- `within` also flushes a half-full batch when the stream goes quiet: low latency at low rates.
+- Messages arrive in bulk (app/bulk.py): everything fetched while the previous batch was being
+  written, up to SINK_BATCH_SIZE, without Faust's per-event machinery. A quiet stream's message
+  is written as soon as it is fetched; a busy stream's batches grow by themselves.
+- A batch is acknowledged, in offset order, only after its transaction committed and its dead
+  letters were delivered; Faust commits only acknowledged offsets.
 - A failed batch is retried with capped exponential backoff and jitter, for as long as it takes:
-  moving past it would leave a hole. While the agent waits, Faust's buffers fill and it stops
-  fetching: the worker stops consuming instead of dropping data.
-- SIGTERM: Faust's `App.on_stop` stops fetching, waits until every event handed to a stream is
+  moving past it would leave a hole. While the agent waits, its queue (app/bulk.py) fills and
+  the worker stops fetching: it stops consuming instead of dropping data.
+- SIGTERM: Faust's `App.on_stop` stops fetching, waits until every message handed to a sink is
   acknowledged (`stream_wait_empty`, on by default), then commits the offsets, before it stops any
   agent. So the batch in flight is written, acknowledged and committed before the worker exits,
   and only then is the pool closed (`on_before_shutdown`). The agent additionally only shields
@@ -32,11 +33,10 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from functools import partial
-from typing import Any, TypeVar, cast
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
-import faust
-from faust.types import TP, EventT, StreamT
+from faust.types import TP, Message, StreamT
 
 from app.main import app, settings, topics
 from models import RECORDS, StreamRecord
@@ -51,8 +51,8 @@ BACKOFF_FIRST = 0.2  # seconds before the first retry
 BACKOFF_CAP = 5.0  # a retry every few seconds costs a down database nothing and resumes quickly
 
 T = TypeVar("T")
-# One message of a stored batch: its event and its decoded record (None: dead-lettered).
-Stored = tuple[EventT, StreamRecord | None]
+# One message of a stored batch and its decoded record (None: dead-lettered).
+Stored = tuple[Message, StreamRecord | None]
 
 
 @dataclass
@@ -123,6 +123,7 @@ class Sink:
         self.offsets = SinkOffsets(app.conf.id, self.topic)
         self.dead_letter_topic = topics[record.topic.dead_letter_name]
         self.status = SINK_STATUS.add(record)
+        self.batches = app.batches(self.topic)
         self.stored_next: dict[int, int] = {}  # last known stored offsets (a cache)
         self.floors: dict[int, int] = {}  # earliest offsets the broker still holds, after holes
         # Called with every batch once it is durable, before it is acknowledged: the live
@@ -130,13 +131,11 @@ class Sink:
         self.observers: list[Callable[[Sequence[Stored]], None]] = []
 
     async def consume(self, stream: StreamT[bytes]) -> None:
-        batches = cast(faust.Stream[bytes], stream).noack_take(
-            settings.sink_batch_size, within=settings.sink_batch_seconds
-        )
-        async for batch in batches:
-            # noack_take yields the events themselves (values plus message metadata).
-            events = cast(Sequence[EventT], batch)
-            flush = asyncio.ensure_future(self.flush(stream, events))
+        """The agent. Its stream subscribes the topic, with acknowledgements; the messages
+        themselves arrive on `self.batches` (app/bulk.py), never through the stream."""
+        while True:
+            messages = await self.batches.take(settings.sink_batch_size)
+            flush = asyncio.ensure_future(self.flush(messages))
             try:
                 await asyncio.shield(flush)
             except asyncio.CancelledError:
@@ -144,13 +143,12 @@ class Sink:
                 await flush
                 raise
 
-    async def flush(self, stream: StreamT[bytes], events: Sequence[EventT]) -> None:
+    async def flush(self, messages: Sequence[Message]) -> None:
         """Dead-letter a batch's bad messages, store the rest with their offsets in one
         transaction, seek back over any hole, then acknowledge all of it in order."""
         delivered: list[Delivered[StreamRecord | None]] = []
         batch: list[Stored] = []
-        for event in events:
-            message = event.message
+        for message in messages:
             payload: StreamRecord | None = None
             try:
                 payload = decode_record(self.record, message.value)
@@ -158,11 +156,11 @@ class Sink:
                 # Before the offsets can move past it, the bad message must be in the DLQ.
                 if message.offset >= self.stored_next.get(message.partition, -1):
                     await self._until_done(
-                        "dead-letter", partial(self._dead_letter, event, bad.reason)
+                        "dead-letter", partial(self._dead_letter, message, bad.reason)
                     )
             delivered.append(Delivered(message.partition, message.offset, payload))
-            batch.append((event, payload))
-        self.status.pending_events = len(events)
+            batch.append((message, payload))
+        self.status.pending_events = len(messages)
         continuation, result = await self._until_done("write", partial(self._store, delivered))
         self.status.rows_written += result.inserted
         self.status.duplicates_skipped += result.duplicates
@@ -173,8 +171,7 @@ class Sink:
         self._notify(batch)
         # Acknowledged in offset order, after everything above is durable. Faust's committed
         # offsets are only a starting hint now: the stored offsets decide what is written.
-        for event in events:
-            await stream.ack(event)
+        self.batches.ack(messages)
         self.status.pending_events = 0
 
     def _notify(self, batch: Sequence[Stored]) -> None:
@@ -236,10 +233,9 @@ class Sink:
         except Exception as error:  # no longer assigned (rebalance): the new owner resumes it
             log.info("sink %s: seek of partition %d skipped: %s", self.topic, partition, error)
 
-    async def _dead_letter(self, event: EventT, reason: str) -> None:
+    async def _dead_letter(self, message: Message, reason: str) -> None:
         """Publish the original key, value and headers, plus where it came from and why; wait
         for the broker to confirm, so that acknowledging the original cannot lose it."""
-        message = event.message
         headers = message.headers or ()
         items = list(headers.items() if isinstance(headers, Mapping) else headers)
         items += [
@@ -248,8 +244,7 @@ class Sink:
             ("x-original-partition", str(message.partition).encode()),
             ("x-original-offset", str(message.offset).encode()),
         ]
-        # force=True sends now; otherwise Faust would attach the send to the current event and
-        # only publish it at commit time.
+        # force=True sends now, whatever Faust's current event is.
         delivery = await self.dead_letter_topic.send(
             key=message.key, value=message.value, headers=items, force=True
         )

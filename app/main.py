@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import ssl
 from pathlib import Path
-from typing import Any
 
 import faust
-from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread
 from faust.types.auth import CredentialsT
 
+from app.bulk import App
 from app.settings import SASL_PROTOCOLS, TLS_PROTOCOLS, Settings, load_settings
 from models.market import PARTITIONS
 from schema.topics import topic_configs
@@ -42,25 +41,9 @@ def broker_credentials(settings: Settings) -> CredentialsT | None:
 
 settings = load_settings()
 
-
-def _use_fetch_max_wait(milliseconds: int) -> None:
-    """Faust 0.15.3 hard-codes the worker consumer's `fetch_max_wait_ms` to 1500 ms and has no
-    setting for it; set the aiokafka consumer's value before it starts (BROKER_FETCH_MAX_WAIT_MS).
-    Pinned Faust version: the method wrapped here is `AIOKafkaConsumerThread`'s own."""
-    create = AIOKafkaConsumerThread._create_worker_consumer
-
-    def create_worker_consumer(self: AIOKafkaConsumerThread, transport: Any) -> Any:
-        consumer = create(self, transport)
-        consumer._fetch_max_wait_ms = milliseconds
-        return consumer
-
-    AIOKafkaConsumerThread._create_worker_consumer = create_worker_consumer  # type: ignore[method-assign]
-
-
-_use_fetch_max_wait(settings.broker_fetch_max_wait_ms)
-
-app = faust.App(
+app = App(
     settings.app_id,
+    fetch_max_wait_ms=settings.broker_fetch_max_wait_ms,
     broker=settings.broker_url,
     broker_credentials=broker_credentials(settings),
     store="memory://",
@@ -71,6 +54,8 @@ app = faust.App(
     topic_replication_factor=settings.topic_replication_factor,
     broker_session_timeout=settings.broker_session_timeout,
     broker_heartbeat_interval=settings.broker_heartbeat_interval,
+    # One fetch hands over at most one sink batch: bounds what waits in memory (app/bulk.py).
+    broker_max_poll_records=settings.sink_batch_size,
     web_enabled=settings.web_enabled,
     web_bind=settings.web_bind,
     web_port=settings.web_listen_port,

@@ -56,7 +56,7 @@ class Settings(BaseSettings):
     )
     # How long a fetch may wait for data. Kafka and Redpanda answer as soon as data arrives; a
     # broker that holds the fetch (Tansu) adds up to this to every record's latency.
-    broker_fetch_max_wait_ms: int = Field(100, ge=1, le=10_000)
+    broker_fetch_max_wait_ms: int = Field(50, ge=1, le=10_000)
     # Redpanda Cloud: SASL_SSL with SCRAM-SHA-256. Credentials are checked against the protocol
     # (validate_default), so a password that would be silently ignored stops start-up instead.
     broker_security_protocol: BrokerSecurityProtocol = "PLAINTEXT"
@@ -82,7 +82,6 @@ class Settings(BaseSettings):
     ohlc_days: Literal[1, 7, 14, 30, 90, 180, 365] = 1
 
     sink_batch_size: int = Field(5000, ge=1, le=100_000)
-    sink_batch_seconds: float = Field(0.05, gt=0, le=60, description="max wait to fill a batch")
 
     port: int | None = Field(None, ge=1, le=65535, description="set by Heroku; binds 0.0.0.0")
     web_host: str = "127.0.0.1"

@@ -32,15 +32,16 @@ from __future__ import annotations
 
 import weakref
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any, TypeVar, cast
 
+from faust import Event
 from faust.streams import _current_event
 from faust.tables.wrappers import WindowWrapper
-from faust.types import EventT, TableT
+from faust.types import Message, TableT
 
 from agents.sink import SINKS, Stored
 from app.main import app
@@ -135,9 +136,11 @@ def local_range(coin_id: str, window_start: datetime) -> dict[str, str]:
 
 
 @contextmanager
-def _on_behalf_of(event: EventT) -> Iterator[None]:
-    """Make `event` Faust's current event: a table write goes to the changelog partition of the
-    current event's message (`Collection.partition_for_key`), the co-partitioned one."""
+def _on_behalf_of(message: Message) -> Iterator[None]:
+    """Make `message` Faust's current event: a table write goes to the changelog partition of the
+    current event's message (`Collection.partition_for_key`), the co-partitioned one. The sinks
+    take messages in bulk, without events, so the event is made here, once per write."""
+    event = Event(app, message.key, message.value, message.headers, message)
     token = _current_event.set(weakref.ref(event))
     try:
         yield
@@ -146,50 +149,59 @@ def _on_behalf_of(event: EventT) -> Iterator[None]:
 
 
 def _newest_per_key(
-    table: TableT, key_of: str, batch: Sequence[tuple[EventT, StreamRecord]]
+    table: TableT, key_of: str, batch: Iterable[tuple[Message, StreamRecord]]
 ) -> None:
     """Write each key's newest record of the batch, if it is newer than the table's."""
-    by_key: dict[str, list[tuple[EventT, StreamRecord]]] = {}
-    for event, record in batch:
-        by_key.setdefault(getattr(record, key_of), []).append((event, record))
-    for key, items in by_key.items():
-        best = newest(*(record for _, record in items))
-        assert best is not None
+    newest_of: dict[str, tuple[Message, StreamRecord]] = {}
+    for message, record in batch:
+        key = getattr(record, key_of)
+        best = newest_of.get(key)
+        if best is None or _time_of(record) > _time_of(best[1]):  # a tie keeps the first
+            newest_of[key] = (message, record)
+    for key, (message, record) in newest_of.items():
         current = table.get(key)
         # Only the stored time matters here: no need to validate the whole stored record.
         if current is not None:
-            stored_time = datetime.fromisoformat(current[best.table.time_column])
-            if stored_time >= _time_of(best):  # a tie keeps the stored one, as the sink's key does
+            stored_time = datetime.fromisoformat(current[record.table.time_column])
+            if stored_time >= _time_of(record):  # a tie keeps the stored one, as the sink's does
                 continue
-        event = next(event for event, record in items if record is best)
-        with _on_behalf_of(event):
-            table[key] = best.model_dump(mode="json")
+        with _on_behalf_of(message):
+            table[key] = record.model_dump(mode="json")
 
 
-def _ranges(batch: Sequence[tuple[EventT, CryptoPriceData]]) -> None:
+def _ranges(batch: Iterable[tuple[Message, CryptoPriceData]]) -> None:
     """Merge the batch's high/low per coin and hour into the hourly windows, one write each."""
-    merged: dict[tuple[str, datetime], tuple[EventT, dict[str, str]]] = {}
-    for event, price in batch:
+    merged: dict[tuple[str, datetime], tuple[Message, Decimal, Decimal]] = {}
+    for message, price in batch:
         where = (price.coin_id, _hour(price.last_updated))
-        _, bounds = merged.get(where, (event, {}))
-        merged[where] = (event, widen(bounds, str(price.usd_price)))
-    for (coin_id, hour), (event, bounds) in merged.items():
-        with _on_behalf_of(event):
+        value = price.usd_price
+        seen = merged.get(where)
+        if seen is None:
+            merged[where] = (message, value, value)
+        elif value > seen[1] or value < seen[2]:
+            merged[where] = (seen[0], max(value, seen[1]), min(value, seen[2]))
+    for (coin_id, hour), (message, high, low) in merged.items():
+        with _on_behalf_of(message):
+            bounds = {"high": str(high), "low": str(low)}
             price_ranges.relative_to(hour)[coin_id].apply(merge_bounds, bounds)
 
 
-def _decoded(topic: str, batch: Sequence[Stored]) -> list[tuple[EventT, StreamRecord]]:
-    UNDECODABLE[topic] += sum(1 for _, record in batch if record is None)
-    return [(event, record) for event, record in batch if record is not None]
+def _decoded(topic: str, batch: Sequence[Stored]) -> list[tuple[Message, StreamRecord]]:
+    decoded = [(message, record) for message, record in batch if record is not None]
+    UNDECODABLE[topic] += len(batch) - len(decoded)
+    return decoded
 
 
 def track_prices(batch: Sequence[Stored]) -> None:
     """Latest snapshot and hourly high/low per coin, from a stored batch of the price topic."""
-    prices = [
-        (event, cast(CryptoPriceData, record))
-        for event, record in _decoded(CryptoPriceData.topic.name, batch)
-        if cast(CryptoPriceData, record).exchange_id == AGGREGATE_EXCHANGE
-    ]
+    prices = cast(
+        list[tuple[Message, CryptoPriceData]],
+        [
+            (message, record)
+            for message, record in _decoded(CryptoPriceData.topic.name, batch)
+            if cast(CryptoPriceData, record).exchange_id == AGGREGATE_EXCHANGE
+        ],
+    )
     _newest_per_key(latest_prices, "coin_id", prices)
     _ranges(prices)
 

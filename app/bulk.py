@@ -1,0 +1,240 @@
+"""Bulk delivery: a sink's topic reaches it as lists of fetched messages, not one event at a time.
+
+Why: Faust hands every message to an agent through its per-event machinery — `wait_first` (four
+tasks and an `asyncio.wait`) per message in `Consumer._drain_messages`, the conductor, an `Event`,
+the channel queue, the stream iterator and its sensors — about 150 µs of Python per message, five
+times what decoding and storing it costs (docs/performance.md). A sink wants none of it: it
+decodes and writes whole batches. It does need Faust's bookkeeping, and keeps all of it:
+
+- fetching, read offsets, offset gaps and `commit_every` run in Faust's own `_drain_messages`
+  loop (copied below from the pinned faust-streaming 0.15.3) with one change: a message of a
+  topic registered in `App.bulk` is appended to that topic's list for this fetch, and the lists
+  are put on their `Batches` queues after the fetch instead of one `wait_first` per message;
+- `Batches` is a `FlowControlQueue` managed by `app.flow_control`, like every agent's channel
+  queue: a rebalance or shutdown suspends and clears it. While it holds `QUEUED_FETCHES` fetches
+  the fetch loop waits (until the sink takes them, a rebalance clears them or flow is suspended),
+  so a slow sink stops fetching instead of buffering without bound;
+- `Batches.take()` tracks every message it hands out in the consumer, as Faust's stream does when
+  it takes an event (so `stream_wait_empty` on rebalance and shutdown waits for the batch in
+  flight), and drops messages fetched under an earlier consumer generation or while flow is
+  suspended, as the stream does; `Batches.ack()` acknowledges them, and Faust commits only
+  acknowledged offsets.
+
+Everything else is Faust's: topics stay subscribed through their agents (with acks enabled), and
+topics not registered here flow through the conductor to agents and tables as usual.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Sequence
+from typing import Any, cast
+
+import faust
+from faust.transport import consumer as faust_consumer
+from faust.transport.drivers import aiokafka as faust_aiokafka
+from faust.types import AppT, Message
+from mode import Service, ServiceT
+from mode.utils.queues import FlowControlQueue
+
+# Fetches a topic's queue holds before the fetch loop waits for its sink. A fetch holds at most
+# `broker_max_poll_records` messages (app/main.py sets it to SINK_BATCH_SIZE).
+QUEUED_FETCHES = 2
+
+
+class Batches(FlowControlQueue[list[Message]]):
+    """One topic's fetched messages, queued for its sink in fetch order."""
+
+    def __init__(self, app: AppT, topic: str) -> None:
+        # Unbounded as a queue: the fetch loop never blocks inside put() (clear() would not wake
+        # it); `has_room` is the bound.
+        super().__init__(flow_control=app.flow_control, clear_on_resume=True)
+        self.app = app
+        self.topic = topic
+        self.carry: list[Message] = []  # fetched messages beyond the previous take's limit
+        self.has_room = asyncio.Event()
+        self.has_room.set()
+
+    def clear(self) -> None:
+        """Flow control clears the queue on rebalance and shutdown: the carry goes with it
+        (those messages were never tracked; they are fetched again from the committed offset)."""
+        super().clear()
+        self.carry = []
+        self.has_room.set()
+
+    async def take(self, limit: int) -> list[Message]:
+        """Everything fetched so far, up to `limit` messages; waits only while nothing is queued.
+
+        A quiet stream gets each message as soon as it is fetched; a busy one gets bigger
+        batches, because the queue fills while the previous batch is being written.
+        """
+        while True:
+            messages = list(self.carry or await self.get())
+            while len(messages) < limit and not self.empty():
+                messages.extend(self.get_nowait())
+            messages, self.carry = messages[:limit], messages[limit:]
+            if self.qsize() < QUEUED_FETCHES:
+                self.has_room.set()
+            current = self._current(messages)
+            if current:
+                return current
+
+    def _current(self, messages: list[Message]) -> list[Message]:
+        """Track the messages of the current generation; drop those fetched before a rebalance
+        or a suspension (as Faust's stream does): they are fetched again, and never acknowledged.
+        """
+        app = self.app
+        if not app.flow_control.is_active():
+            return []
+        generation = app.consumer_generation_id
+        track = app.consumer.track_message
+        current = []
+        for message in messages:
+            if message.generation_id == generation:
+                track(message)
+                current.append(message)
+        return current
+
+    def ack(self, messages: Sequence[Message]) -> None:
+        """Acknowledge taken messages, in the order given: Faust may now commit past them."""
+        consumer = self.app.consumer
+        message_out = self.app.sensors.on_message_out
+        for message in messages:
+            if consumer.ack(message):
+                message_out(message.tp, message.offset, message)
+
+    async def put_fetched(self, messages: list[Message], consumer: Consumer) -> None:
+        """Queue one fetch's messages; then, while the queue is full, wait for room (the sink
+        takes, or a rebalance clears) unless the consumer's flow is suspended."""
+        self.put_nowait(messages)
+        if self.qsize() >= QUEUED_FETCHES:
+            self.has_room.clear()
+            await consumer.wait_first(self.has_room.wait(), consumer.suspend_flow.wait())
+
+
+class ConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
+    """Faust's consumer thread, with the worker consumer's fetch wait from the settings."""
+
+    fetch_max_wait_ms = 1500  # Faust's hard-coded value; Consumer sets BROKER_FETCH_MAX_WAIT_MS
+
+    def _create_worker_consumer(self, transport: Any) -> Any:
+        """Faust 0.15.3 hard-codes `fetch_max_wait_ms` to 1500 ms and has no setting for it: a
+        broker that holds a fetch that long adds it to the latency of every quiet stream."""
+        consumer = super()._create_worker_consumer(transport)
+        consumer._fetch_max_wait_ms = self.fetch_max_wait_ms
+        return consumer
+
+
+class Consumer(faust_aiokafka.Consumer):
+    """Faust's aiokafka consumer; messages of `App.bulk` topics are delivered in lists."""
+
+    def _new_consumer_thread(self) -> ConsumerThread:
+        thread = ConsumerThread(self, loop=self.loop, beacon=self.beacon)
+        thread.fetch_max_wait_ms = cast(App, self.app).fetch_max_wait_ms
+        return thread
+
+    async def _drain_messages(self, fetcher: ServiceT) -> None:
+        """Faust 0.15.3's loop, unchanged except where it says "bulk"."""
+        callback = self.callback
+        getmany = self.getmany
+        consumer_should_stop = cast(Service, self)._stopped.is_set
+        fetcher_should_stop = cast(Service, fetcher)._stopped.is_set
+
+        get_read_offset = self._read_offset.__getitem__
+        set_read_offset = self._read_offset.__setitem__
+        flag_consumer_fetching = faust_consumer.CONSUMER_FETCHING
+        set_flag = self.diag.set_flag
+        unset_flag = self.diag.unset_flag
+        commit_every = self._commit_every
+        acks_enabled_for = self.app.topics.acks_enabled_for
+        bulk = cast(App, self.app).bulk
+
+        yield_every = 100
+        num_since_yield = 0
+        sleep = asyncio.sleep
+
+        try:
+            while not (consumer_should_stop() or fetcher_should_stop()):
+                set_flag(flag_consumer_fetching)
+                ait = cast(AsyncIterator, getmany(timeout=1.0))
+
+                # Sleeping because sometimes getmany is called in a loop
+                # never releasing to the event loop
+                await self.sleep(0)
+                if not self.should_stop:
+                    fetched: dict[str, list[Message]] = {}  # bulk: this fetch, per topic
+                    async for tp, message in ait:
+                        num_since_yield += 1
+                        if num_since_yield > yield_every:
+                            await sleep(0)
+                            num_since_yield = 0
+
+                        offset = message.offset
+                        r_offset = get_read_offset(tp)
+                        if r_offset is None or offset >= r_offset:
+                            gap = offset - (r_offset or 0)
+                            # We have a gap in income messages
+                            if gap > 1 and r_offset:
+                                acks_enabled = acks_enabled_for(message.topic)
+                                if acks_enabled:
+                                    await self._add_gap(tp, r_offset + 1, offset)
+                            if commit_every is not None:
+                                if self._n_acked >= commit_every:
+                                    self._n_acked = 0
+                                    await self.commit()
+                            if tp.topic in bulk:  # bulk: collect instead of delivering
+                                fetched.setdefault(tp.topic, []).append(message)
+                            else:
+                                await self.wait_first(callback(message), self.suspend_flow.wait())
+                            set_read_offset(tp, offset)
+                        else:
+                            self.log.dev(
+                                "DROPPED MESSAGE ROFF %r: k=%r v=%r",
+                                offset,
+                                message.key,
+                                message.value,
+                            )
+                    for topic, messages in fetched.items():  # bulk: one put per topic and fetch
+                        await bulk[topic].put_fetched(messages, self)
+                    unset_flag(flag_consumer_fetching)
+
+        except self.consumer_stopped_errors:
+            if self.transport.app.should_stop:
+                # we're already stopping so ignore
+                self.log.info("Broker stopped consumer, shutting down...")
+                return
+            raise
+        except asyncio.CancelledError:
+            if self.transport.app.should_stop:
+                # we're already stopping so ignore
+                self.log.info("Consumer shutting down for user cancel.")
+                return
+            raise
+        except Exception as exc:
+            self.log.exception("Drain messages raised: %r", exc)
+            raise
+        finally:
+            unset_flag(flag_consumer_fetching)
+
+
+class Transport(faust_aiokafka.Transport):
+    """Faust's aiokafka transport with the bulk-delivering consumer."""
+
+    Consumer = Consumer
+
+
+class App(faust.App):
+    """A Faust app whose sinks can take their topics in bulk (`App.bulk`)."""
+
+    def __init__(self, *args: Any, fetch_max_wait_ms: int = 1500, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.fetch_max_wait_ms = fetch_max_wait_ms
+        self.bulk: dict[str, Batches] = {}
+
+    def batches(self, topic: str) -> Batches:
+        """The queue `topic` is delivered on from now on, instead of to its agent's stream."""
+        batches = self.bulk[topic] = Batches(self, topic)
+        return batches
+
+    def _new_transport(self) -> Transport:
+        return Transport(self.conf.broker_consumer, self)

@@ -1,0 +1,204 @@
+"""Bulk delivery (app/bulk.py): the queue between Faust's fetch loop and a sink.
+
+The queue is exercised on a real (not started) Faust app and consumer with Faust's own message
+type; what a worker does with it end to end (exact rows, crashes, rebalances) is in test_sink.py
+and test_reliability.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import cast
+
+import asyncpg
+import pytest
+from faust.types import TP, ConsumerMessage
+from workers import Kafka, Worker, prices
+
+from app.bulk import App, Batches, Consumer
+from app.embedded import EmbeddedBroker
+from models import CryptoPriceData
+
+TOPIC = CryptoPriceData.topic.name
+
+Make = Callable[..., list[ConsumerMessage]]
+
+
+@pytest.fixture
+async def app() -> App:
+    """An app as a worker has it once partitions are assigned: the topic subscribed with
+    acknowledgements (a sink's agent does that), flow control resumed."""
+    app = App(f"test-bulk-{uuid.uuid4().hex[:8]}", broker="kafka://127.0.0.1:1")
+    app.topics.add(app.topic(TOPIC))
+    await app.topics._update_indices()  # what the conductor does when it subscribes
+    app.flow_control.resume()
+    return app
+
+
+@pytest.fixture
+def batches(app: App) -> Batches:
+    return app.batches(TOPIC)
+
+
+@pytest.fixture
+def messages(app: App) -> Make:
+    """Messages as the fetch loop makes them: of the current consumer generation by default."""
+    next_offset = {"offset": 0}
+
+    def make(count: int, generation: int | None = None) -> list[ConsumerMessage]:
+        made = []
+        for _ in range(count):
+            offset = next_offset["offset"]
+            next_offset["offset"] += 1
+            made.append(
+                ConsumerMessage(
+                    TOPIC,
+                    0,
+                    offset,
+                    0.0,
+                    0,
+                    [],
+                    b"key",
+                    b"value",
+                    None,
+                    tp=TP(TOPIC, 0),
+                    generation_id=app.consumer_generation_id if generation is None else generation,
+                )
+            )
+        return made
+
+    return make
+
+
+async def test_take_returns_everything_queued_up_to_the_limit_in_fetch_order(
+    batches: Batches, messages: Make
+) -> None:
+    first, second, third = messages(5), messages(5), messages(2)
+    for fetched in (first, second, third):
+        batches.put_nowait(fetched)
+
+    assert await batches.take(7) == first + second[:2]
+    # The rest of a fetch beyond the limit is not lost: it leads the next batch.
+    assert await batches.take(7) == second[2:] + third
+    assert batches.empty() and not batches.carry
+
+
+async def test_taken_messages_are_pending_in_the_consumer_until_acknowledged(
+    app: App, batches: Batches, messages: Make
+) -> None:
+    fetched = messages(4)
+    batches.put_nowait(fetched)
+    taken = await batches.take(10)
+    # Tracked: Faust's stream_wait_empty (rebalance, shutdown) waits for exactly these.
+    assert set(app.consumer.unacked) == set(taken)
+
+    batches.ack(taken[:3])
+    assert set(app.consumer.unacked) == {taken[3]}
+    assert [message.acked for message in taken] == [True, True, True, False]
+    batches.ack(taken[3:])
+    assert not app.consumer.unacked
+
+
+async def test_messages_of_an_earlier_consumer_generation_are_dropped_untracked(
+    app: App, batches: Batches, messages: Make
+) -> None:
+    app.consumer_generation_id = 3
+    stale = messages(3, generation=2)
+    current = messages(2)
+    batches.put_nowait(stale + current[:1])
+    batches.put_nowait(current[1:])
+
+    assert await batches.take(10) == current
+    assert set(app.consumer.unacked) == set(current)
+    assert not any(message.acked for message in stale)
+
+
+async def test_a_rebalance_clears_queued_and_carried_messages(
+    app: App, batches: Batches, messages: Make
+) -> None:
+    before = messages(10)
+    batches.put_nowait(before)
+    assert await batches.take(3) == before[:3]  # seven are carried over
+    batches.put_nowait(messages(2))
+
+    # What Faust does on partitions revoked: suspend and clear every flow-controlled queue.
+    app.flow_control.suspend()
+    app.flow_control.clear()
+    app.flow_control.resume()
+
+    after = messages(2)
+    batches.put_nowait(after)
+    assert await batches.take(10) == after
+
+
+async def test_messages_taken_while_flow_is_suspended_are_dropped(
+    app: App, batches: Batches, messages: Make
+) -> None:
+    during = messages(3)
+    app.flow_control.suspend()
+    batches.put_nowait(during)
+    waiting = asyncio.ensure_future(batches.take(10))
+    await asyncio.sleep(0.05)
+    assert not waiting.done()  # it took the suspended fetch, dropped it and waits for more
+    assert not app.consumer.unacked
+
+    app.flow_control.resume()
+    after = messages(1)
+    batches.put_nowait(after)
+    assert await asyncio.wait_for(waiting, 10) == after
+
+
+async def test_a_fetch_waiting_for_room_is_released_by_the_sink_or_by_a_rebalance(
+    app: App, batches: Batches, messages: Make
+) -> None:
+    """The fetch loop waits while the queue is full; a rebalance that clears the queue must
+    release it too, or the worker would stop fetching for good."""
+    consumer = cast(Consumer, app.consumer)
+    batches.put_nowait(messages(1))
+    waiting = asyncio.ensure_future(batches.put_fetched(messages(1), consumer))
+    await asyncio.sleep(0.05)
+    assert not waiting.done()
+    await batches.take(1)  # the sink takes one fetch
+    await asyncio.wait_for(waiting, 10)
+
+    waiting = asyncio.ensure_future(batches.put_fetched(messages(1), consumer))
+    await asyncio.sleep(0.05)
+    assert not waiting.done()
+    app.flow_control.suspend()
+    app.flow_control.clear()
+    await asyncio.wait_for(waiting, 10)
+    assert batches.empty()
+
+
+@pytest.mark.slow
+async def test_a_backlog_is_written_in_batches_of_at_most_sink_batch_size(
+    kafka: Kafka,
+    own_broker: EmbeddedBroker,
+    app_id: str,
+    bare_env: dict[str, str],
+    migrated: str,
+    tmp_path: Path,
+) -> None:
+    """Rows written in one transaction share its `xmin`: that is the batch."""
+    records = prices("coin", 300)
+    sent = await kafka.send_records(records)  # a backlog before the worker starts
+    worker = Worker(bare_env, own_broker, migrated, app_id, tmp_path, {"SINK_BATCH_SIZE": "7"})
+    try:
+        await kafka.wait_committed(sent, worker)
+        connection = await asyncpg.connect(migrated)
+        try:
+            sizes = [
+                row["rows"]
+                for row in await connection.fetch(
+                    "SELECT xmin::text, count(*) AS rows FROM crypto_prices GROUP BY 1"
+                )
+            ]
+        finally:
+            await connection.close()
+    finally:
+        worker.kill()
+    assert sum(sizes) == len(records)
+    assert max(sizes) == 7  # the limit holds, and a backlog fills batches up to it
