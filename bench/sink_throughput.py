@@ -87,7 +87,10 @@ async def main(rows: int, naive_rows: int, only: set[str]) -> None:
             results["worker"], _ = await workers(s, "app", rows)
         if "two-workers" in only:
             results["two-workers"], statuses = await workers(s, "app", rows, count=2)
-            notes["two-workers"] = " + ".join(f"{st['rows_written']:,}" for st in statuses)
+            notes["two-workers"] = " + ".join(
+                f"{st['rows_written']:,} (partitions {','.join(map(str, st['partitions']))})"
+                for st in statuses
+            )
         print_results(results, notes)
 
 
@@ -115,7 +118,7 @@ def print_results(results: dict[str, Run], notes: dict[str, str]) -> None:
                 "of (a) bare",
                 "x (b) naive",
                 "peak RSS MiB",
-                "rows per worker",
+                "rows (partitions) per worker",
             ),
             lines,
         )

@@ -220,6 +220,15 @@ async def _broker_status() -> dict[str, Any]:
     }
 
 
+def _sink_status() -> dict[str, dict[str, Any]]:
+    """Every sink's counters, with the partitions of its topic this worker holds right now."""
+    assignment = app.consumer.assignment()
+    statuses = SINK_STATUS.as_json()
+    for topic, status in statuses.items():
+        status["partitions"] = sorted(tp.partition for tp in assignment if tp.topic == topic)
+    return statuses
+
+
 @app.page("/health")
 class Health(View):
     """GET /health: broker, database, poller and sink state; 503 when broker or database is down."""
@@ -238,7 +247,7 @@ class Health(View):
             "broker": broker,
             "database": {"reachable": reachable},
             "poller": POLL_STATUS.as_json(),
-            "sink": SINK_STATUS.as_json(),
+            "sink": _sink_status(),
             "tables": {"undecodable": dict(live.UNDECODABLE)},
         }
         return self.json(body, status=200 if healthy else 503)

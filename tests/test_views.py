@@ -21,6 +21,7 @@ from conftest import dsn_for
 from workers import Worker, eventually
 
 from app.embedded import EmbeddedBroker, create_generated_topics, free_port
+from models import RECORDS
 from models.codec import encode_record
 from models.dsl import StreamRecord, quote_ident
 from models.market import CryptoMarketAnalytics, CryptoPriceData
@@ -330,7 +331,11 @@ async def test_health_reports_broker_database_poller_sink_and_no_secret(views):
     assert body["broker"]["connected"] is True
     assert body["broker"]["assigned_partitions"] > 0
     assert body["database"] == {"reachable": True}
-    assert isinstance(body["poller"], dict) and isinstance(body["sink"], dict)
+    assert isinstance(body["poller"], dict)
+    # The only worker of its group holds every partition of every record topic.
+    assert {topic: status["partitions"] for topic, status in body["sink"].items()} == {
+        record.topic.name: list(range(record.topic.partitions)) for record in RECORDS
+    }
     assert body["tables"]["undecodable"]["crypto-prices"] >= 1
     for path in ("/health", "/prices", "/prices/bitcoin", "/analytics"):
         text = (await client.get(path)).text
