@@ -10,8 +10,9 @@ and quoted. Decimals stay `Decimal` (asyncpg's numeric codec is exact).
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
+from operator import attrgetter, itemgetter
 from typing import Any
 
 import asyncpg
@@ -41,7 +42,12 @@ class RecordWriter:
         self.record = record
         spec = record.table
         self.columns = tuple(shape.name for shape in record.shapes())
-        self._key_positions = tuple(self.columns.index(column) for column in spec.primary_key)
+        # C-level getters: building rows is per record, the hottest loop of a write.
+        read_columns = attrgetter(*self.columns)
+        self._row_of: Callable[[StreamRecord], tuple[Any, ...]] = (
+            read_columns if len(self.columns) > 1 else lambda record: (read_columns(record),)
+        )
+        self._key_of = itemgetter(*(self.columns.index(column) for column in spec.primary_key))
         # A session-level temp table, created once per connection and emptied at every commit:
         # unlike `ON COMMIT DROP` it does not create and drop catalog rows for every batch.
         # Creating it (IF NOT EXISTS) inside each batch's transaction keeps that working behind a
@@ -68,9 +74,10 @@ class RecordWriter:
         """
         seen: set[Hashable] = set()
         rows: list[tuple[Any, ...]] = []
+        row_of, key_of = self._row_of, self._key_of
         for record in records:
-            row = tuple(getattr(record, column) for column in self.columns)
-            key = tuple(row[position] for position in self._key_positions)
+            row = row_of(record)
+            key = key_of(row)
             if key not in seen:
                 seen.add(key)
                 rows.append(row)
