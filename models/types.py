@@ -40,6 +40,13 @@ class ExactDecimal:
             raise ValueError("must be a finite number (NaN and infinities are not prices)")
         if self.non_negative and value < 0:
             raise ValueError("must not be negative")
+        # Fast path, run for every decimal of every message: at most 38 digits after the point
+        # as written and fewer than 39 before it also fit once normalized (normalizing only
+        # drops trailing zeros). Anything else is decided exactly below.
+        exponent = value.as_tuple().exponent
+        assert isinstance(exponent, int)  # finite values have an int exponent
+        if exponent >= -DECIMAL_SCALE and value.adjusted() < DECIMAL_PRECISION - DECIMAL_SCALE:
+            return value
         try:
             normal = value.normalize(_EXACT)
         except ArithmeticError:  # an exponent beyond any context, e.g. 1E+999999999
