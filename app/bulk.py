@@ -27,15 +27,19 @@ topics not registered here flow through the conductor to agents and tables as us
 from __future__ import annotations
 
 import asyncio
+import itertools
+import logging
 from collections.abc import AsyncIterator, Sequence
 from typing import Any, cast
 
 import faust
 from faust.transport import consumer as faust_consumer
 from faust.transport.drivers import aiokafka as faust_aiokafka
-from faust.types import AppT, Message
+from faust.types import TP, AppT, Message
 from mode import Service, ServiceT
 from mode.utils.queues import FlowControlQueue
+
+log = logging.getLogger(__name__)
 
 # Fetches a topic's queue holds before the fetch loop waits for its sink. A fetch holds at most
 # `broker_max_poll_records` messages (app/main.py sets it to SINK_BATCH_SIZE).
@@ -54,13 +58,33 @@ class Batches(FlowControlQueue[list[Message]]):
         self.carry: list[Message] = []  # fetched messages beyond the previous take's limit
         self.has_room = asyncio.Event()
         self.has_room.set()
+        self.seeking: set[asyncio.Future[None]] = set()
 
     def clear(self) -> None:
-        """Flow control clears the queue on rebalance and shutdown: the carry goes with it
-        (those messages were never tracked; they are fetched again from the committed offset)."""
+        """Flow control clears the queue on rebalance, at the end of table recovery and at
+        shutdown; the carry goes with it. None of these messages was tracked or acknowledged.
+
+        The fetch loop already counted them as read and the fetcher's position is past them, and
+        the end of recovery clears *after* Faust's seek to the committed offsets: each partition
+        is sought back to its first dropped message, or that message would only be fetched again
+        once a later one arrives (the sink's hole check) or after a restart.
+        """
+        first: dict[TP, int] = {}
+        for message in itertools.chain(self.carry, *self._queue):  # type: ignore[attr-defined]
+            first[message.tp] = min(first.get(message.tp, message.offset), message.offset)
         super().clear()
         self.carry = []
         self.has_room.set()
+        for tp, offset in first.items():
+            seek = asyncio.ensure_future(self._seek_back(tp, offset))
+            self.seeking.add(seek)  # a reference until it is done
+            seek.add_done_callback(self.seeking.discard)
+
+    async def _seek_back(self, tp: TP, offset: int) -> None:
+        try:
+            await self.app.consumer.seek(tp, offset)
+        except Exception as error:  # no longer assigned: its new owner starts from the commit
+            log.info("%s: seek of %s back to %d skipped: %s", self.topic, tp, offset, error)
 
     async def take(self, limit: int) -> list[Message]:
         """Everything fetched so far, up to `limit` messages; waits only while nothing is queued.
@@ -85,6 +109,7 @@ class Batches(FlowControlQueue[list[Message]]):
         """
         app = self.app
         if not app.flow_control.is_active():
+            log.info("%s: %d fetched messages dropped: flow suspended", self.topic, len(messages))
             return []
         generation = app.consumer_generation_id
         track = app.consumer.track_message
@@ -93,6 +118,13 @@ class Batches(FlowControlQueue[list[Message]]):
             if message.generation_id == generation:
                 track(message)
                 current.append(message)
+        if len(current) < len(messages):
+            log.info(
+                "%s: %d fetched messages dropped: fetched before rebalance %s",
+                self.topic,
+                len(messages) - len(current),
+                generation,
+            )
         return current
 
     def ack(self, messages: Sequence[Message]) -> None:

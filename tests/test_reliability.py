@@ -61,6 +61,9 @@ VENUE = "binance"
 PRICES = CryptoPriceData.topic.name
 PARTITIONS = set(range(CryptoPriceData.topic.partitions))
 BOTH_WRITING = 100  # rows each of two workers has written before one is killed
+# Producing a scenario's records takes this long: longer than reaching the last fault (a kill
+# or SIGTERM at most 70 % in, plus worker restarts), so records are still arriving then.
+PACED_SECONDS = 30.0
 DRAIN_TIMEOUT = 180.0  # tens of thousands of rows through a worker on a shared, busy machine
 Report = dict[str, dict[str, Any]]
 
@@ -173,17 +176,21 @@ async def test_sigkill_mid_batch_three_times_loses_and_duplicates_nothing(
     # Three kills at random points while rows are flowing: each at a row count somewhere in
     # the next fifth of the data.
     marks = [int(N * (0.1 + 0.2 * k + chance.uniform(0, 0.2))) for k in range(3)]
-    sent = await kafka.send_records(records)
+    # Records keep arriving while the workers die: a pre-filled topic is drained in a few
+    # full-size batches, too fast to be sure that the last kill lands before the end.
+    sent: list[Sent] = []
+    producing = asyncio.ensure_future(kafka.send_paced(records, seconds=PACED_SECONDS, sent=sent))
     started = time.monotonic()
     worker = workers(migrated)
     kills = []
     for mark in marks:
         await wait_rows(migrated, worker, mark)
         worker.kill()
-        kills.append(await audit(kafka, migrated, sent))
+        kills.append(await audit(kafka, migrated, list(sent)))  # what was sent so far
         worker = workers(migrated)
     last = kills[-1]
     assert len(last.rows) < N, "the kills came too late to test anything"
+    await producing
 
     status = await finish(migrated, worker, kafka.group_id, sent)
     assert_exactly(await stored(migrated, CryptoPriceData), records)
@@ -274,7 +281,7 @@ async def test_sigterm_exits_zero_commits_only_stored_rows_and_restart_completes
     records: list[CryptoPriceData],
     report: Report,
 ) -> None:
-    sent = await kafka.send_records(records)
+    producing = asyncio.ensure_future(kafka.send_paced(records, seconds=PACED_SECONDS))
     worker = workers(migrated)
     await wait_rows(migrated, worker, N // 3)
     stopping = time.monotonic()
@@ -285,6 +292,7 @@ async def test_sigterm_exits_zero_commits_only_stored_rows_and_restart_completes
         status_code = None  # the known shutdown hang (docs/reliability.md); checked last
         worker.kill()
     stop_seconds = time.monotonic() - stopping
+    sent = await producing  # the rest arrives while no worker runs
     at_exit = await audit(kafka, migrated, sent)
     assert len(at_exit.rows) < N, "SIGTERM came too late to test anything"
     # The stored offsets are exactly the rows (checked by `audit`). The broker's committed

@@ -171,12 +171,17 @@ class Kafka:
         return await self.send([(r.topic.name, r.key(), encode_record(r), r) for r in records])
 
     async def send_paced(
-        self, records: Sequence[StreamRecord], seconds: float, chunks: int = 40
+        self,
+        records: Sequence[StreamRecord],
+        seconds: float,
+        chunks: int = 40,
+        sent: list[Sent] | None = None,
     ) -> list[Sent]:
         """Produce in `chunks` equal parts spread over about `seconds`: records keep arriving
-        while a fault is injected, as they do in production."""
+        while a fault is injected, as they do in production. Each confirmed chunk is added to
+        `sent` as it goes, so a test can check what was sent so far."""
         size = -(-len(records) // chunks)
-        sent: list[Sent] = []
+        sent = [] if sent is None else sent
         for start in range(0, len(records), size):
             sent += await self.send_records(records[start : start + size])
             await asyncio.sleep(seconds / chunks)
