@@ -145,15 +145,13 @@ class Batches(FlowControlQueue[list[Message]]):
 
 
 class ConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
-    """Faust's consumer thread, with the worker consumer's fetch wait from the settings."""
-
-    fetch_max_wait_ms = 1500  # Faust's hard-coded value; Consumer sets BROKER_FETCH_MAX_WAIT_MS
+    """Faust's consumer thread, with the worker consumer's fetch wait from `App`."""
 
     def _create_worker_consumer(self, transport: Any) -> Any:
         """Faust 0.15.3 hard-codes `fetch_max_wait_ms` to 1500 ms and has no setting for it: a
         broker that holds a fetch that long adds it to the latency of every quiet stream."""
         consumer = super()._create_worker_consumer(transport)
-        consumer._fetch_max_wait_ms = self.fetch_max_wait_ms
+        consumer._fetch_max_wait_ms = cast(App, self.app).fetch_max_wait_ms
         return consumer
 
 
@@ -161,9 +159,7 @@ class Consumer(faust_aiokafka.Consumer):
     """Faust's aiokafka consumer; messages of `App.bulk` topics are delivered in lists."""
 
     def _new_consumer_thread(self) -> ConsumerThread:
-        thread = ConsumerThread(self, loop=self.loop, beacon=self.beacon)
-        thread.fetch_max_wait_ms = cast(App, self.app).fetch_max_wait_ms
-        return thread
+        return ConsumerThread(self, loop=self.loop, beacon=self.beacon)
 
     async def _drain_messages(self, fetcher: ServiceT) -> None:
         """Faust 0.15.3's loop, unchanged except where it says "bulk"."""
@@ -259,6 +255,7 @@ class App(faust.App):
     """A Faust app whose sinks can take their topics in bulk (`App.bulk`)."""
 
     def __init__(self, *args: Any, fetch_max_wait_ms: int = 1500, **kwargs: Any) -> None:
+        """`fetch_max_wait_ms`: the worker consumer's fetch wait (Faust's own value: 1500)."""
         super().__init__(*args, **kwargs)
         self.fetch_max_wait_ms = fetch_max_wait_ms
         self.bulk: dict[str, Batches] = {}

@@ -8,6 +8,7 @@ and test_reliability.py.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -46,13 +47,11 @@ def batches(app: App) -> Batches:
 @pytest.fixture
 def messages(app: App) -> Make:
     """Messages as the fetch loop makes them: of the current consumer generation by default."""
-    next_offset = {"offset": 0}
+    offsets = itertools.count()
 
     def make(count: int, generation: int | None = None) -> list[ConsumerMessage]:
         made = []
-        for _ in range(count):
-            offset = next_offset["offset"]
-            next_offset["offset"] += 1
+        for offset in itertools.islice(offsets, count):
             made.append(
                 ConsumerMessage(
                     TOPIC,
