@@ -10,7 +10,7 @@ from __future__ import annotations
 import types
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from decimal import MAX_PREC, Context, Decimal
+from decimal import MAX_PREC, Context, Decimal, Inexact, InvalidOperation
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 from annotated_types import Ge, MaxLen, MinLen
@@ -25,8 +25,13 @@ DECIMAL_PATTERN = r"^-?(\d+(\.\d*)?|\.\d+)([eE][-+]?\d+)?$"
 MAX_TEXT_LENGTH = 256
 TEXT_PATTERN = r"^[^\x00-\x1f\x7f]*$"
 BIGINT_MAX = 2**63 - 1  # PostgreSQL bigint and Avro long
+# Fitting DECIMAL(76, 38) exactly is quantizing to 38 places in a 76-digit context without
+# rounding (Inexact) or overflowing the precision (InvalidOperation). The Avro encoder quantizes
+# with the same two.
+DECIMAL_QUANTUM = Decimal(1).scaleb(-DECIMAL_SCALE)
+DECIMAL_CONTEXT = Context(prec=DECIMAL_PRECISION, traps=[InvalidOperation, Inexact])
 # normalize() rounds to its context's precision (28 digits by default): count digits exactly.
-_EXACT = Context(prec=MAX_PREC)
+_UNLIMITED = Context(prec=MAX_PREC)
 
 
 @dataclass(frozen=True)
@@ -40,29 +45,26 @@ class ExactDecimal:
             raise ValueError("must be a finite number (NaN and infinities are not prices)")
         if self.non_negative and value < 0:
             raise ValueError("must not be negative")
-        # Fast path, run for every decimal of every message: at most 38 digits after the point
-        # as written and fewer than 39 before it also fit once normalized (normalizing only
-        # drops trailing zeros). Anything else is decided exactly below.
-        exponent = value.as_tuple().exponent
-        assert isinstance(exponent, int)  # finite values have an int exponent
-        if exponent >= -DECIMAL_SCALE and value.adjusted() < DECIMAL_PRECISION - DECIMAL_SCALE:
-            return value
         try:
-            normal = value.normalize(_EXACT)
-        except ArithmeticError:  # an exponent beyond any context, e.g. 1E+999999999
-            raise ValueError(
-                f"does not fit DECIMAL({DECIMAL_PRECISION}, {DECIMAL_SCALE}) exactly"
-            ) from None
-        exponent = normal.as_tuple().exponent
-        assert isinstance(exponent, int)  # finite values have an int exponent
-        fractional = max(-exponent, 0)
-        integer = max(normal.adjusted() + 1, 0)
-        if fractional > DECIMAL_SCALE or integer > DECIMAL_PRECISION - DECIMAL_SCALE:
-            raise ValueError(
-                f"does not fit DECIMAL({DECIMAL_PRECISION}, {DECIMAL_SCALE}) exactly "
-                f"({integer} integer and {fractional} fractional digits)"
-            )
+            # Runs for every decimal of every message: one C call, no digit tuple.
+            value.quantize(DECIMAL_QUANTUM, context=DECIMAL_CONTEXT)
+        except ArithmeticError:
+            raise ValueError(_misfit(value)) from None
         return value
+
+
+def _misfit(value: Decimal) -> str:
+    """Why a finite decimal does not fit DECIMAL(76, 38), with its digits counted exactly."""
+    problem = f"does not fit DECIMAL({DECIMAL_PRECISION}, {DECIMAL_SCALE}) exactly"
+    try:
+        normal = value.normalize(_UNLIMITED)
+    except ArithmeticError:  # an exponent beyond any context, e.g. 1E+999999999
+        return problem
+    exponent = normal.as_tuple().exponent
+    assert isinstance(exponent, int)  # finite values have an int exponent
+    fractional = max(-exponent, 0)
+    integer = max(normal.adjusted() + 1, 0)
+    return f"{problem} ({integer} integer and {fractional} fractional digits)"
 
 
 def _no_float(value: Any) -> Any:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import inspect
 import io
 import json
-from decimal import Context, Decimal, Inexact, InvalidOperation
+from decimal import Decimal
 from functools import cache
 from typing import Any, TypeVar, cast
 
@@ -19,12 +19,10 @@ import avro.io
 import avro.schema
 
 from models.dsl import StreamRecord
-from models.types import DECIMAL_PRECISION, DECIMAL_SCALE, TYPE_MAP, FieldShape
+from models.types import DECIMAL_CONTEXT, DECIMAL_QUANTUM, TYPE_MAP, FieldShape
 
 NAMESPACE = "qicore.models"
 R = TypeVar("R", bound=StreamRecord)
-_QUANTUM = Decimal(1).scaleb(-DECIMAL_SCALE)
-_EXACT = Context(prec=DECIMAL_PRECISION, traps=[InvalidOperation, Inexact])
 
 
 def avro_schema(record: type[StreamRecord]) -> dict[str, Any]:
@@ -78,7 +76,7 @@ def decode_avro(record_type: type[R], data: bytes) -> R:
 
 def _to_avro(value: object) -> object:
     if isinstance(value, Decimal):
-        scaled = value.quantize(_QUANTUM, context=_EXACT)
+        scaled = value.quantize(DECIMAL_QUANTUM, context=DECIMAL_CONTEXT)
         # avro 1.12 writes a negative zero as -2E-38; a zero's sign carries nothing anyway.
         return scaled.copy_abs() if scaled.is_zero() else scaled
     return value
@@ -87,8 +85,8 @@ def _to_avro(value: object) -> object:
 def _from_avro(value: object) -> object:
     """Drop the trailing zeros of the fixed scale, so 6.31917E-7 reads back as it was written."""
     if isinstance(value, Decimal):
-        normal = value.normalize(_EXACT)
+        normal = value.normalize(DECIMAL_CONTEXT)
         exponent = normal.as_tuple().exponent
         assert isinstance(exponent, int)  # decoded decimals are finite
-        return normal.quantize(Decimal(1), context=_EXACT) if exponent > 0 else normal
+        return normal.quantize(Decimal(1), context=DECIMAL_CONTEXT) if exponent > 0 else normal
     return value
