@@ -6,7 +6,7 @@
 One embedded broker and one embedded PostgreSQL; `crypto-prices` is created with its generated 6
 partitions and pre-filled with `--rows` snapshots of 100 coins (one minute apart per coin). Each
 contender gets its own consumer group and a fresh database and is timed from the first row in
-the table to the last (COUNT(*) polled every 50 ms), so start-up and group joining are excluded:
+the table to the last by their commit timestamps, so start-up and group joining are excluded:
 
 - bare:        baseline (a), `bench.bare_sink` (aiokafka + the app's decode and COPY-upsert);
 - naive:       baseline (b), `bench.naive_agent`, one INSERT per event, timed on `--naive-rows`;
