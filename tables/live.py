@@ -36,6 +36,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from operator import attrgetter
 from typing import Any, TypeVar, cast
 
 from faust import Event
@@ -149,66 +150,73 @@ def _on_behalf_of(message: Message) -> Iterator[None]:
 
 
 def _newest_per_key(
-    table: TableT, key_of: str, batch: Iterable[tuple[Message, StreamRecord]]
+    table: TableT, record_type: type[R], key: str, batch: Iterable[tuple[Message, R]]
 ) -> None:
     """Write each key's newest record of the batch, if it is newer than the table's."""
-    newest_of: dict[str, tuple[Message, StreamRecord]] = {}
+    key_of, time_of = attrgetter(key), attrgetter(record_type.table.time_column)
+    newest_of: dict[str, tuple[datetime, Message, R]] = {}
     for message, record in batch:
-        key = getattr(record, key_of)
-        best = newest_of.get(key)
-        if best is None or _time_of(record) > _time_of(best[1]):  # a tie keeps the first
-            newest_of[key] = (message, record)
-    for key, (message, record) in newest_of.items():
-        current = table.get(key)
+        name, at = key_of(record), time_of(record)
+        best = newest_of.get(name)
+        if best is None or at > best[0]:  # a tie keeps the first
+            newest_of[name] = (at, message, record)
+    for name, (at, message, record) in newest_of.items():
+        current = table.get(name)
         # Only the stored time matters here: no need to validate the whole stored record.
         if current is not None:
-            stored_time = datetime.fromisoformat(current[record.table.time_column])
-            if stored_time >= _time_of(record):  # a tie keeps the stored one, as the sink's does
+            stored_at = datetime.fromisoformat(current[record_type.table.time_column])
+            if stored_at >= at:  # a tie keeps the stored one, as the sink's does
                 continue
         with _on_behalf_of(message):
-            table[key] = record.model_dump(mode="json")
+            table[name] = record.model_dump(mode="json")
 
 
 def _ranges(batch: Iterable[tuple[Message, CryptoPriceData]]) -> None:
     """Merge the batch's high/low per coin and hour into the hourly windows, one write each."""
-    merged: dict[tuple[str, datetime], tuple[Message, Decimal, Decimal]] = {}
+    step = RANGE_STEP.total_seconds()
+    # [message, high, low] per coin and hour (hours since the epoch: cheaper than _hour()).
+    merged: dict[tuple[str, float], list[Any]] = {}
     for message, price in batch:
-        where = (price.coin_id, _hour(price.last_updated))
+        where = (price.coin_id, price.last_updated.timestamp() // step)
         value = price.usd_price
         seen = merged.get(where)
         if seen is None:
-            merged[where] = (message, value, value)
-        elif value > seen[1] or value < seen[2]:
-            merged[where] = (seen[0], max(value, seen[1]), min(value, seen[2]))
-    for (coin_id, hour), (message, high, low) in merged.items():
+            merged[where] = [message, value, value]
+        elif value > seen[1]:
+            seen[1] = value
+        elif value < seen[2]:
+            seen[2] = value
+    for (coin_id, hours), (message, high, low) in merged.items():
         with _on_behalf_of(message):
             bounds = {"high": str(high), "low": str(low)}
+            hour = datetime.fromtimestamp(hours * step, UTC)
             price_ranges.relative_to(hour)[coin_id].apply(merge_bounds, bounds)
 
 
 def _decoded(topic: str, batch: Sequence[Stored]) -> list[tuple[Message, StreamRecord]]:
-    decoded = [(message, record) for message, record in batch if record is not None]
+    decoded = [stored for stored in batch if stored[1] is not None]  # the same tuples
     UNDECODABLE[topic] += len(batch) - len(decoded)
-    return decoded
+    return cast(list[tuple[Message, StreamRecord]], decoded)
 
 
 def track_prices(batch: Sequence[Stored]) -> None:
     """Latest snapshot and hourly high/low per coin, from a stored batch of the price topic."""
-    prices = cast(
-        list[tuple[Message, CryptoPriceData]],
-        [
-            (message, record)
-            for message, record in _decoded(CryptoPriceData.topic.name, batch)
-            if cast(CryptoPriceData, record).exchange_id == AGGREGATE_EXCHANGE
-        ],
+    decoded = cast(
+        list[tuple[Message, CryptoPriceData]], _decoded(CryptoPriceData.topic.name, batch)
     )
-    _newest_per_key(latest_prices, "coin_id", prices)
+    prices = [stored for stored in decoded if stored[1].exchange_id == AGGREGATE_EXCHANGE]
+    _newest_per_key(latest_prices, CryptoPriceData, "coin_id", prices)
     _ranges(prices)
 
 
 def track_analytics(batch: Sequence[Stored]) -> None:
     """Latest market analytics per source, from a stored batch of the analytics topic."""
-    _newest_per_key(latest_analytics, "source", _decoded(CryptoMarketAnalytics.topic.name, batch))
+    _newest_per_key(
+        latest_analytics,
+        CryptoMarketAnalytics,
+        "source",
+        _decoded(CryptoMarketAnalytics.topic.name, batch),
+    )
 
 
 SINKS[CryptoPriceData.topic.name].observers.append(track_prices)

@@ -405,3 +405,43 @@ async def test_a_late_older_snapshot_in_a_later_batch_does_not_replace_the_table
     await until(worker, client, processed, "the late batch in the tables")
     held = (await client.get("/table/latest-prices/bitcoin/")).json()
     assert CryptoPriceData.model_validate(held) == NEWEST_BTC
+
+
+async def test_the_range_of_the_live_tables_alone_has_the_batch_high_and_low(
+    views: tuple[httpx.AsyncClient, str, Worker], broker: EmbeddedBroker
+) -> None:
+    """With the coin's rows deleted from the database, /prices/{coin} answers from the tables
+    only: their hourly windows must hold each hour's high and low, also when one batch holds a
+    new low after a higher first price (produced as one request, so fetched as one batch)."""
+    client, dsn, worker = views
+    coin = "zz-range"
+    # One hour's window gets 5, 2, 9, 3 (a minute apart, from 20 past), a later hour's gets 4.
+    hour = (NOW - timedelta(hours=3)).replace(minute=20, second=0)
+    first = (NOW - hour).total_seconds() / 3600
+    snapshots = [price(coin, usd, first - i / 60) for i, usd in enumerate(("5", "2", "9", "3"))]
+    snapshots.append(newest := price(coin, "4", 2))
+    producer = AIOKafkaProducer(bootstrap_servers=f"127.0.0.1:{broker.port}")
+    await producer.start()
+    try:
+        for snapshot in snapshots:
+            await producer.send(snapshot.topic.name, encode_record(snapshot), key=snapshot.key())
+        await producer.flush()
+    finally:
+        await producer.stop()
+
+    async def processed(client: httpx.AsyncClient) -> bool:
+        held = await client.get(f"/table/latest-prices/{coin}/")
+        return held.status_code == 200 and held.json()["usd_price"] == "4"
+
+    await until(worker, client, processed, "the coin's batch in the tables")
+    connection = await asyncpg.connect(dsn)
+    try:
+        table = quote_ident(CryptoPriceData.table.name)
+        deleted = await connection.execute(f"DELETE FROM {table} WHERE coin_id = $1", coin)  # noqa: S608
+    finally:
+        await connection.close()
+    assert deleted == f"DELETE {len(snapshots)}"  # the sink had stored every one
+
+    body = (await client.get(f"/prices/{coin}")).json()
+    assert body["price"] == as_json(newest)
+    assert (body["range_24h"]["high"], body["range_24h"]["low"]) == ("9", "2")
