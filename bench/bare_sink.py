@@ -4,12 +4,14 @@ Run by `bench.sink_throughput` as a subprocess (like the workers it is compared 
 fetches (`fetch_max_bytes`, `max_partition_fetch_bytes`, `getmany(max_records=...)`), the app's
 own decode (`models.codec.decode_record`: pydantic, Decimals exact) and the app's own write
 (`store.writer.RecordWriter`: COPY into staging + INSERT ... ON CONFLICT DO NOTHING) in one
-transaction per fetched batch. Stops after `BENCH_ROWS` messages.
+transaction per fetched batch, with the worker's garbage-collector thresholds (`app.memory`, passed
+as `BENCH_GC_THRESHOLDS`). Stops after `BENCH_ROWS` messages.
 """
 
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 
 import asyncpg
@@ -21,6 +23,7 @@ from store.writer import RecordWriter
 
 
 async def main() -> None:
+    gc.set_threshold(*map(int, os.environ["BENCH_GC_THRESHOLDS"].split(",")))
     target = int(os.environ["BENCH_ROWS"])
     topic = CryptoPriceData.topic.name
     consumer = AIOKafkaConsumer(

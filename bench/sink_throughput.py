@@ -25,6 +25,7 @@ import time
 from typing import Any
 
 from app.embedded import create_generated_topics, free_port
+from app.memory import GC_THRESHOLDS
 from bench.common import (
     Process,
     Run,
@@ -47,7 +48,8 @@ CONTENDERS = ("bare", "naive", "worker", "two-workers")
 async def bare(s: Stack, rows: int) -> Run:
     dsn = await s.database()
     env = worker_env(s, dsn, "bench-bare", free_port())
-    env.update(BENCH_ROWS=str(rows), BENCH_BOOTSTRAP=s.bootstrap)
+    thresholds = ",".join(map(str, GC_THRESHOLDS))
+    env.update(BENCH_ROWS=str(rows), BENCH_BOOTSTRAP=s.bootstrap, BENCH_GC_THRESHOLDS=thresholds)
     process = Process([sys.executable, "-m", "bench.bare_sink"], env, s.directory / "bare.log")
     async with running(process):
         return await watch_rows(dsn, rows, [process])
