@@ -7,9 +7,11 @@ times what decoding and storing it costs (docs/performance.md). A sink wants non
 decodes and writes whole batches. It does need Faust's bookkeeping, and keeps all of it:
 
 - fetching, read offsets, offset gaps and `commit_every` run in Faust's own `_drain_messages`
-  loop (copied below from the pinned faust-streaming 0.15.3) with one change: a message of a
-  topic registered in `App.bulk` is appended to that topic's list for this fetch, and the lists
-  are put on their `Batches` queues after the fetch instead of one `wait_first` per message;
+  loop (copied below from the pinned faust-streaming 0.15.3) with one change: the records of a
+  topic registered in `App.bulk` are set aside right after the fetch (`_wait_next_records`),
+  turned into messages a partition at a time, checked against the read offset and for gaps as
+  Faust checks each message, and put on their `Batches` queue as one list per fetch, instead of
+  Faust's per-record generator and one `wait_first` per message;
 - `Batches` is a `FlowControlQueue` managed by `app.flow_control`, like every agent's channel
   queue: a rebalance or shutdown suspends and clears it. While it holds `QUEUED_FETCHES` fetches
   the fetch loop waits (until the sink takes them, a rebalance clears them or flow is suspended),
@@ -158,8 +160,56 @@ class ConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
 class Consumer(faust_aiokafka.Consumer):
     """Faust's aiokafka consumer; messages of `App.bulk` topics are delivered in lists."""
 
+    # Messages of bulk topics from the latest fetch, per partition, for `_drain_messages`.
+    _fetched_bulk: list[tuple[TP, list[Message]]] = []
+
     def _new_consumer_thread(self) -> ConsumerThread:
         return ConsumerThread(self, loop=self.loop, beacon=self.beacon)
+
+    async def _wait_next_records(self, timeout: float) -> tuple[Any, set[TP] | None]:
+        """Faust's fetch, with the records of bulk topics taken out of what its `getmany`
+        iterates one by one. They become messages here, at once, so they carry the consumer
+        generation of this fetch (what `getmany` gives the messages it yields); partitions that
+        `getmany` would skip (not active, not buffered) are skipped too."""
+        records, active = await super()._wait_next_records(timeout)
+        bulk = cast(App, self.app).bulk
+        if not records or not self.flow_active:  # Faust's getmany seeks back; nothing is lost
+            return records, active
+        to_message, buffered = self._to_message, self._buffered_partitions
+        fetched: list[tuple[TP, list[Message]]] = []
+        rest = {}
+        for tp, tp_records in records.items():
+            if tp.topic not in bulk:
+                rest[tp] = tp_records
+            elif active is None or tp in active or tp in buffered:
+                self.app.monitor.track_tp_end_offset(tp, self.highwater(tp))
+                messages: list[Message] = [to_message(tp, record) for record in tp_records]
+                fetched.append((tp, messages))
+        self._fetched_bulk = fetched
+        return rest, active
+
+    async def _deliver_bulk(self) -> None:
+        """Queue the set-aside messages of the latest fetch for their sinks, one list per topic,
+        after the checks `_drain_messages` makes per message: a message below the read offset
+        is dropped, a jump in offsets is recorded as a gap (so commits can pass it)."""
+        fetched, self._fetched_bulk = self._fetched_bulk, []
+        lists: dict[str, list[Message]] = {}
+        for tp, messages in fetched:
+            read = self._read_offset[tp]
+            if read is not None:
+                messages = [message for message in messages if message.offset >= read]
+            if not messages:
+                continue
+            if self.app.topics.acks_enabled_for(tp.topic):
+                previous = read
+                for message in messages:
+                    if previous and message.offset - previous > 1:
+                        await self._add_gap(tp, previous + 1, message.offset)
+                    previous = message.offset
+            self._read_offset[tp] = messages[-1].offset
+            lists.setdefault(tp.topic, []).extend(messages)
+        for topic, messages in lists.items():
+            await cast(App, self.app).bulk[topic].put_fetched(messages, self)
 
     async def _drain_messages(self, fetcher: ServiceT) -> None:
         """Faust 0.15.3's loop, unchanged except where it says "bulk"."""
@@ -175,7 +225,6 @@ class Consumer(faust_aiokafka.Consumer):
         unset_flag = self.diag.unset_flag
         commit_every = self._commit_every
         acks_enabled_for = self.app.topics.acks_enabled_for
-        bulk = cast(App, self.app).bulk
 
         yield_every = 100
         num_since_yield = 0
@@ -190,7 +239,6 @@ class Consumer(faust_aiokafka.Consumer):
                 # never releasing to the event loop
                 await self.sleep(0)
                 if not self.should_stop:
-                    fetched: dict[str, list[Message]] = {}  # bulk: this fetch, per topic
                     async for tp, message in ait:
                         num_since_yield += 1
                         if num_since_yield > yield_every:
@@ -210,10 +258,7 @@ class Consumer(faust_aiokafka.Consumer):
                                 if self._n_acked >= commit_every:
                                     self._n_acked = 0
                                     await self.commit()
-                            if tp.topic in bulk:  # bulk: collect instead of delivering
-                                fetched.setdefault(tp.topic, []).append(message)
-                            else:
-                                await self.wait_first(callback(message), self.suspend_flow.wait())
+                            await self.wait_first(callback(message), self.suspend_flow.wait())
                             set_read_offset(tp, offset)
                         else:
                             self.log.dev(
@@ -222,8 +267,10 @@ class Consumer(faust_aiokafka.Consumer):
                                 message.key,
                                 message.value,
                             )
-                    for topic, messages in fetched.items():  # bulk: one put per topic and fetch
-                        await bulk[topic].put_fetched(messages, self)
+                    if commit_every is not None and self._n_acked >= commit_every:  # bulk
+                        self._n_acked = 0
+                        await self.commit()
+                    await self._deliver_bulk()  # bulk: one list per topic and fetch
                     unset_flag(flag_consumer_fetching)
 
         except self.consumer_stopped_errors:

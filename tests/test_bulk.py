@@ -172,6 +172,25 @@ async def test_a_fetch_waiting_for_room_is_released_by_the_sink_or_by_a_rebalanc
     assert batches.empty()
 
 
+async def test_a_fetch_is_queued_as_one_list_past_the_read_offset_with_its_gaps_recorded(
+    app: App, batches: Batches, messages: Make
+) -> None:
+    """What Faust's fetch loop checks per message, the bulk path checks per partition: messages
+    below the read offset are dropped, a jump in offsets is recorded as a gap (so that commits
+    can pass it), and the read offset moves to the last message."""
+    consumer = cast(Consumer, app.consumer)
+    tp = TP(TOPIC, 0)
+    made = messages(10)  # offsets 0..9
+    consumer._read_offset[tp] = 3
+    consumer._fetched_bulk = [(tp, [made[i] for i in (2, 3, 4, 7, 8)])]  # 5 and 6 are missing
+    await consumer._deliver_bulk()
+    assert batches.get_nowait() == [made[i] for i in (3, 4, 7, 8)]
+    assert batches.empty()
+    assert [(gap.begin, gap.end) for gap in consumer._gap[tp]] == [(5, 8)]  # as Faust records it
+    assert consumer._read_offset[tp] == 8
+    assert consumer._fetched_bulk == []
+
+
 @pytest.mark.slow
 async def test_a_backlog_is_written_in_batches_of_at_most_sink_batch_size(
     kafka: Kafka,
