@@ -2,6 +2,7 @@
 
     .venv/bin/python -m bench.sink_throughput [--rows 200000] [--naive-rows 20000]
                                               [--only bare,naive,worker,two-workers]
+                                              [--rounds 1]
 
 One embedded broker and one embedded PostgreSQL; `crypto-prices` is created with its generated 6
 partitions and pre-filled with `--rows` snapshots of 100 coins (one minute apart per coin). Each
@@ -13,13 +14,16 @@ the table to the last by their commit timestamps, so start-up and group joining 
 - worker:      ours, `faust -A app worker` exactly as deployed (sinks, live tables, views);
 - two-workers: two `faust -A app worker` processes of one group, started together.
 
-Peak RSS is sampled (psutil) every 50 ms over each worker process.
+Peak RSS is sampled (psutil) every 50 ms over each worker process. `--rounds N` runs the
+contenders N times in turn (fresh database and group each time) and prints every round and the
+medians, each ratio taken within its own round: on a shared 2-core VM single runs move by ±30 %.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import statistics
 import sys
 import time
 from typing import Any
@@ -71,7 +75,7 @@ async def workers(
         return run, statuses
 
 
-async def main(rows: int, naive_rows: int, only: set[str]) -> None:
+async def main(rows: int, naive_rows: int, only: set[str], rounds: int) -> None:
     print(describe_machine())
     with stack() as s:
         await create_generated_topics(s.bootstrap)
@@ -79,35 +83,52 @@ async def main(rows: int, naive_rows: int, only: set[str]) -> None:
         seconds = await produce(s.bootstrap, records)
         print(f"pre-filled {rows} records in {seconds:.1f}s")
         del records
-        results: dict[str, Run] = {}
+        every_round: list[dict[str, Run]] = []
         notes: dict[str, str] = {}
-        if "bare" in only:
-            results["bare"] = await bare(s, rows)
-        if "naive" in only:
-            results["naive"] = (await workers(s, "bench.naive_agent", naive_rows))[0]
-        if "worker" in only:
-            results["worker"], _ = await workers(s, "app", rows)
-        if "two-workers" in only:
-            results["two-workers"], statuses = await workers(s, "app", rows, count=2)
-            notes["two-workers"] = " + ".join(
-                f"{st['rows_written']:,} (partitions {','.join(map(str, st['partitions']))})"
-                for st in statuses
-            )
-        print_results(results, notes)
+        for number in range(1, rounds + 1):
+            results: dict[str, Run] = {}
+            if "bare" in only:
+                results["bare"] = await bare(s, rows)
+            if "naive" in only:
+                results["naive"] = (await workers(s, "bench.naive_agent", naive_rows))[0]
+            if "worker" in only:
+                results["worker"], _ = await workers(s, "app", rows)
+            if "two-workers" in only:
+                results["two-workers"], statuses = await workers(s, "app", rows, count=2)
+                notes["two-workers"] = " + ".join(
+                    f"{st['rows_written']:,} (partitions {','.join(map(str, st['partitions']))})"
+                    for st in statuses
+                )
+            every_round.append(results)
+            print(f"round {number}:")
+            print_results([results], notes)
+        if rounds > 1:
+            print(f"median of {rounds} rounds (each ratio from its own round; range in brackets):")
+            print_results(every_round, notes)
 
 
-def print_results(results: dict[str, Run], notes: dict[str, str]) -> None:
-    bare, naive = results.get("bare"), results.get("naive")
+def print_results(rounds: list[dict[str, Run]], notes: dict[str, str]) -> None:
+    """One row per contender; over several rounds, the medians and their ranges."""
+
+    def shown(values: list[float], form: str) -> str:
+        middle = format(statistics.median(values), form)
+        if len(values) == 1:
+            return middle
+        return f"{middle} [{format(min(values), form)}-{format(max(values), form)}]"
+
     lines = []
-    for name, run in results.items():
+    for name in rounds[0]:
+        runs = [results[name] for results in rounds]
+        of_bare = [r[name].rate / r["bare"].rate for r in rounds if "bare" in r]
+        of_naive = [r[name].rate / r["naive"].rate for r in rounds if "naive" in r]
         lines.append(
             (
                 name,
-                f"{run.rows - run.rows_at_first:,}",
-                f"{run.rate:,.0f}",
-                f"{run.rate / bare.rate:.0%}" if bare else "-",
-                f"{run.rate / naive.rate:.1f}x" if naive else "-",
-                f"{run.peak_rss / 2**20:.0f}",
+                f"{statistics.median(run.rows - run.rows_at_first for run in runs):,.0f}",
+                shown([run.rate for run in runs], ",.0f"),
+                shown(of_bare, ".0%") if of_bare else "-",
+                shown(of_naive, ".1f") + "x" if of_naive else "-",
+                f"{max(run.peak_rss for run in runs) / 2**20:.0f}",
                 notes.get(name, ""),
             )
         )
@@ -132,5 +153,7 @@ if __name__ == "__main__":
     parser.add_argument("--rows", type=int, default=200_000)
     parser.add_argument("--naive-rows", type=int, default=20_000)
     parser.add_argument("--only", default=",".join(CONTENDERS))
+    parser.add_argument("--rounds", type=int, default=1, help="run every contender N times")
     args = parser.parse_args()
-    asyncio.run(main(args.rows, min(args.naive_rows, args.rows), set(args.only.split(","))))
+    only = set(args.only.split(","))
+    asyncio.run(main(args.rows, min(args.naive_rows, args.rows), only, args.rounds))
