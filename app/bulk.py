@@ -171,6 +171,7 @@ class Consumer(faust_aiokafka.Consumer):
         iterates one by one. They become messages here, at once, so they carry the consumer
         generation of this fetch (what `getmany` gives the messages it yields); partitions that
         `getmany` would skip (not active, not buffered) are skipped too."""
+        self._fetched_bulk = []  # a fetch skipped at shutdown is never delivered later
         records, active = await super()._wait_next_records(timeout)
         bulk = cast(App, self.app).bulk
         if not records or not self.flow_active:  # Faust's getmany seeks back; nothing is lost
