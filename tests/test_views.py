@@ -114,12 +114,14 @@ async def insert(dsn: str, records: Iterable[StreamRecord]) -> None:
 
 async def produce(broker: EmbeddedBroker, messages: list[tuple[str, bytes, bytes]]) -> None:
     """Send (topic, key, value) in order, all to partition 0, so a later message on a topic is
-    processed after every earlier one (the sentinels below rely on that)."""
+    processed after every earlier one (the sentinels below rely on that). Sent together and
+    flushed once: a topic's messages reach the broker as one request, so one fetch."""
     producer = AIOKafkaProducer(bootstrap_servers=f"127.0.0.1:{broker.port}")
     await producer.start()
     try:
         for topic, key, value in messages:
-            await producer.send_and_wait(topic, value, key=key, partition=0)
+            await producer.send(topic, value, key=key, partition=0)
+        await producer.flush()
     finally:
         await producer.stop()
 
@@ -412,7 +414,7 @@ async def test_the_range_of_the_live_tables_alone_has_the_batch_high_and_low(
 ) -> None:
     """With the coin's rows deleted from the database, /prices/{coin} answers from the tables
     only: their hourly windows must hold each hour's high and low, also when one batch holds a
-    new low after a higher first price (produced as one request, so fetched as one batch)."""
+    new low after a higher first price (`produce` sends them as one request: one batch)."""
     client, dsn, worker = views
     coin = "zz-range"
     # One hour's window gets 5, 2, 9, 3 (a minute apart, from 20 past), a later hour's gets 4.
@@ -420,14 +422,7 @@ async def test_the_range_of_the_live_tables_alone_has_the_batch_high_and_low(
     first = (NOW - hour).total_seconds() / 3600
     snapshots = [price(coin, usd, first - i / 60) for i, usd in enumerate(("5", "2", "9", "3"))]
     snapshots.append(newest := price(coin, "4", 2))
-    producer = AIOKafkaProducer(bootstrap_servers=f"127.0.0.1:{broker.port}")
-    await producer.start()
-    try:
-        for snapshot in snapshots:
-            await producer.send(snapshot.topic.name, encode_record(snapshot), key=snapshot.key())
-        await producer.flush()
-    finally:
-        await producer.stop()
+    await produce(broker, [(p.topic.name, p.key(), encode_record(p)) for p in snapshots])
 
     async def processed(client: httpx.AsyncClient) -> bool:
         held = await client.get(f"/table/latest-prices/{coin}/")
