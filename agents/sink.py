@@ -12,16 +12,22 @@ a running sink with no new agent code. Why each agent works the way it does:
 - Messages arrive in bulk (app/bulk.py): everything fetched while the previous batch was being
   written, up to SINK_BATCH_SIZE, without Faust's per-event machinery. A quiet stream's message
   is written as soon as it is fetched; a busy stream's batches grow by themselves.
-- A batch is acknowledged, in offset order, only after its transaction committed and its dead
-  letters were delivered; Faust commits only acknowledged offsets.
+- A batch is acknowledged, in offset order, only after its transaction committed, its dead
+  letters were delivered and the live tables were given it; Faust commits only acknowledged
+  offsets. The tables are given the stored batches at most every LIVE_TABLE_UPDATE_SECONDS
+  (or SINK_BATCH_SIZE records), so that a busy stream's many small batches cost one table write
+  per key per interval, not per batch.
 - A failed batch is retried with capped exponential backoff and jitter, for as long as it takes:
   moving past it would leave a hole. While the agent waits, its queue (app/bulk.py) fills and
   the worker stops fetching: it stops consuming instead of dropping data.
 - SIGTERM: Faust's `App.on_stop` stops fetching, waits until every message handed to a sink is
   acknowledged (`stream_wait_empty`, on by default), then commits the offsets, before it stops any
-  agent. So the batch in flight is written, acknowledged and committed before the worker exits,
-  and only then is the pool closed (`on_before_shutdown`). The agent additionally only shields
-  the batch's task: if it is cancelled anyway, the batch is still finished and acknowledged.
+  agent. So the batch in flight is written, given to the tables with everything stored before it
+  (a suspended flow does not wait for LIVE_TABLE_UPDATE_SECONDS), acknowledged and committed
+  before the worker exits, and only then is the pool closed (`on_before_shutdown`); a rebalance
+  waits for it the same way. The agent additionally only shields the batch's task: if it is
+  cancelled anyway, the batch is still finished, and what is stored is given to the tables and
+  acknowledged.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
@@ -126,26 +133,40 @@ class Sink:
         self.batches = app.batches(self.topic)
         self.stored_next: dict[int, int] = {}  # last known stored offsets (a cache)
         self.floors: dict[int, int] = {}  # earliest offsets the broker still holds, after holes
-        # Called with every batch once it is durable, before it is acknowledged: the live
-        # tables (tables.live) follow the sink's batches instead of reading the topic again.
+        # Called with the stored batches once they are durable, before they are acknowledged:
+        # the live tables (tables.live) follow the sink instead of reading the topic again.
         self.observers: list[Callable[[Sequence[Stored]], None]] = []
+        # Stored, not yet published to the observers nor acknowledged; since when.
+        self.stored: list[Stored] = []
+        self.stored_since = 0.0
 
     async def consume(self, stream: StreamT[bytes]) -> None:
         """The agent. Its stream subscribes the topic, with acknowledgements; the messages
         themselves arrive on `self.batches` (app/bulk.py), never through the stream."""
-        while True:
-            messages = await self.batches.take(settings.sink_batch_size)
-            flush = asyncio.ensure_future(self.flush(messages))
-            try:
-                await asyncio.shield(flush)
-            except asyncio.CancelledError:
-                log.warning("sink %s: cancelled mid-batch; finishing it first", self.topic)
-                await flush
-                raise
+        try:
+            while True:
+                messages = await self.batches.take(
+                    settings.sink_batch_size, timeout=self._until_publish()
+                )
+                flush = asyncio.ensure_future(self.flush(messages))
+                try:
+                    await asyncio.shield(flush)
+                except asyncio.CancelledError:
+                    log.warning("sink %s: cancelled mid-batch; finishing it first", self.topic)
+                    await flush
+                    raise
+        finally:
+            self._publish()
 
     async def flush(self, messages: Sequence[Message]) -> None:
         """Dead-letter a batch's bad messages, store the rest with their offsets in one
-        transaction, seek back over any hole, then acknowledge all of it in order."""
+        transaction, seek back over any hole; publish what is stored when it is due."""
+        if messages:
+            await self._store_batch(messages)
+        if self._until_publish() == 0:
+            self._publish()
+
+    async def _store_batch(self, messages: Sequence[Message]) -> None:
         delivered: list[Delivered[StreamRecord | None]] = []
         batch: list[Stored] = []
         for message in messages:
@@ -168,20 +189,46 @@ class Sink:
         self.status.last_write_at = datetime.now(UTC)
         for partition, offset in continuation.holes.items():
             await self._refetch(partition, offset)
-        self._notify(batch)
-        # Acknowledged in offset order, after everything above is durable. Faust's committed
-        # offsets are only a starting hint now: the stored offsets decide what is written.
-        self.batches.ack(messages)
+        if not self.stored:
+            self.stored_since = time.monotonic()
+        self.stored.extend(batch)
         self.status.pending_events = 0
 
-    def _notify(self, batch: Sequence[Stored]) -> None:
-        """Hand the stored batch to the observers; their updates are idempotent (a replay or
-        re-fetch changes nothing), and a failing observer must not stop the sink."""
+    def _until_publish(self) -> float | None:
+        """Seconds until the stored batches are due for the observers and their acknowledgement
+        (None: nothing is stored). With observers, stored batches are collected for up to
+        LIVE_TABLE_UPDATE_SECONDS or SINK_BATCH_SIZE records, but never while the flow is
+        suspended: the tables write each key once per publication, so a busy stream of small
+        batches does not write its keys' changelogs once per batch (docs/performance.md,
+        section 3)."""
+        if not self.stored:
+            return None
+        if (
+            not self.observers
+            or len(self.stored) >= settings.sink_batch_size
+            or not app.flow_control.is_active()  # a rebalance or shutdown waits for the acks
+        ):
+            return 0.0
+        due = self.stored_since + settings.live_table_update_seconds
+        return max(0.0, due - time.monotonic())
+
+    def _publish(self) -> None:
+        """Hand the stored batches to the observers as one, then acknowledge them in offset
+        order: acknowledged means durable everywhere the sink writes. Faust's committed offsets
+        are only a starting hint now: the stored offsets decide what is written.
+
+        The observers' updates are idempotent (a replay or re-fetch changes nothing), and a
+        failing observer must not stop the sink.
+        """
+        if not self.stored:
+            return
+        stored, self.stored = self.stored, []
         for observer in self.observers:
             try:
-                observer(batch)
+                observer(stored)
             except Exception:
                 log.exception("sink %s: observer %s failed", self.topic, observer.__name__)
+        self.batches.ack([message for message, _ in stored])
 
     async def _store(
         self, delivered: Sequence[Delivered[StreamRecord | None]]

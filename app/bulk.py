@@ -70,6 +70,9 @@ class Batches(FlowControlQueue[list[Message]]):
         the end of recovery clears *after* Faust's seek to the committed offsets: each partition
         is sought back to its first dropped message, or that message would only be fetched again
         once a later one arrives (the sink's hole check) or after a restart.
+
+        With the flow suspended (a rebalance or shutdown, which next wait for every taken message
+        to be acknowledged), an empty fetch wakes a sink waiting in `take()`, which then returns.
         """
         first: dict[TP, int] = {}
         for message in itertools.chain(self.carry, *self._queue):  # type: ignore[attr-defined]
@@ -77,6 +80,8 @@ class Batches(FlowControlQueue[list[Message]]):
         super().clear()
         self.carry = []
         self.has_room.set()
+        if not self.app.flow_control.is_active():
+            self.put_nowait([])
         for tp, offset in first.items():
             seek = asyncio.ensure_future(self._seek_back(tp, offset))
             self.seeking.add(seek)  # a reference until it is done
@@ -88,22 +93,30 @@ class Batches(FlowControlQueue[list[Message]]):
         except Exception as error:  # no longer assigned: its new owner starts from the commit
             log.info("%s: seek of %s back to %d skipped: %s", self.topic, tp, offset, error)
 
-    async def take(self, limit: int) -> list[Message]:
-        """Everything fetched so far, up to `limit` messages; waits only while nothing is queued.
+    async def take(self, limit: int, timeout: float | None = None) -> list[Message]:
+        """Everything fetched so far, up to `limit` messages; waits only while nothing is queued,
+        for at most `timeout` seconds, and not while the flow is suspended (then the answer is an
+        empty list).
 
         A quiet stream gets each message as soon as it is fetched; a busy one gets bigger
-        batches, because the queue fills while the previous batch is being written.
+        batches, because the queue fills while the previous batch is being written. A timeout
+        cannot lose a fetch: it can only interrupt the wait in `get()`, which then leaves the
+        fetch in the queue.
         """
-        while True:
-            messages = list(self.carry or await self.get())
-            while len(messages) < limit and not self.empty():
-                messages.extend(self.get_nowait())
-            messages, self.carry = messages[:limit], messages[limit:]
-            if self.qsize() < QUEUED_FETCHES:
-                self.has_room.set()
-            current = self._current(messages)
-            if current:
-                return current
+        try:
+            async with asyncio.timeout(timeout):
+                while True:
+                    messages = list(self.carry or await self.get())
+                    while len(messages) < limit and not self.empty():
+                        messages.extend(self.get_nowait())
+                    messages, self.carry = messages[:limit], messages[limit:]
+                    if self.qsize() < QUEUED_FETCHES:
+                        self.has_room.set()
+                    current = self._current(messages)
+                    if current or not self.app.flow_control.is_active():
+                        return current
+        except TimeoutError:
+            return []
 
     def _current(self, messages: list[Message]) -> list[Message]:
         """Track the messages of the current generation; drop those fetched before a rebalance
@@ -111,7 +124,8 @@ class Batches(FlowControlQueue[list[Message]]):
         """
         app = self.app
         if not app.flow_control.is_active():
-            log.info("%s: %d fetched messages dropped: flow suspended", self.topic, len(messages))
+            if messages:
+                log.info("%s: %d messages dropped: flow suspended", self.topic, len(messages))
             return []
         generation = app.consumer_generation_id
         track = app.consumer.track_message

@@ -82,6 +82,8 @@ class Settings(BaseSettings):
     ohlc_days: Literal[1, 7, 14, 30, 90, 180, 365] = 1
 
     sink_batch_size: int = Field(5000, ge=1, le=100_000)
+    # How long stored batches are collected before the live tables get them (agents/sink.py).
+    live_table_update_seconds: float = Field(1.0, ge=0, le=60)
 
     port: int | None = Field(None, ge=1, le=65535, description="set by Heroku; binds 0.0.0.0")
     web_host: str = "127.0.0.1"

@@ -12,9 +12,11 @@ Why fed from the sinks (`agents.sink.Sink.observers`) and not by agents of their
 agent on a record topic doubles Faust's per-message cost (a second channel, stream and event per
 message), and updating per message wrote the changelog once per snapshot (24 times with the
 former 24 h/1 h hopping window), which filled the producer buffer and throttled the whole worker
-to ~150 messages/s. Per batch, each key is written at most once: the newest snapshot per coin, one
-merged high/low per coin and hour. Every update is idempotent (newest wins, max/min), so a replayed
-or re-fetched batch changes nothing.
+to ~150 messages/s. Per update, each key is written at most once: the newest snapshot per coin,
+one merged high/low per coin and hour; the sink hands over what it stored at most every
+LIVE_TABLE_UPDATE_SECONDS, so a busy stream of small batches (at 1,000 records/s, tens of them a
+second) costs one write per key per second, not one per batch. Every update is idempotent (newest
+wins, max/min), so a replayed or re-fetched batch changes nothing.
 
 Only CoinGecko's aggregate quotes (`exchange_id == AGGREGATE_EXCHANGE`) feed these tables, the
 same rows `store.queries` reads for the views, so the two sources agree.

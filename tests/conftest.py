@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
@@ -99,12 +99,12 @@ async def kafka(own_broker: EmbeddedBroker, app_id: str) -> AsyncIterator[Kafka]
 @pytest.fixture
 def workers(
     own_broker: EmbeddedBroker, app_id: str, bare_env: dict[str, str], tmp_path: Path
-) -> Iterator[Callable[[str], Worker]]:
+) -> Iterator[Callable[..., Worker]]:
     """Starts workers of the test's group on `own_broker`; kills any still running at the end."""
     started: list[Worker] = []
 
-    def start(dsn: str) -> Worker:
-        started.append(Worker(bare_env, own_broker, dsn, app_id, tmp_path))
+    def start(dsn: str, extra: Mapping[str, str] | None = None) -> Worker:
+        started.append(Worker(bare_env, own_broker, dsn, app_id, tmp_path, extra))
         return started[-1]
 
     yield start

