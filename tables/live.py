@@ -174,7 +174,8 @@ def _newest_per_key(
 
 
 def _ranges(batch: Iterable[tuple[Message, CryptoPriceData]]) -> None:
-    """Merge the batch's high/low per coin and hour into the hourly windows, one write each."""
+    """Merge the batch's high/low per coin and hour into the hourly windows: one write for each
+    window the batch widens, none for the others (most snapshots set no new high or low)."""
     step = RANGE_STEP.total_seconds()
     # [message, high, low] per coin and hour (hours since the epoch: cheaper than _hour()).
     merged: dict[tuple[str, float], list[Any]] = {}
@@ -189,10 +190,12 @@ def _ranges(batch: Iterable[tuple[Message, CryptoPriceData]]) -> None:
         elif value < seen[2]:
             seen[2] = value
     for (coin_id, hours), (message, high, low) in merged.items():
-        with _on_behalf_of(message):
-            bounds = {"high": str(high), "low": str(low)}
-            hour = datetime.fromtimestamp(hours * step, UTC)
-            price_ranges.relative_to(hour)[coin_id].apply(merge_bounds, bounds)
+        window = price_ranges.relative_to(datetime.fromtimestamp(hours * step, UTC))
+        held = window[coin_id].value()
+        bounds = merge_bounds(held, {"high": str(high), "low": str(low)})
+        if bounds != held:
+            with _on_behalf_of(message):
+                window[coin_id] = bounds
 
 
 def _decoded(topic: str, batch: Sequence[Stored]) -> list[tuple[Message, StreamRecord]]:

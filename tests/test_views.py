@@ -429,14 +429,32 @@ async def test_the_range_of_the_live_tables_alone_has_the_batch_high_and_low(
         return held.status_code == 200 and held.json()["usd_price"] == "4"
 
     await until(worker, client, processed, "the coin's batch in the tables")
+    assert await delete_rows(dsn, coin) == len(snapshots)  # the sink had stored every one
+
+    body = (await client.get(f"/prices/{coin}")).json()
+    assert body["price"] == as_json(newest)
+    assert (body["range_24h"]["high"], body["range_24h"]["low"]) == ("9", "2")
+
+    # A later update widens the hour it already holds: a new low, and a price inside the range.
+    later = [price(coin, "1", first - 4 / 60), price(coin, "6", first - 5 / 60)]
+    sentinel = price("zz-sentinel-range", "1", 0)
+    await produce(broker, [(p.topic.name, p.key(), encode_record(p)) for p in [*later, sentinel]])
+
+    async def sentinel_processed(client: httpx.AsyncClient) -> bool:
+        return (await client.get("/table/latest-prices/zz-sentinel-range/")).status_code == 200
+
+    await until(worker, client, sentinel_processed, "the later batch in the tables")
+    assert await delete_rows(dsn, coin) == len(later)
+    body = (await client.get(f"/prices/{coin}")).json()
+    assert (body["range_24h"]["high"], body["range_24h"]["low"]) == ("9", "1")
+
+
+async def delete_rows(dsn: str, coin: str) -> int:
+    """Delete a coin's price rows, so that a view can only answer from the live tables."""
     connection = await asyncpg.connect(dsn)
     try:
         table = quote_ident(CryptoPriceData.table.name)
         deleted = await connection.execute(f"DELETE FROM {table} WHERE coin_id = $1", coin)  # noqa: S608
     finally:
         await connection.close()
-    assert deleted == f"DELETE {len(snapshots)}"  # the sink had stored every one
-
-    body = (await client.get(f"/prices/{coin}")).json()
-    assert body["price"] == as_json(newest)
-    assert (body["range_24h"]["high"], body["range_24h"]["low"]) == ("9", "2")
+    return int(deleted.split()[1])
