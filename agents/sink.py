@@ -135,10 +135,11 @@ class Sink:
         self.floors: dict[int, int] = {}  # earliest offsets the broker still holds, after holes
         # Called with the stored batches once they are durable, before they are acknowledged:
         # the live tables (tables.live) follow the sink instead of reading the topic again.
-        self.observers: list[Callable[[Sequence[Stored]], None]] = []
+        self.observers: list[Callable[[Sequence[Stored]], Awaitable[None]]] = []
         # Stored, not yet published to the observers nor acknowledged; since when.
         self.stored: list[Stored] = []
         self.stored_since = 0.0
+        self.publishing: asyncio.Future[None] | None = None  # the publication under way
 
     async def consume(self, stream: StreamT[bytes]) -> None:
         """The agent. Its stream subscribes the topic, with acknowledgements; the messages
@@ -156,7 +157,9 @@ class Sink:
                     await flush
                     raise
         finally:
-            self._publish()
+            await self._publish()
+            if self.publishing is not None:
+                await self.publishing
 
     async def flush(self, messages: Sequence[Message]) -> None:
         """Dead-letter a batch's bad messages, store the rest with their offsets in one
@@ -164,7 +167,7 @@ class Sink:
         if messages:
             await self._store_batch(messages)
         if self._until_publish() == 0:
-            self._publish()
+            await self._publish()
 
     async def _store_batch(self, messages: Sequence[Message]) -> None:
         delivered: list[Delivered[StreamRecord | None]] = []
@@ -212,23 +215,32 @@ class Sink:
         due = self.stored_since + settings.live_table_update_seconds
         return max(0.0, due - time.monotonic())
 
-    def _publish(self) -> None:
-        """Hand the stored batches to the observers as one, then acknowledge them in offset
-        order: acknowledged means durable everywhere the sink writes. Faust's committed offsets
-        are only a starting hint now: the stored offsets decide what is written.
-
-        The observers' updates are idempotent (a replay or re-fetch changes nothing), and a
-        failing observer must not stop the sink.
+    async def _publish(self) -> None:
+        """Start a publication of the stored batches: the observers get them as one, then they
+        are acknowledged in offset order (acknowledged means durable everywhere the sink writes;
+        Faust's committed offsets are only a starting hint now: the stored offsets decide what is
+        written). It runs beside the sink, which goes on storing batches meanwhile (the observers
+        yield between their writes), so a publication adds no stall to the records behind it.
+        One publication at a time, in order: the next waits for the one under way.
         """
-        if not self.stored:
-            return
-        stored, self.stored = self.stored, []
-        for observer in self.observers:
-            try:
-                observer(stored)
-            except Exception:
-                log.exception("sink %s: observer %s failed", self.topic, observer.__name__)
-        self.batches.ack([message for message, _ in stored])
+        if self.publishing is not None:
+            await self.publishing
+        if self.stored:
+            stored, self.stored = self.stored, []
+            self.publishing = asyncio.ensure_future(self._hand_over(stored))
+
+    async def _hand_over(self, stored: Sequence[Stored]) -> None:
+        """The observers' updates are idempotent (a replay or re-fetch changes nothing), and a
+        failing observer must not stop the sink."""
+        try:
+            for observer in self.observers:
+                try:
+                    await observer(stored)
+                except Exception:
+                    log.exception("sink %s: observer %s failed", self.topic, observer.__name__)
+            self.batches.ack([message for message, _ in stored])
+        finally:
+            self.publishing = None
 
     async def _store(
         self, delivered: Sequence[Delivered[StreamRecord | None]]

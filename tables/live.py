@@ -32,9 +32,10 @@ treat these tables as a freshness layer over the database, never as the only sou
 
 from __future__ import annotations
 
+import asyncio
 import weakref
 from collections import Counter
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -52,10 +53,12 @@ from models.dsl import StreamRecord
 from models.market import AGGREGATE_EXCHANGE, CryptoMarketAnalytics, CryptoPriceData
 
 R = TypeVar("R", bound=StreamRecord)
+T = TypeVar("T")
 
 RANGE_SIZE = timedelta(hours=24)
 RANGE_STEP = timedelta(hours=1)
 RANGE_EXPIRES = timedelta(hours=25)
+WRITES_PER_SLICE = 20  # table writes between two turns of the event loop (~2 ms here)
 
 # Messages that could not be decoded, per topic. The sink dead-letters them; the tables only
 # skip and count them (shown by /health).
@@ -151,7 +154,16 @@ def _on_behalf_of(message: Message) -> Iterator[None]:
         _current_event.reset(token)
 
 
-def _newest_per_key(
+async def _yielding(items: Iterable[T]) -> AsyncIterator[T]:
+    """`items`, letting the event loop run between slices of them: a publication's table writes
+    (a changelog message each) then never hold up the sink and the fetch loop for long."""
+    for number, item in enumerate(items, 1):
+        yield item
+        if not number % WRITES_PER_SLICE:
+            await asyncio.sleep(0)
+
+
+async def _newest_per_key(
     table: TableT, record_type: type[R], key: str, batch: Iterable[tuple[Message, R]]
 ) -> None:
     """Write each key's newest record of the batch, if it is newer than the table's."""
@@ -162,7 +174,7 @@ def _newest_per_key(
         best = newest_of.get(name)
         if best is None or at > best[0]:  # a tie keeps the first
             newest_of[name] = (at, message, record)
-    for name, (at, message, record) in newest_of.items():
+    async for name, (at, message, record) in _yielding(newest_of.items()):
         current = table.get(name)
         # Only the stored time matters here: no need to validate the whole stored record.
         if current is not None:
@@ -173,7 +185,7 @@ def _newest_per_key(
             table[name] = record.model_dump(mode="json")
 
 
-def _ranges(batch: Iterable[tuple[Message, CryptoPriceData]]) -> None:
+async def _ranges(batch: Iterable[tuple[Message, CryptoPriceData]]) -> None:
     """Merge the batch's high/low per coin and hour into the hourly windows: one write for each
     window the batch widens, none for the others (most snapshots set no new high or low)."""
     step = RANGE_STEP.total_seconds()
@@ -189,7 +201,7 @@ def _ranges(batch: Iterable[tuple[Message, CryptoPriceData]]) -> None:
             seen[1] = value
         elif value < seen[2]:
             seen[2] = value
-    for (coin_id, hours), (message, high, low) in merged.items():
+    async for (coin_id, hours), (message, high, low) in _yielding(merged.items()):
         window = price_ranges.relative_to(datetime.fromtimestamp(hours * step, UTC))
         held = window[coin_id].value()
         bounds = merge_bounds(held, {"high": str(high), "low": str(low)})
@@ -204,19 +216,19 @@ def _decoded(topic: str, batch: Sequence[Stored]) -> list[tuple[Message, StreamR
     return cast(list[tuple[Message, StreamRecord]], decoded)
 
 
-def track_prices(batch: Sequence[Stored]) -> None:
+async def track_prices(batch: Sequence[Stored]) -> None:
     """Latest snapshot and hourly high/low per coin, from a stored batch of the price topic."""
     decoded = cast(
         list[tuple[Message, CryptoPriceData]], _decoded(CryptoPriceData.topic.name, batch)
     )
     prices = [stored for stored in decoded if stored[1].exchange_id == AGGREGATE_EXCHANGE]
-    _newest_per_key(latest_prices, CryptoPriceData, "coin_id", prices)
-    _ranges(prices)
+    await _newest_per_key(latest_prices, CryptoPriceData, "coin_id", prices)
+    await _ranges(prices)
 
 
-def track_analytics(batch: Sequence[Stored]) -> None:
+async def track_analytics(batch: Sequence[Stored]) -> None:
     """Latest market analytics per source, from a stored batch of the analytics topic."""
-    _newest_per_key(
+    await _newest_per_key(
         latest_analytics,
         CryptoMarketAnalytics,
         "source",
