@@ -1,11 +1,14 @@
 """Baseline (a), the practical limit: no Faust, a bare aiokafka consumer and the same write.
 
-Run by `bench.sink_throughput` as a subprocess (like the workers it is compared with). Large
-fetches (`fetch_max_bytes`, `max_partition_fetch_bytes`, `getmany(max_records=...)`), the app's
-own decode (`models.codec.decode_record`: pydantic, Decimals exact) and the app's own write
+Run by `bench.sink_throughput` and `bench.latency` as a subprocess (like the workers it is
+compared with; `bench.common.bare_sink` starts it). Large fetches (`fetch_max_bytes`,
+`max_partition_fetch_bytes`, `getmany(max_records=...)`), the app's own decode
+(`models.codec.decode_record`: pydantic, Decimals exact) and the app's own write
 (`store.writer.RecordWriter`: COPY into staging + INSERT ... ON CONFLICT DO NOTHING) in one
-transaction per fetched batch, with the worker's garbage-collector thresholds (`app.memory`, passed
-as `BENCH_GC_THRESHOLDS`). Stops after `BENCH_ROWS` messages.
+transaction per fetched batch, with the worker's garbage-collector thresholds (`app.memory`) and
+fetch wait (BROKER_FETCH_MAX_WAIT_MS), passed as `BENCH_GC_THRESHOLDS` and
+`BENCH_FETCH_MAX_WAIT_MS` so that nothing of Faust is imported. Stops after `BENCH_ROWS` messages,
+or when it is stopped.
 """
 
 from __future__ import annotations
@@ -24,13 +27,14 @@ from store.writer import RecordWriter
 
 async def main() -> None:
     gc.set_threshold(*map(int, os.environ["BENCH_GC_THRESHOLDS"].split(",")))
-    target = int(os.environ["BENCH_ROWS"])
+    target = int(os.environ.get("BENCH_ROWS", "0")) or None  # None: until stopped
     topic = CryptoPriceData.topic.name
     consumer = AIOKafkaConsumer(
         bootstrap_servers=os.environ["BENCH_BOOTSTRAP"],
         enable_auto_commit=False,
         fetch_max_bytes=64 * 1024 * 1024,
         max_partition_fetch_bytes=16 * 1024 * 1024,
+        fetch_max_wait_ms=int(os.environ["BENCH_FETCH_MAX_WAIT_MS"]),
     )
     await consumer.start()
     writer = RecordWriter(CryptoPriceData)
@@ -39,7 +43,7 @@ async def main() -> None:
         consumer.assign([TopicPartition(topic, p) for p in range(CryptoPriceData.topic.partitions)])
         await consumer.seek_to_beginning()
         seen = 0
-        while seen < target:
+        while target is None or seen < target:
             fetched = await consumer.getmany(timeout_ms=500, max_records=10_000)
             batch = [
                 decode_record(CryptoPriceData, message.value)

@@ -30,6 +30,8 @@ import psutil
 from aiokafka import AIOKafkaProducer
 
 from app.embedded import EmbeddedBroker, embedded_postgres, free_port
+from app.memory import GC_THRESHOLDS
+from app.settings import Settings
 from models.codec import encode_record
 from models.dsl import quote_ident
 from models.market import CryptoPriceData
@@ -255,6 +257,22 @@ def worker_env(stack: Stack, dsn: str, app_id: str, web_port: int, **extra: str)
         "OHLC_POLL_SECONDS": "3600",
         **extra,
     }
+
+
+def bare_sink(stack: Stack, dsn: str, rows: int | None = None) -> Process:
+    """Baseline (a), `bench.bare_sink`: everything the worker does to a record but Faust, with the
+    worker's garbage-collector thresholds and fetch wait; stops after `rows` (None: when stopped).
+    """
+    env = worker_env(stack, dsn, "bench-bare", free_port())
+    env.update(
+        BENCH_BOOTSTRAP=stack.bootstrap,
+        BENCH_GC_THRESHOLDS=",".join(map(str, GC_THRESHOLDS)),
+        BENCH_FETCH_MAX_WAIT_MS=str(Settings.model_fields["broker_fetch_max_wait_ms"].default),
+    )
+    if rows is not None:
+        env["BENCH_ROWS"] = str(rows)
+    log_path = stack.directory / f"bare-{time.monotonic_ns()}.log"
+    return Process([sys.executable, "-m", "bench.bare_sink"], env, log_path)
 
 
 def faust_worker(stack: Stack, module: str, dsn: str, app_id: str, **extra: str) -> Process:

@@ -1,18 +1,26 @@
-"""End-to-end latency, produce -> row committed in PostgreSQL, at steady rates.
+"""End-to-end latency, produce -> row committed in PostgreSQL, at steady rates, against a baseline.
 
-    .venv/bin/python -m bench.latency [--seconds 20]
+    .venv/bin/python -m bench.latency [--seconds 20] [--only bare,worker]
 
-One `faust -A app worker` (as deployed, live tables included) on an embedded broker and
-PostgreSQL. Records are produced at a steady 1,000/s (10 every 10 ms) and 10/s (1 every 100 ms),
-on an absolute schedule, each with `last_updated` = the wall-clock time at which it is handed to
-the producer (microseconds; the key stays unique).
+Contenders, each on a fresh embedded broker and PostgreSQL of its own (the embedded broker's
+fetches get slower as a partition's stored batches accumulate, so each contender must start from
+the same empty broker; docs/performance.md, section 3):
+
+- bare:   baseline (a) of `bench.sink_throughput`, `bench.bare_sink`: a bare aiokafka consumer
+          with the worker's fetch wait, the app's decode and the app's write, one transaction per
+          fetch: the latency of the same work without Faust;
+- worker: one `faust -A app worker` (as deployed, live tables included).
+
+Records are produced at a steady 1,000/s (10 every 10 ms) and 10/s (1 every 100 ms), on an
+absolute schedule, each with `last_updated` = the wall-clock time at which it is handed to the
+producer (microseconds; the key stays unique).
 
 How commit time is observed: a statement-level AFTER INSERT trigger on `crypto_prices` (added by
 this benchmark only, not by the schema) calls `pg_notify` with the inserted rows' `last_updated`.
 PostgreSQL delivers a notification only when the transaction commits, so its arrival at this
 process is "the row is committed and visible". Both timestamps come from this process's clock.
-The method's own overhead is one trigger call and one notification per batch (the sink writes one
-INSERT per batch), well under a millisecond; it is included in the numbers.
+The method's own overhead is one trigger call and one notification per batch (both contenders
+write one INSERT per batch), well under a millisecond; it is included in the numbers.
 """
 
 from __future__ import annotations
@@ -30,6 +38,7 @@ from bench.common import (
     PRICES_TABLE,
     PRICES_TOPIC,
     Stack,
+    bare_sink,
     coin_price,
     describe_machine,
     faust_worker,
@@ -79,21 +88,24 @@ class Landed:
         self.latencies += [now - at for at in produced if at >= self.since]
 
 
-async def measure(s: Stack, rate: int, seconds: float) -> dict[str, float]:
+async def measure(s: Stack, contender: str, rate: int, seconds: float) -> dict[str, float]:
     dsn = await s.database()
     listener = await asyncpg.connect(dsn)
     await listener.execute(TRIGGER)
     landed = Landed()
     await listener.add_listener(CHANNEL, landed.on_notify)
-    worker = faust_worker(s, "app", dsn, f"bench-latency-{rate}")
+    if contender == "worker":
+        worker = faust_worker(s, "app", dsn, f"bench-latency-{rate}")
+    else:
+        worker = bare_sink(s, dsn)
     kafka = producer(s.bootstrap)
     await kafka.start()
     per_tick, tick = (10, 0.01) if rate >= 100 else (1, 1 / rate)
     sent = 0
     try:
         async with running(worker):
-            # Warm up until a fresh row made it through: the worker has joined, caught up with
-            # the topic (a new group starts at its beginning) and is fetching.
+            # Warm up until a fresh row made it through: the contender has joined, caught up with
+            # the topic (it starts at the topic's beginning) and is fetching.
             landed.restart()
             while not landed.latencies:
                 worker.check()
@@ -131,27 +143,43 @@ async def send(kafka: AIOKafkaProducer, coin: int, cycle: int) -> None:
     await kafka.send(PRICES_TOPIC, key=record.coin_id.encode(), value=encode_record(record))
 
 
-async def main(seconds: float) -> None:
+async def main(seconds: float, contenders: list[str]) -> None:
     print(describe_machine())
-    with stack() as s:
-        await create_generated_topics(s.bootstrap)
-        rows = []
-        for rate, duration in ((1000, seconds), (10, max(seconds, 30.0))):
-            result = await measure(s, rate, duration)
+    phases = ((1000, seconds), (10, max(seconds, 30.0)))  # (records per second, seconds)
+    results: dict[tuple[str, int], dict[str, float]] = {}
+    for contender in contenders:
+        with stack() as s:
+            await create_generated_topics(s.bootstrap)
+            for rate, duration in phases:
+                results[contender, rate] = await measure(s, contender, rate, duration)
+    rows = []
+    for rate, _ in phases:
+        for contender in contenders:
+            r = results[contender, rate]
             rows.append(
                 (
                     f"{rate:,}/s",
-                    f"{result['sent']:,}",
-                    f"{result['landed']:,}",
-                    f"{result['p50']:.1f}",
-                    f"{result['p99']:.1f}",
-                    f"{result['max']:.1f}",
+                    contender,
+                    f"{r['sent']:,}",
+                    f"{r['landed']:,}",
+                    f"{r['p50']:.1f}",
+                    f"{r['p99']:.1f}",
+                    f"{r['max']:.1f}",
                 )
             )
-        print(table(("rate", "sent", "committed", "p50 ms", "p99 ms", "max ms"), rows))
+    print(table(("rate", "contender", "sent", "committed", "p50 ms", "p99 ms", "max ms"), rows))
+    if {"bare", "worker"} <= set(contenders):
+        for rate, _ in phases:
+            worker, bare = results["worker", rate], results["bare", rate]
+            print(
+                f"{rate:,}/s: the worker's p99 is {worker['p99'] - bare['p99']:+.1f} ms "
+                f"({worker['p99'] / bare['p99']:.2f}x) the bare baseline's"
+            )
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seconds", type=float, default=20.0)
-    asyncio.run(main(parser.parse_args().seconds))
+    parser.add_argument("--only", default="bare,worker", help="contenders, in order")
+    args = parser.parse_args()
+    asyncio.run(main(args.seconds, args.only.split(",")))

@@ -24,16 +24,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import statistics
-import sys
 import time
 from typing import Any
 
-from app.embedded import create_generated_topics, free_port
-from app.memory import GC_THRESHOLDS
+from app.embedded import create_generated_topics
 from bench.common import (
-    Process,
     Run,
     Stack,
+    bare_sink,
     describe_machine,
     faust_worker,
     produce,
@@ -42,7 +40,6 @@ from bench.common import (
     stack,
     table,
     watch_rows,
-    worker_env,
 )
 from models.market import CryptoPriceData
 
@@ -51,10 +48,7 @@ CONTENDERS = ("bare", "naive", "worker", "two-workers")
 
 async def bare(s: Stack, rows: int) -> Run:
     dsn = await s.database()
-    env = worker_env(s, dsn, "bench-bare", free_port())
-    thresholds = ",".join(map(str, GC_THRESHOLDS))
-    env.update(BENCH_ROWS=str(rows), BENCH_BOOTSTRAP=s.bootstrap, BENCH_GC_THRESHOLDS=thresholds)
-    process = Process([sys.executable, "-m", "bench.bare_sink"], env, s.directory / "bare.log")
+    process = bare_sink(s, dsn, rows)
     async with running(process):
         return await watch_rows(dsn, rows, [process])
 
