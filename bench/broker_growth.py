@@ -18,19 +18,19 @@ import asyncio
 import time
 
 import psutil
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka import AIOKafkaProducer
 
 from app.embedded import create_generated_topics
-from app.settings import Settings
 from bench.common import (
     PRICES_TOPIC,
     describe_machine,
     percentile,
     produce,
-    producer,
     snapshots,
     stack,
+    stamped,
     table,
+    timed_fetches,
 )
 
 WINDOW = 10.0  # seconds
@@ -38,31 +38,8 @@ PREFILL = 50_000
 
 
 async def windows(bootstrap: str, broker: psutil.Process, count: int) -> list[tuple[str, ...]]:
-    consumer = AIOKafkaConsumer(
-        PRICES_TOPIC,
-        bootstrap_servers=bootstrap,
-        group_id="bench-broker-growth",
-        auto_offset_reset="latest",
-        fetch_max_wait_ms=Settings.model_fields["broker_fetch_max_wait_ms"].default,
-    )
-    kafka = producer(bootstrap)
-    await kafka.start()
-    await consumer.start()
-    latencies: list[float] = []
-
-    async def consume() -> None:
-        async for message in consumer:
-            stamp = (message.value or b"").split(b" ")[0]
-            # The broker's wrong "latest" offset starts a new group inside the pre-filled records.
-            if stamp.replace(b".", b"").isdigit():
-                latencies.append(time.time() - float(stamp))
-
-    consuming = asyncio.ensure_future(consume())
     rows: list[tuple[str, ...]] = []
-    try:
-        while not consumer.assignment():
-            await asyncio.sleep(0.1)
-        await asyncio.sleep(1.0)  # past the group join and the first fetches
+    async with timed_fetches(bootstrap, "bench-broker-growth") as (kafka, latencies):
         sent = 0
         for number in range(1, count + 1):
             latencies.clear()
@@ -84,21 +61,17 @@ async def windows(bootstrap: str, broker: psutil.Process, count: int) -> list[tu
                     f"{max(latencies) * 1000:.1f}",
                 )
             )
-    finally:
-        consuming.cancel()
-        await consumer.stop()
-        await kafka.stop()
     return rows
 
 
 async def send_window(kafka: AIOKafkaProducer, sent: int) -> None:
     """10 records every 10 ms for one window, stamped with the wall-clock time of sending."""
-    padding = b" " + b"x" * 300  # about the size of a price record
+    padding = b"x" * 300  # about the size of a price record
     start = time.perf_counter()
     for tick in range(int(WINDOW / 0.01)):
         await asyncio.sleep(max(0.0, start + tick * 0.01 - time.perf_counter()))
         for n in range(10):
-            value = str(time.time()).encode() + padding
+            value = stamped(padding)
             await kafka.send(PRICES_TOPIC, key=str((sent + n) % 100).encode(), value=value)
 
 

@@ -27,7 +27,7 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 import httpx
 import psutil
-from aiokafka import AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from app.embedded import EmbeddedBroker, embedded_postgres, free_port
 from app.memory import GC_THRESHOLDS
@@ -38,6 +38,7 @@ from models.market import CryptoPriceData
 from schema.migrate import migrate_database
 
 PRICES_TOPIC = CryptoPriceData.topic.name
+WORKER_FETCH_MAX_WAIT_MS = Settings.model_fields["broker_fetch_max_wait_ms"].default
 PRICES_TABLE = quote_ident(CryptoPriceData.table.name)
 T0 = datetime(2024, 5, 1, tzinfo=UTC)
 
@@ -267,7 +268,7 @@ def bare_sink(stack: Stack, dsn: str, rows: int | None = None) -> Process:
     env.update(
         BENCH_BOOTSTRAP=stack.bootstrap,
         BENCH_GC_THRESHOLDS=",".join(map(str, GC_THRESHOLDS)),
-        BENCH_FETCH_MAX_WAIT_MS=str(Settings.model_fields["broker_fetch_max_wait_ms"].default),
+        BENCH_FETCH_MAX_WAIT_MS=str(WORKER_FETCH_MAX_WAIT_MS),
     )
     if rows is not None:
         env["BENCH_ROWS"] = str(rows)
@@ -293,6 +294,49 @@ async def running(*processes: Process) -> AsyncIterator[None]:
     finally:
         for process in processes:
             await asyncio.to_thread(process.stop)
+
+
+def stamped(padding: bytes = b"") -> bytes:
+    """A message value that starts with the wall-clock time it is made (for `timed_fetches`)."""
+    return f"{time.time()} ".encode() + padding
+
+
+@contextlib.asynccontextmanager
+async def timed_fetches(
+    bootstrap: str, group_id: str
+) -> AsyncIterator[tuple[AIOKafkaProducer, list[float]]]:
+    """A started producer, and the list to which a bare aiokafka consumer of `crypto-prices` (the
+    worker's fetch wait, from the end) appends produce -> fetched seconds for every `stamped`
+    message; ready once the consumer is past its group join and first fetches."""
+    consumer = AIOKafkaConsumer(
+        PRICES_TOPIC,
+        bootstrap_servers=bootstrap,
+        group_id=group_id,
+        auto_offset_reset="latest",
+        fetch_max_wait_ms=WORKER_FETCH_MAX_WAIT_MS,
+    )
+    kafka = producer(bootstrap)
+    await kafka.start()
+    await consumer.start()
+    latencies: list[float] = []
+
+    async def consume() -> None:
+        async for message in consumer:
+            stamp = (message.value or b"").split(b" ")[0]
+            # The broker's wrong "latest" offset can start a new group inside older records.
+            if stamp.replace(b".", b"").isdigit():
+                latencies.append(time.time() - float(stamp))
+
+    consuming = asyncio.ensure_future(consume())
+    try:
+        while not consumer.assignment():
+            await asyncio.sleep(0.1)
+        await asyncio.sleep(1.0)
+        yield kafka, latencies
+    finally:
+        consuming.cancel()
+        await consumer.stop()
+        await kafka.stop()
 
 
 def percentile(values: Sequence[float], fraction: float) -> float:

@@ -21,11 +21,17 @@ import asyncio
 import time
 
 import asyncpg
-from aiokafka import AIOKafkaConsumer
 
 from app.embedded import create_generated_topics
-from app.settings import Settings
-from bench.common import PRICES_TOPIC, describe_machine, percentile, producer, stack, table
+from bench.common import (
+    PRICES_TOPIC,
+    describe_machine,
+    percentile,
+    stack,
+    stamped,
+    table,
+    timed_fetches,
+)
 
 INTERVAL = 0.1  # seconds between records: 10 per second
 
@@ -47,40 +53,15 @@ async def commit_latencies(dsn: str, count: int) -> list[float]:
 
 
 async def fetch_latencies(bootstrap: str, count: int) -> list[float]:
-    consumer = AIOKafkaConsumer(
-        PRICES_TOPIC,
-        bootstrap_servers=bootstrap,
-        group_id="bench-latency-floor",
-        auto_offset_reset="latest",
-        fetch_max_wait_ms=Settings.model_fields["broker_fetch_max_wait_ms"].default,
-    )
-    kafka = producer(bootstrap)
-    await kafka.start()
-    await consumer.start()
-    latencies: list[float] = []
-
-    async def consume() -> None:
-        async for message in consumer:
-            latencies.append(time.time() - float(message.value or b"0"))
-
-    consuming = asyncio.ensure_future(consume())
-    try:
-        while not consumer.assignment():
-            await asyncio.sleep(0.1)
-        await asyncio.sleep(1.0)  # past the group join and the first fetches
+    async with timed_fetches(bootstrap, "bench-latency-floor") as (kafka, latencies):
         start = time.perf_counter()
         for n in range(count):
             await asyncio.sleep(max(0.0, start + n * INTERVAL - time.perf_counter()))
-            sent_at = str(time.time()).encode()
-            await kafka.send(PRICES_TOPIC, key=str(n % 100).encode(), value=sent_at)
+            await kafka.send(PRICES_TOPIC, key=str(n % 100).encode(), value=stamped())
         deadline = time.perf_counter() + 10
         while len(latencies) < count and time.perf_counter() < deadline:
             await asyncio.sleep(0.05)
-    finally:
-        consuming.cancel()
-        await consumer.stop()
-        await kafka.stop()
-    return latencies
+        return list(latencies)
 
 
 def row(name: str, values: list[float]) -> tuple[str, ...]:
