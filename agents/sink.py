@@ -219,9 +219,10 @@ class Sink:
         """Start a publication of the stored batches: the observers get them as one, then they
         are acknowledged in offset order (acknowledged means durable everywhere the sink writes;
         Faust's committed offsets are only a starting hint now: the stored offsets decide what is
-        written). It runs beside the sink, which goes on storing batches meanwhile (the observers
-        yield between their writes), so a publication adds no stall to the records behind it.
-        One publication at a time, in order: the next waits for the one under way.
+        written). It runs beside the sink, which goes on storing batches meanwhile: the observers
+        yield between slices of their writes, so a publication holds the sink up for one slice at
+        a time instead of all its writes at once. One publication at a time, in order: the next
+        waits for the one under way.
         """
         if self.publishing is not None:
             await self.publishing
