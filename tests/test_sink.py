@@ -236,3 +236,25 @@ async def test_the_tables_get_stored_records_together_and_only_then_are_they_com
     second = await kafka.send_records(records[40:])
     await kafka.wait_committed(first + second, worker)
     assert CryptoPriceData.model_validate(await in_table()) == records[-1]
+
+
+async def test_sigterm_hands_stored_records_to_the_tables_at_once_and_commits_them(
+    kafka: Kafka, workers: Callable[..., Worker], migrated: str
+) -> None:
+    """A shutdown suspends the flow and waits for every taken message to be acknowledged: the
+    sink must hand over what it holds at once, not after LIVE_TABLE_UPDATE_SECONDS (a minute)."""
+    worker = workers(migrated, {"LIVE_TABLE_UPDATE_SECONDS": "60"})
+    sent = await kafka.send_records(prices("stop", 30))
+
+    async def all_rows() -> int | None:
+        count = await count_rows(migrated, CryptoPriceData)
+        return count if count == len(sent) else None
+
+    await eventually(all_rows, worker, "every row")
+    assert set((await kafka.committed({PRICES})).values()) == {0}  # held for the tables
+    assert await worker.terminate() == 0  # within STOP_TIMEOUT (45 s), well before the minute
+    ends: dict[tuple[str, int], int] = {}
+    for message in sent:
+        ends[message.topic, message.partition] = message.offset + 1
+    committed = await kafka.committed({PRICES})
+    assert all(committed[tp] >= end for tp, end in ends.items())
