@@ -95,20 +95,20 @@ async def measure(s: Stack, contender: str, rate: int, seconds: float) -> dict[s
     landed = Landed()
     await listener.add_listener(CHANNEL, landed.on_notify)
     if contender == "worker":
-        worker = faust_worker(s, "app", dsn, f"bench-latency-{rate}")
+        process = faust_worker(s, "app", dsn, f"bench-latency-{rate}")
     else:
-        worker = bare_sink(s, dsn)
+        process = bare_sink(s, dsn)
     kafka = producer(s.bootstrap)
     await kafka.start()
     per_tick, tick = (10, 0.01) if rate >= 100 else (1, 1 / rate)
     sent = 0
     try:
-        async with running(worker):
+        async with running(process):
             # Warm up until a fresh row made it through: the contender has joined, caught up with
             # the topic (it starts at the topic's beginning) and is fetching.
             landed.restart()
             while not landed.latencies:
-                worker.check()
+                process.check()
                 await send(kafka, 0, 0)
                 await asyncio.sleep(0.5)
             await asyncio.sleep(1.0)
@@ -124,7 +124,7 @@ async def measure(s: Stack, contender: str, rate: int, seconds: float) -> dict[s
             while len(landed.latencies) < sent and time.perf_counter() < deadline:
                 await asyncio.sleep(0.05)
             if len(landed.latencies) < sent:
-                print(worker.log_path.read_text(errors="replace")[-4000:])
+                print(process.log_path.read_text(errors="replace")[-4000:])
     finally:
         await kafka.stop()
         await listener.close()

@@ -161,7 +161,7 @@ async def test_a_sink_waiting_for_messages_is_woken_by_a_rebalance(
     assert await asyncio.wait_for(waiting, 10) == []
 
 
-async def test_a_take_that_times_out_leaves_later_fetches_queued(
+async def test_a_take_that_times_out_returns_nothing_and_the_next_gets_later_fetches(
     batches: Batches, messages: Make
 ) -> None:
     assert await batches.take(10, timeout=0.05) == []
