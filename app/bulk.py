@@ -31,10 +31,11 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from typing import Any, cast
 
 import faust
+from aiokafka import TopicPartition
 from faust.transport import consumer as faust_consumer
 from faust.transport.drivers import aiokafka as faust_aiokafka
 from faust.types import TP, AppT, Message
@@ -161,7 +162,8 @@ class Batches(FlowControlQueue[list[Message]]):
 
 
 class ConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
-    """Faust's consumer thread, with the worker consumer's fetch wait from `App`."""
+    """Faust's consumer thread, with the worker consumer's fetch wait from `App`, and Faust's
+    partition pauses applied to aiokafka's fetcher."""
 
     def _create_worker_consumer(self, transport: Any) -> Any:
         """Faust 0.15.3 hard-codes `fetch_max_wait_ms` to 1500 ms and has no setting for it: a
@@ -170,6 +172,27 @@ class ConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
         consumer._fetch_max_wait_ms = cast(App, self.app).fetch_max_wait_ms
         return consumer
 
+    def set_fetching(self, tps: set[TP], fetching: bool) -> None:
+        """Pause (or resume) fetching `tps` in aiokafka; callable from the app's thread. Runs in
+        this thread's loop, where aiokafka's fetcher lives, in the order of the calls."""
+        if not self.thread_loop.is_closed():
+            self.thread_loop.call_soon_threadsafe(self._set_fetching, tps, fetching)
+
+    def _set_fetching(self, tps: set[TP], fetching: bool) -> None:
+        consumer = self._consumer
+        if consumer is None:  # not started: nothing is fetched yet
+            return
+        assigned = consumer.assignment()  # a rebalance may have moved some away meanwhile
+        partitions = [TopicPartition(tp.topic, tp.partition) for tp in tps if tp in assigned]
+        if fetching:
+            consumer.resume(*partitions)
+        else:
+            consumer.pause(*partitions)
+
+    async def paused(self) -> set[TP]:
+        """The partitions aiokafka does not fetch right now (raises ConsumerNotStarted)."""
+        return {TP(tp.topic, tp.partition) for tp in self._ensure_consumer().paused()}
+
 
 class Consumer(faust_aiokafka.Consumer):
     """Faust's aiokafka consumer; messages of `App.bulk` topics are delivered in lists."""
@@ -177,8 +200,31 @@ class Consumer(faust_aiokafka.Consumer):
     # Messages of bulk topics from the latest fetch, per partition, for `_drain_messages`.
     _fetched_bulk: list[tuple[TP, list[Message]]] = []
 
+    _thread: ConsumerThread
+
     def _new_consumer_thread(self) -> ConsumerThread:
         return ConsumerThread(self, loop=self.loop, beacon=self.beacon)
+
+    def pause_partitions(self, tps: Iterable[TP]) -> None:
+        """Faust pauses a partition in its own bookkeeping only (it stops asking aiokafka for its
+        records): aiokafka goes on fetching it and buffers what it gets, and while a partition's
+        buffered records are not taken, aiokafka sends no fetch to that broker for up to its
+        `prefetch_backoff` (100 ms). Faust pauses every table's changelog once it is recovered, so
+        each table write to a changelog partition held every partition's fetches up for 100 ms
+        (docs/performance.md, section 3). Here a Faust pause is an aiokafka pause too."""
+        paused = faust_consumer.ensure_TPset(tps)
+        super().pause_partitions(paused)
+        self._thread.set_fetching(paused, False)
+
+    def resume_partitions(self, tps: Iterable[TP]) -> None:
+        resumed = faust_consumer.ensure_TPset(tps)
+        super().resume_partitions(resumed)
+        self._thread.set_fetching(resumed, True)
+
+    async def paused_partitions(self) -> set[TP]:
+        """The partitions not fetched right now, as the consumer thread sees them."""
+        paused: set[TP] = await self._thread.call_thread(self._thread.paused)
+        return paused
 
     async def _wait_next_records(self, timeout: float) -> tuple[Any, set[TP] | None]:
         """Faust's fetch, with the records of bulk topics taken out of what its `getmany`

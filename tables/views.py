@@ -22,12 +22,14 @@ from decimal import Decimal
 from typing import Any, TypeVar, cast
 
 import asyncpg
+from faust.exceptions import ConsumerNotStarted
 from faust.transport.drivers.aiokafka import Producer
 from faust.types import TableT
 from faust.web import Request, Response, View
 from faust.web.exceptions import NotFound, ServiceUnavailable, ValidationError
 
 from agents.sink import SINK_STATUS
+from app.bulk import Consumer
 from app.main import app, settings
 from coingecko.poller import POLL_STATUS
 from models.dsl import StreamRecord
@@ -217,7 +219,22 @@ async def _broker_status() -> dict[str, Any]:
         "connected": connected,
         "rebalancing": app.rebalancing,
         "assigned_partitions": len(app.consumer.assignment()),
+        "paused_partitions": await _paused_partitions(),
     }
+
+
+async def _paused_partitions() -> dict[str, list[int]] | None:
+    """Partitions not fetched, by topic: every table's changelog once it is recovered, all of
+    them during a rebalance. None while the consumer is not started or does not answer."""
+    try:
+        async with asyncio.timeout(BROKER_TIMEOUT):
+            tps = await cast(Consumer, app.consumer).paused_partitions()
+    except (ConsumerNotStarted, TimeoutError):
+        return None
+    paused: dict[str, list[int]] = {}
+    for tp in sorted(tps):
+        paused.setdefault(tp.topic, []).append(tp.partition)
+    return paused
 
 
 def _sink_status() -> dict[str, dict[str, Any]]:

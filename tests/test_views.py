@@ -21,10 +21,11 @@ from conftest import dsn_for
 from workers import Worker, eventually
 
 from app.embedded import EmbeddedBroker, create_generated_topics, free_port
+from app.main import app
 from models import RECORDS
 from models.codec import encode_record
 from models.dsl import StreamRecord, quote_ident
-from models.market import CryptoMarketAnalytics, CryptoPriceData
+from models.market import PARTITIONS, CryptoMarketAnalytics, CryptoPriceData
 from schema.migrate import migrate_database
 from tables.live import range_window, widen
 
@@ -332,6 +333,11 @@ async def test_health_reports_broker_database_poller_sink_and_no_secret(views):
     assert body["status"] == "ok"
     assert body["broker"]["connected"] is True
     assert body["broker"]["assigned_partitions"] > 0
+    # Recovered tables' changelogs are not fetched (Faust only stops reading them); records are.
+    changelogs = {f"{worker.env['APP_ID']}-{table}-changelog" for table in app.tables}
+    assert body["broker"]["paused_partitions"] == {
+        topic: list(range(PARTITIONS)) for topic in sorted(changelogs)
+    }
     assert body["database"] == {"reachable": True}
     assert isinstance(body["poller"], dict)
     # The only worker of its group holds every partition of every record topic.
