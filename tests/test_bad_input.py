@@ -19,7 +19,7 @@ import logging
 import subprocess
 import sys
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
 from decimal import Decimal
 from importlib import resources
@@ -41,7 +41,7 @@ from workers import Kafka, Worker, count_rows, eventually
 from app.embedded import EmbeddedBroker
 from coingecko.fake_server import FakeCoinGecko, body, rate_limited, serve_fake_coingecko, slow
 from coingecko.fake_server import truncated_json as truncated
-from coingecko.parse import loads_exact, parse_global, parse_markets, parse_ohlc
+from coingecko.parse import Parsed, loads_exact, parse_global, parse_markets, parse_ohlc
 from models import RECORDS, CryptoMarketAnalytics, CryptoOHLCVData, CryptoPriceData, StreamRecord
 from models.codec import MAX_MESSAGE_BYTES, RecordRejected, decode_record, encode_record
 from models.dsl import quote_ident
@@ -307,7 +307,11 @@ def test_every_candle_is_a_record_or_a_reported_skip(candles: list[Any]) -> None
     ],
 )
 def test_huge_exponents_are_reported_not_raised(text: str, problem: str) -> None:
-    parse = {"[{": parse_markets, '{"': parse_global, "[[": lambda b: parse_ohlc(b, "b", "b", 1)}
+    parse: dict[str, Callable[[Any], Parsed[Any]]] = {
+        "[{": parse_markets,
+        '{"': parse_global,
+        "[[": lambda b: parse_ohlc(b, "b", "b", 1),
+    }
     parsed = parse[text[:2]](loads_exact(text))
     assert parsed.records == [] and parsed.skipped == 1
     assert problem in parsed.problems[0]

@@ -16,7 +16,8 @@ from typing import cast
 
 import asyncpg
 import pytest
-from faust.types import TP, ConsumerMessage
+from faust.transport.conductor import Conductor
+from faust.types import TP, ConsumerMessage, Message
 from workers import Kafka, Worker, prices
 
 from app.bulk import App, Batches, Consumer
@@ -25,7 +26,7 @@ from models import CryptoPriceData
 
 TOPIC = CryptoPriceData.topic.name
 
-Make = Callable[..., list[ConsumerMessage]]
+Make = Callable[..., list[Message]]
 
 
 @pytest.fixture
@@ -34,7 +35,9 @@ async def app() -> App:
     acknowledgements (a sink's agent does that), flow control resumed."""
     app = App(f"test-bulk-{uuid.uuid4().hex[:8]}", broker="kafka://127.0.0.1:1")
     app.topics.add(app.topic(TOPIC))
-    await app.topics._update_indices()  # what the conductor does when it subscribes
+    await cast(
+        Conductor, app.topics
+    )._update_indices()  # what the conductor does when it subscribes
     app.flow_control.resume()
     return app
 
@@ -49,8 +52,8 @@ def messages(app: App) -> Make:
     """Messages as the fetch loop makes them: of the current consumer generation by default."""
     offsets = itertools.count()
 
-    def make(count: int, generation: int | None = None) -> list[ConsumerMessage]:
-        made = []
+    def make(count: int, generation: int | None = None) -> list[Message]:
+        made: list[Message] = []
         for offset in itertools.islice(offsets, count):
             made.append(
                 ConsumerMessage(

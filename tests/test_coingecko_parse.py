@@ -121,7 +121,8 @@ def test_markets_schema_drift_skips_bad_rows_and_keeps_the_rest() -> None:
 
 def test_markets_empty_and_wrong_shapes() -> None:
     assert parse_markets([]).records == [] and parse_markets([]).problems == []
-    for body in ({}, None, "html", Decimal(3)):
+    bodies: tuple[object, ...] = ({}, None, "html", Decimal(3))
+    for body in bodies:
         parsed = parse_markets(body)
         assert parsed.records == []
         assert parsed.problems and parsed.problems[0].startswith("coins/markets: expected a list")

@@ -268,7 +268,7 @@ class SqlScanner(ast.NodeVisitor):
                 for value, scope in bound
             )
         if isinstance(node, ast.Attribute | ast.Subscript):  # a lookup in a module constant
-            root = node
+            root: ast.expr = node
             while isinstance(root, ast.Attribute | ast.Subscript):
                 root = root.value
             return isinstance(root, ast.Name) and root.id.isupper()

@@ -138,7 +138,7 @@ def start_worker(bare_env: dict[str, str], broker: EmbeddedBroker, dsn: str, tmp
 async def until(
     worker: Worker,
     client: httpx.AsyncClient,
-    check: Callable[[httpx.AsyncClient], Awaitable[T]],
+    check: Callable[[httpx.AsyncClient], Awaitable[T | None]],
     what: str,
 ) -> T:
     """Poll `check(client)` until it returns something truthy (the server may not listen yet)."""
