@@ -210,8 +210,9 @@ class Consumer(faust_aiokafka.Consumer):
         records): aiokafka goes on fetching it and buffers what it gets, and while a partition's
         buffered records are not taken, aiokafka sends no fetch to that broker for up to its
         `prefetch_backoff` (100 ms). Faust pauses every table's changelog once it is recovered, so
-        each table write to a changelog partition held every partition's fetches up for 100 ms
-        (docs/performance.md, section 3). Here a Faust pause is an aiokafka pause too."""
+        a table's first write to each changelog partition (after every rebalance) held every
+        partition's fetches up for 100 ms (docs/performance.md, section 3); so did the stream
+        partitions during recovery. Here a Faust pause is an aiokafka pause too."""
         paused = faust_consumer.ensure_TPset(tps)
         super().pause_partitions(paused)
         self._thread.set_fetching(paused, False)
