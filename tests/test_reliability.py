@@ -258,7 +258,12 @@ async def test_database_down_twenty_seconds_worker_waits_and_resumes(
         assert_exactly(await stored(dsn, CryptoPriceData), records)
         await audit(kafka, dsn, sent)
         assert status["consecutive_failures"] == 0
-        assert (status["rows_written"], status["duplicates_skipped"]) == (N, 0)
+        # Every record written by this worker or recognised as stored, and no write met a row
+        # already there. A write whose COMMIT reached the server just as it went down fails on
+        # the client's side; its retry finds the offsets stored with the rows, so it writes
+        # nothing and counts the batch as replayed (seen once under load: 19,500 + 500).
+        assert N - status["replayed_skipped"] <= status["rows_written"] <= N
+        assert status["duplicates_skipped"] == 0
         assert (await worker.health())["database"]["reachable"] is True
         assert await worker.terminate() == 0
     report["database_down"] = {
@@ -269,6 +274,7 @@ async def test_database_down_twenty_seconds_worker_waits_and_resumes(
         "failed_attempts_by_then": failing["consecutive_failures"],
         "seconds_to_first_write_after_restart": round(resumed_after, 1),
         "rows_written": status["rows_written"],
+        "replayed_skipped": status["replayed_skipped"],
         "duplicates_skipped": status["duplicates_skipped"],
         "rows_in_table": N,
     }
@@ -299,7 +305,7 @@ async def test_sigterm_exits_zero_commits_only_stored_rows_and_restart_completes
     # offsets are reported, not asserted: Faust can skip a message on a rebalance and commit
     # past it (#606), which the stored offsets make harmless (the restart below seeks back).
     if status_code is not None:
-        assert status_code == 0, worker.output[-5000:]
+        assert status_code == 0, worker.excerpt()
 
     restarted = workers(migrated)
     status = await finish(migrated, restarted, kafka.group_id, sent)

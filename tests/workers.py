@@ -110,7 +110,18 @@ class Worker:
         return status
 
     def assert_alive(self) -> None:
-        assert self.process.poll() is None, f"worker exited:\n{self.output[-5000:]}"
+        assert self.process.poll() is None, f"worker exited:\n{self.excerpt()}"
+
+    def excerpt(self) -> str:
+        """The log's first error and its tail: a crash's cause comes first, and its shutdown
+        noise (cancelled agents, a stopped producer) can fill any tail."""
+        output = self.output
+        tail = max(0, len(output) - 5000)
+        found = [i for i in map(output.find, ("[ERROR]", "[CRITICAL]", "Traceback")) if i >= 0]
+        start = output.rfind("\n", 0, min(found)) + 1 if found else tail
+        if start >= tail:
+            return output[min(start, tail) :]
+        return f"{output[start : start + 5000]}\n[…]\n{output[tail:]}"
 
     async def terminate(self) -> int:
         self.process.send_signal(signal.SIGTERM)
