@@ -31,7 +31,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from typing import Any, cast
 
 import faust
@@ -171,6 +171,18 @@ class ConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
         consumer = super()._create_worker_consumer(transport)
         consumer._fetch_max_wait_ms = cast(App, self.app).fetch_max_wait_ms
         return consumer
+
+    async def _commit(self, offsets: Mapping[TP, int]) -> bool:
+        """Faust keeps the offsets of assigned partitions twice: in the app's loop, then here in
+        the consumer thread's, where a rebalance may have taken them all away in between. Faust
+        then asks aiokafka to commit nothing, which raises ValueError, and Faust crashes the
+        worker on it; here that commit is skipped, as Faust skips one of revoked partitions (the
+        new owner reads them again; the sink's stored offsets decide what is written)."""
+        assigned = self.assignment()
+        if not any(tp in assigned for tp in offsets):
+            log.info("commit of %s skipped: no longer assigned", sorted(offsets))
+            return False
+        return cast(bool, await super()._commit(offsets))
 
     def set_fetching(self, tps: set[TP], fetching: bool) -> None:
         """Pause (or resume) fetching `tps` in aiokafka; callable from the app's thread. Runs in

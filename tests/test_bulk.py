@@ -16,12 +16,13 @@ from typing import cast
 
 import asyncpg
 import pytest
+from aiokafka import AIOKafkaConsumer, TopicPartition
 from faust.transport.conductor import Conductor
 from faust.types import TP, ConsumerMessage, Message
 from workers import Kafka, Worker, prices
 
 from app.bulk import App, Batches, Consumer
-from app.embedded import EmbeddedBroker
+from app.embedded import EmbeddedBroker, create_generated_topics
 from models import CryptoPriceData
 
 TOPIC = CryptoPriceData.topic.name
@@ -244,3 +245,30 @@ async def test_a_backlog_is_written_in_batches_of_at_most_sink_batch_size(
         worker.kill()
     assert sum(sizes) == len(records)
     assert max(sizes) == 7  # the limit holds, and a backlog fills batches up to it
+
+
+async def test_a_commit_of_partitions_revoked_meanwhile_is_skipped_not_a_crash(
+    app: App, own_broker: EmbeddedBroker, app_id: str
+) -> None:
+    """Faust keeps only assigned partitions' offsets when it asks the consumer thread to commit,
+    and again in the thread; a rebalance in between can leave nothing to commit, which aiokafka
+    refuses with a ValueError that Faust turns into a crash of the worker."""
+    bootstrap = f"127.0.0.1:{own_broker.port}"
+    await create_generated_topics(bootstrap)
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap, group_id=app_id, enable_auto_commit=False
+    )
+    await consumer.start()
+    try:
+        consumer.assign([TopicPartition(TOPIC, 0)])
+        thread = cast(Consumer, app.consumer)._thread
+        thread._consumer = consumer  # the thread's aiokafka consumer, as if started
+
+        assert await thread._commit({TP(TOPIC, 1): 5}) is False  # partition 1: not assigned
+        assert thread.crash_reason is None
+        assert await thread._commit({TP(TOPIC, 0): 5, TP(TOPIC, 1): 9}) is True
+        assert thread.crash_reason is None
+        assert await consumer.committed(TopicPartition(TOPIC, 0)) == 5
+        assert await consumer.committed(TopicPartition(TOPIC, 1)) is None
+    finally:
+        await consumer.stop()
