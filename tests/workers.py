@@ -281,7 +281,7 @@ async def eventually(
     deadline = asyncio.get_running_loop().time() + timeout
     while (result := await check()) is None:
         worker.assert_alive()
-        assert asyncio.get_running_loop().time() < deadline, f"no {what}:\n{worker.output[-5000:]}"
+        assert asyncio.get_running_loop().time() < deadline, f"no {what}:\n{worker.excerpt()}"
         await asyncio.sleep(0.25)
     return result
 
