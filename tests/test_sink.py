@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import timedelta
 from decimal import Decimal
 from pathlib import Path
@@ -216,10 +216,8 @@ async def test_the_tables_get_stored_records_together_and_only_then_are_they_com
     records = prices("held", 50, coins=1)  # one coin, each snapshot newer than the last
     first = await kafka.send_records(records[:40])
 
-    async def in_table() -> dict[str, Any] | None:
-        async with httpx.AsyncClient(timeout=10) as client:
-            answer = await client.get(f"{worker.url}/table/latest-prices/held-0/")
-        return answer.json() if answer.status_code == 200 else None
+    def in_table() -> Awaitable[dict[str, Any] | None]:
+        return worker.table_entry("latest-prices", "held-0")
 
     await eventually(lambda: price_rows(migrated, 40), worker, "the first 40 rows")
     # Faust commits every 2.8 s: over several of its commit rounds, nothing may be committed.
@@ -270,13 +268,8 @@ async def test_a_worker_that_restored_its_tables_survives_the_next_rebalance(
     restoring = workers(migrated)
     newest = records[-1]
 
-    async def restored() -> dict[str, Any] | None:
-        try:
-            async with httpx.AsyncClient(timeout=10) as client:
-                answer = await client.get(f"{restoring.url}/table/latest-prices/{newest.coin_id}/")
-        except httpx.TransportError:  # the web server is not up yet
-            return None
-        return answer.json() if answer.status_code == 200 else None
+    def restored() -> Awaitable[dict[str, Any] | None]:
+        return restoring.table_entry("latest-prices", newest.coin_id)
 
     # Nothing new was produced: only the changelog can have put the newest snapshot there.
     assert CryptoPriceData.model_validate(await eventually(restored, restoring, "tables")) == newest

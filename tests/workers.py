@@ -104,6 +104,19 @@ class Worker:
             body: dict[str, Any] = (await client.get(f"{self.url}/health")).json()
         return body
 
+    async def table_entry(self, table: str, key: str) -> dict[str, Any] | None:
+        """`key`'s entry in this worker's live table `table`, or None while there is none (or
+        the web server is not up yet)."""
+        try:
+            async with httpx.AsyncClient(timeout=10) as client:
+                answer = await client.get(f"{self.url}/table/{table}/{key}/")
+        except httpx.TransportError:
+            return None
+        if answer.status_code != 200:
+            return None
+        entry: dict[str, Any] = answer.json()
+        return entry
+
     async def sink_status(self, topic: str) -> dict[str, Any]:
         """This sink's SINK_STATUS entry, as the worker's /health view serves it."""
         status: dict[str, Any] = (await self.health())["sink"][topic]
