@@ -132,8 +132,8 @@ class Worker:
         tail = max(0, len(output) - 5000)
         found = [i for i in map(output.find, ("[ERROR]", "[CRITICAL]", "Traceback")) if i >= 0]
         start = output.rfind("\n", 0, min(found)) + 1 if found else tail
-        if start >= tail:
-            return output[min(start, tail) :]
+        if start >= tail:  # the first error is within the tail
+            return output[tail:]
         return f"{output[start : start + 5000]}\n[…]\n{output[tail:]}"
 
     async def terminate(self) -> int:
