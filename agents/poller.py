@@ -1,15 +1,19 @@
-"""The poller agent: leader-only Faust timers around `coingecko.poller.Poller`.
+"""The poller agent: the `coingecko.poller.Poller` cycles, run by the consumer group's leader.
 
-`on_leader=True` makes one worker of the group poll, so scaling out does not multiply API calls.
-`POLL_STATUS` (what /health shows) is re-exported from `coingecko.poller`, which does not import
-the app; import it from there in modules the app itself imports.
+Only the leader polls, so scaling out does not multiply API calls. Each endpoint is polled as soon
+as a process becomes the leader (a fresh start fills /analytics and the candles at once, instead
+of one full interval later, which Faust's own `app.timer` would wait), then every interval; OHLC
+waits for the first price poll, which tells it the coins. `POLL_STATUS` (what /health shows) is
+re-exported from `coingecko.poller`, which does not import the app; import it from there in
+modules the app itself imports.
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
-from collections.abc import Sequence
+import time
+from collections.abc import Awaitable, Callable, Sequence
 
 from app.main import app, settings, topics
 from coingecko.client import CoinGeckoClient
@@ -18,6 +22,8 @@ from models.codec import encode_record
 from models.dsl import StreamRecord
 
 __all__ = ["POLL_STATUS", "poll_global", "poll_ohlc", "poll_prices", "publish_to_topics"]
+
+LEADER_CHECK_SECONDS = 1.0  # how soon a new leader starts polling
 
 
 async def publish_to_topics(records: Sequence[StreamRecord]) -> None:
@@ -34,16 +40,36 @@ def _poller() -> Poller:
     return Poller(settings, CoinGeckoClient(settings), publish_to_topics)
 
 
-@app.timer(settings.price_poll_seconds, on_leader=True)
+async def poll_while_leader(
+    interval: float,
+    poll: Callable[[], Awaitable[None]],
+    ready: Callable[[], bool] = lambda: True,
+) -> None:
+    """Run `poll` whenever this process leads the group, `ready()` holds and `interval` seconds
+    have passed since its last run here (at once the first time)."""
+    due = 0.0
+    while not app.should_stop:
+        now = time.monotonic()
+        if now >= due and app.is_leader() and ready():
+            due = now + interval
+            await poll()
+        await app.sleep(LEADER_CHECK_SECONDS)
+
+
+@app.task
 async def poll_prices() -> None:
-    await _poller().poll_prices()
+    await poll_while_leader(settings.price_poll_seconds, lambda: _poller().poll_prices())
 
 
-@app.timer(settings.global_poll_seconds, on_leader=True)
+@app.task
 async def poll_global() -> None:
-    await _poller().poll_global()
+    await poll_while_leader(settings.global_poll_seconds, lambda: _poller().poll_global())
 
 
-@app.timer(settings.ohlc_poll_seconds, on_leader=True)
+@app.task
 async def poll_ohlc() -> None:
-    await _poller().poll_ohlc()
+    await poll_while_leader(
+        settings.ohlc_poll_seconds,
+        lambda: _poller().poll_ohlc(),
+        ready=lambda: bool(_poller().symbols),
+    )

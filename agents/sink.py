@@ -351,7 +351,12 @@ class Sink:
 
 def _register(record: type[StreamRecord]) -> Sink:
     sink = Sink(record, DATABASE)
-    app.agent(topics[record.topic.name], name=f"sink_{record.table.name}")(sink.consume)
+    agent = app.agent(topics[record.topic.name], name=f"sink_{record.table.name}")(sink.consume)
+    # What `faust -A app agents` shows (Faust's default is the docstring of `consume`).
+    agent.help = (
+        f"Stores {record.__name__} records in the {record.table.name} table, batched and "
+        f"idempotent; bad messages go to {record.topic.dead_letter_name}."
+    )
     return sink
 
 

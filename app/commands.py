@@ -53,6 +53,25 @@ async def migrate(self: AppCommand, force: bool) -> None:
         self.say(line)
 
 
+@app.command()
+async def records(self: AppCommand) -> None:
+    """List the DSL records (models/) with their topics and tables."""
+    from models import RECORDS
+
+    rows = [
+        [
+            record.__name__,
+            f"{record.topic.name} (key {record.topic.key_field}, "
+            f"{record.topic.partitions} partitions; dead letters {record.topic.dead_letter_name})",
+            f"{record.table.name} (time {record.table.time_column}, "
+            f"key {', '.join(record.table.primary_key)})",
+            (record.__doc__ or "").strip(),
+        ]
+        for record in RECORDS
+    ]
+    self.say(self.tabulate(rows, headers=["record", "topic", "table", "help"], title="Records"))
+
+
 class up(AppCommand):  # the class name is the command name: `faust -A app up`
     """Run the worker on embedded defaults: broker and PostgreSQL when their URLs are unset."""
 

@@ -17,6 +17,7 @@ from faust.types.auth import CredentialsT
 from app.bulk import App
 from app.memory import collect_less_often
 from app.settings import SASL_PROTOCOLS, TLS_PROTOCOLS, Settings, load_settings
+from app.web import web_application_options
 from models.market import PARTITIONS
 from schema.topics import topic_configs
 
@@ -66,6 +67,7 @@ app = App(
     web_enabled=settings.web_enabled,
     web_bind=settings.web_bind,
     web_port=settings.web_listen_port,
+    web_application_options=web_application_options(),  # JSON errors, quiet oversized requests
 )
 
 # `faust worker` overwrites conf.web_enabled with its own --with-web flag (on by default); the

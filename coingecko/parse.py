@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -25,11 +25,13 @@ from pydantic import ValidationError
 
 from models.codec import describe_validation_error
 from models.market import CryptoMarketAnalytics, CryptoOHLCVData, CryptoPriceData
+from models.types import ExactDecimal
 
 R = TypeVar("R")
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 # A timestamp outside these years is a unit mix-up (seconds read as milliseconds or the reverse).
 PLAUSIBLE_YEARS = range(2009, 2200)
+PRICE_CHECK = ExactDecimal(non_negative=True)
 
 
 def loads_exact(body: str | bytes) -> Any:
@@ -146,12 +148,50 @@ def _drift(parsed: Parsed[Any], where: str, missing: Counter[str]) -> None:
         parsed.problems.append(f"{where}: field {name!r} absent from {rows} row(s); stored as null")
 
 
-def parse_markets(body: object) -> Parsed[CryptoPriceData]:
+@dataclass(frozen=True)
+class CrossQuote:
+    """A coin's price in BTC and in ETH as CoinGecko quotes it (/simple/price), exactly."""
+
+    btc: Decimal | None
+    eth: Decimal | None
+
+
+def parse_simple_prices(body: object) -> tuple[dict[str, CrossQuote], list[str]]:
+    """/simple/price?ids=...&vs_currencies=btc,eth `{id: {"btc": n, "eth": n}}` -> the quotes
+    by coin id, and problems. An id CoinGecko leaves out (unknown) is simply absent; a quote
+    that is not a non-negative number is dropped (stored as null) and described."""
+    quotes: dict[str, CrossQuote] = {}
+    if not isinstance(body, dict):
+        return quotes, [f"simple/price: expected an object of coins, got {_kind(body)}"]
+    problems: list[str] = []
+    for coin_id, row in body.items():
+        if not isinstance(row, dict):
+            problems.append(f"simple/price coin {coin_id!r}: expected an object, got {_kind(row)}")
+            continue
+        values: dict[str, Decimal | None] = {}
+        for currency in ("btc", "eth"):
+            try:
+                value = _decimal(row.get(currency), currency)
+                if value is not None:
+                    PRICE_CHECK(value)  # what the record's Price field would refuse
+            except (_Bad, ValueError) as bad:
+                problems.append(f"simple/price coin {coin_id!r} {currency}: {bad}; stored as null")
+                value = None
+            values[currency] = value
+        quotes[coin_id] = CrossQuote(btc=values["btc"], eth=values["eth"])
+    return quotes, problems
+
+
+def parse_markets(
+    body: object, quotes: Mapping[str, CrossQuote] | None = None
+) -> Parsed[CryptoPriceData]:
     """/coins/markets (vs_currency=usd, price_change_percentage=24h,7d) -> price snapshots.
 
-    btc_price/eth_price stay null: /coins/markets quotes one currency, and a ratio of two USD
+    btc_price/eth_price come from `quotes` (CoinGecko's own BTC and ETH quotes, /simple/price),
+    null for a coin without one: /coins/markets quotes one currency, and a ratio of two USD
     prices is not CoinGecko's BTC quote, so it would be an invented number.
     """
+    quotes = quotes or {}
     parsed: Parsed[CryptoPriceData] = Parsed()
     if not isinstance(body, list):
         parsed.problems.append(f"coins/markets: expected a list of coins, got {_kind(body)}")
@@ -168,14 +208,18 @@ def parse_markets(body: object) -> Parsed[CryptoPriceData]:
         fields = _Fields(row, missing)
 
         def build(row: dict[str, Any] = row, fields: _Fields = fields) -> CryptoPriceData:
+            coin_id = _text(row.get("id"), "id")
             price = _decimal(row.get("current_price"), "current_price")
             if price is None:
                 raise _Bad("current_price is null or missing (no USD price)")
+            quote = quotes.get(coin_id)
             return CryptoPriceData(
-                coin_id=_text(row.get("id"), "id"),
+                coin_id=coin_id,
                 symbol=_text(row.get("symbol"), "symbol"),
                 name=_text(row.get("name"), "name"),
                 usd_price=price,
+                btc_price=quote.btc if quote else None,
+                eth_price=quote.eth if quote else None,
                 market_cap=fields.optional("market_cap", _decimal),
                 volume_24h=fields.optional("total_volume", _decimal),
                 change_24h=fields.optional("price_change_percentage_24h", _decimal),

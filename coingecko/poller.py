@@ -1,14 +1,16 @@
 """The CoinGecko poller: prices, market analytics and candles, published as DSL records.
 
 `Poller` is the whole job and takes a `Settings`, a `CoinGeckoClient` and a `publish` callable,
-so tests run its cycles directly; `agents.poller` wraps the cycles in leader-only Faust timers.
+so tests run its cycles directly; `agents.poller` runs the cycles on the group's leader.
 This module does not import the Faust app, so /health can import `POLL_STATUS` from anywhere.
 
 Calls per cycle stay low: prices come from /coins/markets, 250 coins per call (1,000 coins = 4
-calls); `btc_price`/`eth_price` stay null (see `coingecko.parse.parse_markets`). Candles take at
-most `OHLC_BUDGET_SHARE` of the plan's calls over their interval, coins in turn (round robin), so
-they never starve the price poll; each call returns `ohlc_days` of candles, so a coin whose turn
-comes round within that span misses no candle.
+calls). `btc_price`/`eth_price` are CoinGecko's own BTC and ETH quotes from /simple/price, asked
+for the coins of each markets page, 100 ids per call (a longer URL risks a 414), on every
+`btc_eth_prices_every`-th price poll (0: never; the other polls' rows have them null). Candles
+take at most `OHLC_BUDGET_SHARE` of the plan's calls over their interval, coins in turn (round
+robin), so they never starve the price poll; each call returns `ohlc_days` of candles, so a coin
+whose turn comes round within that span misses no candle.
 
 CoinGecko serves cached snapshots (60 s for markets), so a record is published only if it is newer
 than the last one published for its key: per coin `last_updated`, per (coin, timeframe) candle
@@ -30,7 +32,14 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 from urllib.parse import quote
 
 from coingecko.client import CoinGeckoClient, CoinGeckoError, CoinGeckoRefused
-from coingecko.parse import Parsed, parse_global, parse_markets, parse_ohlc
+from coingecko.parse import (
+    CrossQuote,
+    Parsed,
+    parse_global,
+    parse_markets,
+    parse_ohlc,
+    parse_simple_prices,
+)
 from models.dsl import StreamRecord
 
 if TYPE_CHECKING:  # importing app.* at run time would build the whole Faust app
@@ -41,6 +50,7 @@ log = logging.getLogger(__name__)
 Publish = Callable[[Sequence[StreamRecord]], Awaitable[None]]
 K = TypeVar("K", bound=Hashable)
 MAX_PER_PAGE = 250  # CoinGecko's /coins/markets page limit
+IDS_PER_SIMPLE_PRICE = 100  # ids per /simple/price call: keeps the URL short (414 beyond ~8 KB)
 OHLC_BUDGET_SHARE = 0.5  # of calls_per_minute over the OHLC interval; the rest is for prices
 DEDUPE_KEYS = 20_000  # newest-timestamp memory per endpoint (top_n is at most 5,000)
 REPORTED_PROBLEMS = 10_000  # distinct data problems remembered so each is logged once
@@ -131,12 +141,16 @@ class Poller:
         self._candles: LatestSeen[tuple[str, str]] = LatestSeen()
         self._global: LatestSeen[str] = LatestSeen()
         self._ohlc_turn = 0
+        self._price_polls = 0
         self._reported: set[str] = set()
 
     # -- the three polls ---------------------------------------------------------------------
 
     async def poll_prices(self) -> None:
         with self._cycle("prices") as cycle:
+            every = self.settings.btc_eth_prices_every
+            with_quotes = every > 0 and self._price_polls % every == 0
+            self._price_polls += 1
             symbols: dict[str, str] = {}
             for params, wanted in self._market_requests():
                 body = await self._get(cycle, "/coins/markets", params)
@@ -148,7 +162,8 @@ class Poller:
                     self._report_missing(wanted, body)
                 elif isinstance(body, list):  # the last page may reach past top_n
                     body = body[: self.settings.top_n - (page - 1) * per_page]
-                parsed = parse_markets(body)
+                quotes = await self._cross_quotes(cycle, body) if with_quotes else {}
+                parsed = parse_markets(body, quotes)
                 symbols.update((r.coin_id, r.symbol) for r in parsed.records)
                 await self._publish_new(cycle, parsed, self._prices, lambda r: r.coin_id)
                 if last_page and not wanted:
@@ -197,6 +212,23 @@ class Poller:
                     "page": page,
                 }
                 yield {**common, **order}, set()
+
+    async def _cross_quotes(self, cycle: _Cycle, markets: object) -> dict[str, CrossQuote]:
+        """CoinGecko's BTC and ETH quotes of the coins of one /coins/markets body."""
+        rows = markets if isinstance(markets, list) else []
+        ids = sorted(
+            {row["id"] for row in rows if isinstance(row, dict) and isinstance(row.get("id"), str)}
+        )
+        quotes: dict[str, CrossQuote] = {}
+        for start in range(0, len(ids), IDS_PER_SIMPLE_PRICE):
+            batch = ids[start : start + IDS_PER_SIMPLE_PRICE]
+            params: dict[str, str | int] = {"ids": ",".join(batch), "vs_currencies": "btc,eth"}
+            body = await self._get(cycle, "/simple/price", params)
+            if body is not None:
+                found, problems = parse_simple_prices(body)
+                self._report(problems)
+                quotes.update(found)
+        return quotes
 
     def _ohlc_turns(self) -> list[str]:
         """This cycle's coins: the next ones in turn, within OHLC's share of the plan's calls."""

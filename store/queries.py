@@ -11,7 +11,7 @@ hypertable and on the plain-PostgreSQL partitioned fallback alike.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from datetime import datetime
 from decimal import Decimal
 from typing import Any, TypeAlias, TypedDict, TypeVar
@@ -19,6 +19,7 @@ from typing import Any, TypeAlias, TypedDict, TypeVar
 import asyncpg
 
 from models.dsl import StreamRecord, quote_ident
+from schema.sql import SINK_OFFSETS_TABLE
 
 R = TypeVar("R", bound=StreamRecord)
 Executor: TypeAlias = asyncpg.Pool | asyncpg.Connection
@@ -154,6 +155,38 @@ async def value_range(
     if row["samples"] == 0:
         return None
     return ValueRange(high=Decimal(row["high"]), low=Decimal(row["low"]), samples=row["samples"])
+
+
+class Freshness(TypedDict):
+    """How current a record table is: its newest row's own time (the table's time column) and
+    when the consumer group's sink last stored a batch of the record's topic."""
+
+    newest: datetime | None
+    stored_at: datetime | None
+
+
+async def freshness(
+    db: Executor, records: Iterable[type[StreamRecord]], consumer_group: str
+) -> dict[str, Freshness]:
+    """Freshness of each record's table, keyed by table name: what any worker can tell about
+    the polls, whichever worker made them (max of the time column is one probe of its index)."""
+    stored_at = dict(
+        await db.fetch(
+            f"SELECT topic, max(updated_at) FROM {quote_ident(SINK_OFFSETS_TABLE)} "  # noqa: S608
+            "WHERE consumer_group = $1 GROUP BY topic",
+            consumer_group,
+        )
+    )
+    shown: dict[str, Freshness] = {}
+    for record in records:
+        time = _column(record, record.table.time_column)
+        newest = await db.fetchval(
+            f"SELECT max({time}) FROM {quote_ident(record.table.name)}"  # noqa: S608
+        )
+        shown[record.table.name] = Freshness(
+            newest=newest, stored_at=stored_at.get(record.topic.name)
+        )
+    return shown
 
 
 async def ping(db: Executor, timeout: float) -> bool:

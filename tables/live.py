@@ -70,14 +70,30 @@ def _table(name: str, record: type[StreamRecord], **options: Any) -> TableT:
     return app.Table(name, partitions=record.topic.partitions, **options)
 
 
-latest_prices = _table("latest-prices", CryptoPriceData, default=None)
-latest_analytics = _table("latest-analytics", CryptoMarketAnalytics, default=None)
+latest_prices = _table(
+    "latest-prices",
+    CryptoPriceData,
+    default=None,
+    help="Newest CryptoPriceData snapshot (aggregate quote) per coin id, fed by the crypto-prices "
+    "sink once stored; /prices and /prices/{coin_id} merge it with the database.",
+)
+latest_analytics = _table(
+    "latest-analytics",
+    CryptoMarketAnalytics,
+    default=None,
+    help="Newest CryptoMarketAnalytics per source, fed by the market-analytics sink once stored; "
+    "/analytics merges it with the database.",
+)
 # `tumbling()` is typed as the abstract wrapper, which lacks the `relative_to()` used below.
 price_ranges = cast(
     WindowWrapper,
-    _table("price-ranges", CryptoPriceData, default=dict).tumbling(
-        RANGE_STEP, expires=RANGE_EXPIRES
-    ),
+    _table(
+        "price-ranges",
+        CryptoPriceData,
+        default=dict,
+        help="USD high/low per coin id and hour of last_updated (1 h tumbling windows, kept "
+        "25 h); /prices/{coin_id} merges 24 of them into its 24 h range.",
+    ).tumbling(RANGE_STEP, expires=RANGE_EXPIRES),
 )
 
 

@@ -14,7 +14,9 @@ Decimals are JSON strings (exact); timestamps RFC 3339. No view writes anything.
 from __future__ import annotations
 
 import asyncio
+import os
 import re
+import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
@@ -32,6 +34,7 @@ from agents.sink import SINK_STATUS
 from app.bulk import Consumer
 from app.main import app, settings
 from coingecko.poller import POLL_STATUS
+from models import RECORDS
 from models.dsl import StreamRecord
 from models.market import AGGREGATE_EXCHANGE, CryptoMarketAnalytics, CryptoPriceData
 from store import queries
@@ -45,6 +48,7 @@ READ_TIMEOUT = 5.0  # seconds for a view's database work, including connecting
 PING_TIMEOUT = 2.0
 BROKER_TIMEOUT = 2.0
 AGGREGATE = {"exchange_id": AGGREGATE_EXCHANGE}
+PROCESS = f"{socket.gethostname()}:{os.getpid()}"  # how /health names this process
 
 R = TypeVar("R", bound=StreamRecord)
 
@@ -86,17 +90,26 @@ def _limit(request: Request) -> int:
     return int(raw)
 
 
-def _since(request: Request) -> datetime | None:
-    raw = request.query.get("since")
-    if raw is None:
-        return None
-    try:
-        since = datetime.fromisoformat(raw)
-    except ValueError:
-        raise ValidationError("since must be an ISO 8601 timestamp with a UTC offset") from None
-    if since.tzinfo is None:
-        raise ValidationError("since must have a UTC offset (e.g. 2024-01-01T00:00:00Z)")
-    return since
+# An unencoded `+` in a query string arrives as a space: `...T12:13:00 00:00` was `+00:00`.
+SPACE_FOR_PLUS = re.compile(r"(.*[0-9]) ([0-9]{2}(?::?[0-9]{2})?)")
+
+
+def parse_since(raw: str) -> datetime:
+    """An ISO 8601 time with a UTC offset. A space before a trailing offset is read as the `+`
+    it was before the query string was decoded: no ISO time has a space there."""
+    plus = SPACE_FOR_PLUS.fullmatch(raw)
+    for text in (raw, f"{plus[1]}+{plus[2]}" if plus else raw):
+        try:
+            since = datetime.fromisoformat(text)
+        except ValueError:
+            continue
+        if since.tzinfo is None:
+            raise ValidationError("since must have a UTC offset (e.g. 2024-01-01T00:00:00Z)")
+        return since
+    raise ValidationError(
+        "since must be an ISO 8601 timestamp with a UTC offset, e.g. 2024-01-01T00:00:00Z "
+        "(encode a + in the offset as %2B)"
+    )
 
 
 def _decimal(value: Decimal) -> str:
@@ -174,7 +187,8 @@ class PriceHistory(View):
 
     async def get(self, request: Request, coin_id: str) -> Response:
         coin_id = _coin_id(coin_id)
-        limit, since = _limit(request), _since(request)
+        raw_since = request.query.get("since")
+        limit, since = _limit(request), None if raw_since is None else parse_since(raw_since)
         filters = {"coin_id": coin_id, **AGGREGATE}
         async with database() as db:
             rows = await queries.history(db, CryptoPriceData, filters, limit=limit, since=since)
@@ -246,6 +260,44 @@ def _sink_status() -> dict[str, dict[str, Any]]:
     return statuses
 
 
+async def _stored_freshness() -> dict[str, dict[str, Any]] | None:
+    """Per record table, its newest row and when this group's sinks last stored one: the same
+    on every process, whichever one polls. None when the database does not answer."""
+    try:
+        async with asyncio.timeout(PING_TIMEOUT):
+            pool = await read_pool.get()
+            tables = await queries.freshness(pool, RECORDS, app.conf.id)
+    except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError):
+        return None
+    now = datetime.now(UTC)
+    return {
+        table: {
+            "newest": _iso(fresh["newest"]),
+            "stored_at": _iso(fresh["stored_at"]),
+            "stored_age_seconds": (
+                round((now - fresh["stored_at"]).total_seconds(), 3) if fresh["stored_at"] else None
+            ),
+        }
+        for table, fresh in tables.items()
+    }
+
+
+def _iso(moment: datetime | None) -> str | None:
+    return moment.isoformat() if moment else None
+
+
+async def _poller_status() -> dict[str, Any]:
+    """Who polls and how recently the polls arrived. Only the group's leader polls, so the
+    counters of a process that does not (`polls_here` false) stay at zero; `stored` tells any
+    process how fresh the polled data is."""
+    return {
+        "polls_here": app.is_leader(),
+        "process": PROCESS,
+        **POLL_STATUS.as_json(),
+        "stored": await _stored_freshness(),
+    }
+
+
 @app.page("/health")
 class Health(View):
     """GET /health: broker, database, poller and sink state; 503 when broker or database is down."""
@@ -263,7 +315,7 @@ class Health(View):
             "status": "ok" if healthy else "degraded",
             "broker": broker,
             "database": {"reachable": reachable},
-            "poller": POLL_STATUS.as_json(),
+            "poller": await _poller_status(),
             "sink": _sink_status(),
             "tables": {"undecodable": dict(live.UNDECODABLE)},
         }
