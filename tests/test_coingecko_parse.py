@@ -9,12 +9,15 @@ from typing import Any
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from strategies import exact_decimals
 
 from coingecko.parse import (
+    CrossQuote,
     loads_exact,
     parse_global,
     parse_markets,
     parse_ohlc,
+    parse_simple_prices,
     timeframe_for_days,
 )
 
@@ -198,6 +201,67 @@ def test_timeframe_follows_days() -> None:
     ]
 
 
+# /simple/price?ids=...&vs_currencies=btc,eth as CoinGecko writes it: exponent notation for the
+# tiny quotes, `1.0` for bitcoin in BTC, unknown ids left out.
+SIMPLE_PRICE = """{
+  "bitcoin": {"btc": 1.0, "eth": 44.04419385},
+  "pepe-cash": {"btc": 8.480386e-11, "eth": 3.7350231e-09},
+  "tether": {"btc": 1.187e-05, "eth": 0.00052301},
+  "quiet-ledger": {"btc": null, "eth": 1.6e-7},
+  "broken": {"btc": -1, "eth": "0.1"},
+  "not-an-object": 5
+}"""
+
+
+def test_simple_price_quotes_are_exact_and_bad_ones_null() -> None:
+    quotes, problems = parse_simple_prices(loads_exact(SIMPLE_PRICE))
+    assert same(quotes["bitcoin"].btc, "1.0") and same(quotes["bitcoin"].eth, "44.04419385")
+    assert same(quotes["pepe-cash"].btc, "8.480386e-11")
+    assert same(quotes["pepe-cash"].eth, "3.7350231e-09")
+    assert str(quotes["pepe-cash"].btc) == "8.480386E-11"
+    assert same(quotes["tether"].btc, "1.187e-05")
+    assert quotes["quiet-ledger"] == CrossQuote(btc=None, eth=Decimal("1.6e-7"))
+    assert quotes["broken"] == CrossQuote(btc=None, eth=None)
+    assert "not-an-object" not in quotes
+    assert problems == [
+        "simple/price coin 'broken' btc: must not be negative; stored as null",
+        "simple/price coin 'broken' eth: eth is str, not a number; stored as null",
+        "simple/price coin 'not-an-object': expected an object, got a number",
+    ]
+
+
+def test_markets_take_their_btc_and_eth_prices_from_the_quotes() -> None:
+    quotes, _ = parse_simple_prices(loads_exact(SIMPLE_PRICE))
+    parsed = parse_markets(fixture("coins_markets.json"), quotes)
+    by_id = {record.coin_id: record for record in parsed.records}
+    assert same(by_id["pepe-cash"].btc_price, "8.480386e-11")
+    assert same(by_id["pepe-cash"].eth_price, "3.7350231e-09")
+    assert by_id["quiet-ledger"].btc_price is None
+    assert same(by_id["quiet-ledger"].eth_price, "1.6e-7")
+    assert by_id["ethereum"].btc_price is None  # no quote for it: null, never a USD ratio
+    # Apart from the quotes, the records are the ones parsed without them.
+    plain = {
+        record.coin_id: record for record in parse_markets(fixture("coins_markets.json")).records
+    }
+    for coin_id, record in by_id.items():
+        assert record.model_copy(update={"btc_price": None, "eth_price": None}) == plain[coin_id]
+
+
+@settings(max_examples=200, deadline=None)
+@given(exact_decimals(signed=False), exact_decimals(signed=False), st.booleans())
+def test_simple_price_quotes_keep_any_price_exactly(
+    btc: Decimal, eth: Decimal, exponent: bool
+) -> None:
+    """Whatever digits CoinGecko writes, plainly or in exponent notation, arrive unchanged."""
+    write = (lambda d: f"{d:e}") if exponent else str
+    body = f'{{"x": {{"btc": {write(btc)}, "eth": {write(eth)}, "usd": 1}}}}'
+    quotes, problems = parse_simple_prices(loads_exact(body))
+    assert problems == []
+    assert quotes["x"].btc == btc and quotes["x"].eth == eth
+    if not exponent:
+        assert quotes["x"].btc.as_tuple() == Decimal(str(btc)).as_tuple()  # type: ignore[union-attr]
+
+
 FIELD_NAMES = st.sampled_from(
     [
         "id",
@@ -247,3 +311,5 @@ def test_parsers_are_total(body: Any) -> None:
         parse_ohlc([body], "x", "x", 1),
     ):
         assert isinstance(parsed.records, list) and isinstance(parsed.problems, list)
+    quotes, problems = parse_simple_prices(body)
+    assert isinstance(quotes, dict) and isinstance(problems, list)

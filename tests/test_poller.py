@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator
-from datetime import datetime
+from datetime import datetime, timedelta
 from decimal import Decimal
 from importlib import resources
 from typing import Any
 
+import httpx
 import pytest
 from pollers import FIXTURE_COINS, BrokerTopics, make_poller
 
@@ -125,6 +126,53 @@ async def test_ohlc_candles_published_once_and_unknown_coin_disabled(
         ("ethereum", "2025-03-14T10:30:00+00:00"),
     } <= new
     assert all(moment > "2025-03-14T10:00:00+00:00" for coin, moment in new if coin != "pepe-cash")
+
+
+async def served_quotes(fake: FakeCoinGecko, ids: list[str]) -> tuple[str, dict[str, Any]]:
+    """What the fake's /simple/price serves for `ids` in BTC and ETH: its text, and decoded."""
+    async with httpx.AsyncClient() as client:
+        answer = await client.get(
+            f"{fake.base_url}/simple/price",
+            params={"ids": ",".join(ids), "vs_currencies": "btc,eth"},
+        )
+    return answer.text, loads_exact(answer.text)
+
+
+async def test_btc_and_eth_prices_are_coingeckos_quotes_exactly(
+    fake: FakeCoinGecko, kafka: BrokerTopics
+) -> None:
+    poller = make_poller(fake, kafka, btc_eth_prices_every=2)
+    await poller.poll_prices()
+    (call,) = [r.query for r in fake.requests if r.path == "/simple/price"]
+    # The coins of the markets page, in one call (the unknown id is not on the page).
+    assert sorted(call["ids"].split(",")) == sorted(FIXTURE_COINS)
+    assert call["vs_currencies"] == "btc,eth"
+    first = {record.coin_id: record for _, record in await kafka.read(CryptoPriceData)}
+    text, served = await served_quotes(fake, list(first))
+    assert "e-" in text  # the tiny quotes come in exponent notation
+    for coin_id, record in first.items():
+        for field, currency in (("btc_price", "btc"), ("eth_price", "eth")):
+            value = getattr(record, field)
+            assert value == served[coin_id][currency], (coin_id, field)
+            assert value.as_tuple() == Decimal(served[coin_id][currency]).as_tuple()
+    assert first["bitcoin"].btc_price == 1
+
+    fake.advance(60)
+    await poller.poll_prices()  # every second poll only: this one has none
+    fake.advance(60)
+    await poller.poll_prices()
+    assert fake.count("/simple/price") == 3  # two polls' calls and the test's own
+    later = {
+        (record.coin_id, record.last_updated - first[record.coin_id].last_updated): record
+        for _, record in await kafka.read(CryptoPriceData)
+    }
+    for coin_id in first:
+        second, third = (
+            later[coin_id, timedelta(seconds=60)],
+            later[coin_id, timedelta(seconds=120)],
+        )
+        assert second.btc_price is None and second.eth_price is None
+        assert third.btc_price is not None and third.eth_price is not None
 
 
 @pytest.mark.parametrize(
