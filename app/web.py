@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 MAX_URL_BYTES = 8 * 1024
 MAX_HEADER_BYTES = 8 * 1024  # one header line: name and value
 PARSER_LIMIT_BYTES = 64 * 1024  # aiohttp's own limit per line; its default is 8190
+BODY_HEADERS = frozenset({"content-type", "content-length"})  # the JSON body sets its own
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -47,7 +48,8 @@ async def json_errors(request: web.Request, handler: Handler) -> web.StreamRespo
     except web.HTTPException as error:
         if error.status < 400:  # a redirect is not an error
             raise
-        return json_error(error.status, _reason(request, error), error.headers)
+        kept = {k: v for k, v in error.headers.items() if k.lower() not in BODY_HEADERS}
+        return json_error(error.status, _reason(request, error), kept)
     except Exception:  # a bug in a view: logged once, answered like every other error
         log.exception("web: %s %s failed", request.method, request.path[:200])
         return json_error(500, "internal server error")

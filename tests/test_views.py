@@ -6,6 +6,7 @@ standing for partitions another worker (on a host this one cannot reach) consume
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from datetime import UTC, datetime, timedelta
@@ -316,6 +317,76 @@ async def test_bad_requests_get_json_errors_and_change_nothing(views, path, para
         assert await connection.fetchval("SELECT count(*) FROM crypto_prices") >= len(STORED) - 1
     finally:
         await connection.close()
+
+
+async def test_since_with_an_unencoded_plus_reads_it_as_the_offset(views):
+    client, _, _ = views
+    moment = (NOW - timedelta(minutes=30)).isoformat()
+    assert moment.endswith("+00:00")
+    encoded = await client.get("/prices/ethereum/history", params={"since": moment})
+    unencoded = await client.get(f"/prices/ethereum/history?since={moment}")  # + becomes a space
+    assert unencoded.status_code == encoded.status_code == 200
+    assert unencoded.json() == encoded.json()
+    assert 0 < encoded.json()["count"] < 15  # the filter applied
+    wrong = await client.get("/prices/ethereum/history?since=2026-12-03T12:13:00 99:99")
+    assert wrong.status_code == 400
+    assert "%2B" in wrong.json()["error"]
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "status"),
+    [
+        ("GET", "/no-such-view", 404),
+        ("GET", "/prices/", 404),
+        ("GET", "/prices/bitcoin/history/extra", 404),
+        ("POST", "/prices", 405),
+        ("DELETE", "/health", 405),
+    ],
+)
+async def test_every_http_error_is_json(views, method, path, status):
+    client, _, _ = views
+    response = await client.request(method, path)
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"].startswith("application/json")
+    assert isinstance(response.json()["error"], str)
+    if status == 405:
+        assert "GET" in response.headers["allow"].split(",")
+
+
+async def raw_status(port: int, request: str) -> int:
+    """Send `request` as it is and return the answer's status code."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(request.encode())
+        await writer.drain()
+        status_line = await reader.readline()
+    finally:
+        writer.close()
+    return int(status_line.split()[1])
+
+
+async def test_oversized_requests_are_refused_as_json_without_a_traceback(views):
+    client, _, worker = views
+    logged_before = len(worker.output)
+    long_url = await client.get("/prices/bitcoin/history", params={"since": "9" * 20_000})
+    assert long_url.status_code == 414
+    assert long_url.json() == {"error": "request URL longer than 8192 bytes"}
+    long_header = await client.get("/health", headers={"x-filler": "a" * 20_000})
+    assert long_header.status_code == 431
+    assert long_header.json() == {"error": "a request header is longer than 8192 bytes"}
+    # Beyond the parser's own limit aiohttp answers 400 itself; it logs one warning, no traceback.
+    # (httpx refuses to send a URL this long: the request is written by hand.)
+    port = int(worker.env["WEB_PORT"])
+    huge = "a" * 100_000
+    assert await raw_status(port, f"GET /health?x={huge} HTTP/1.1\r\nHost: x\r\n\r\n") == 400
+    assert await raw_status(port, f"GET /health HTTP/1.1\r\nX-Filler: {huge}\r\n\r\n") == 400
+
+    async def both_refusals_logged() -> str | None:
+        logged = worker.output[logged_before:]
+        return logged if logged.count("HTTP 400") == 2 else None
+
+    logged = await eventually(both_refusals_logged, worker, "the refusals in the log")
+    assert "Traceback" not in logged and "[ERROR]" not in logged, logged[:3000]
 
 
 async def test_path_traversal_never_reaches_a_file(views):
