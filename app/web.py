@@ -15,6 +15,8 @@ flood the log with one long URL. `web_application_options()` gives Faust's aioht
 
 from __future__ import annotations
 
+import functools
+import json
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -29,12 +31,13 @@ MAX_URL_BYTES = 8 * 1024
 MAX_HEADER_BYTES = 8 * 1024  # one header line: name and value
 PARSER_LIMIT_BYTES = 64 * 1024  # aiohttp's own limit per line; its default is 8190
 BODY_HEADERS = frozenset({"content-type", "content-length"})  # the JSON body sets its own
+COMPACT = functools.partial(json.dumps, separators=(",", ":"))  # as Faust's views write JSON
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 def json_error(status: int, reason: str, headers: Any = None) -> web.Response:
     """The same shape as Faust's `View.error`."""
-    return web.json_response({"error": reason}, status=status, headers=headers)
+    return web.json_response({"error": reason}, status=status, headers=headers, dumps=COMPACT)
 
 
 @web.middleware
