@@ -45,11 +45,11 @@ async def test_the_leader_polls_at_start_and_every_process_tells_how_fresh_the_p
 
         # btc_price/eth_price are exactly what the fake's /simple/price served.
         prices = (await stored(migrated, CryptoPriceData)).values()
-        ids = sorted({row["coin_id"] for row in prices})
+        ids = sorted({str(row["coin_id"]) for row in prices})
         async with httpx.AsyncClient() as client:
             answer = await client.get(
                 f"{fake.base_url}/simple/price",
-                params={"ids": ",".join(map(str, ids)), "vs_currencies": "btc,eth"},
+                params={"ids": ",".join(ids), "vs_currencies": "btc,eth"},
             )
         assert "e-" in answer.text  # tiny quotes in exponent notation, as CoinGecko writes them
         served = loads_exact(answer.text)
@@ -73,7 +73,9 @@ async def test_the_leader_polls_at_start_and_every_process_tells_how_fresh_the_p
         # The process that does not poll still tells when the polls last arrived, from the
         # database: the newest stored price is the newest the fake served.
         fresh = idle["poller"]["stored"]
-        newest = max(row["last_updated"] for row in prices)
+        newest = max(
+            row["last_updated"] for row in prices if isinstance(row["last_updated"], datetime)
+        )
         assert datetime.fromisoformat(fresh["crypto_prices"]["newest"]) == newest
         for record in RECORDS:
             assert fresh[record.table.name]["newest"] is not None
