@@ -6,11 +6,11 @@ This module does not import the Faust app, so /health can import `POLL_STATUS` f
 
 Calls per cycle stay low: prices come from /coins/markets, 250 coins per call (1,000 coins = 4
 calls). `btc_price`/`eth_price` are CoinGecko's own BTC and ETH quotes from /simple/price, asked
-for the coins of each markets page, 100 ids per call (a longer URL risks a 414), on every
-`btc_eth_prices_every`-th price poll (0: never; the other polls' rows have them null). Candles
-take at most `OHLC_BUDGET_SHARE` of the plan's calls over their interval, coins in turn (round
-robin), so they never starve the price poll; each call returns `ohlc_days` of candles, so a coin
-whose turn comes round within that span misses no candle.
+for the coins of each markets page in one call (split only if its URL would pass
+`MAX_URL_CHARS`), on every `btc_eth_prices_every`-th price poll (0: never; the other polls' rows
+have them null). Candles take at most `OHLC_BUDGET_SHARE` of the plan's calls over their
+interval, coins in turn (round robin), so they never starve the price poll; each call returns
+`ohlc_days` of candles, so a coin whose turn comes round within that span misses no candle.
 
 CoinGecko serves cached snapshots (60 s for markets), so a record is published only if it is newer
 than the last one published for its key: per coin `last_updated`, per (coin, timeframe) candle
@@ -50,7 +50,9 @@ log = logging.getLogger(__name__)
 Publish = Callable[[Sequence[StreamRecord]], Awaitable[None]]
 K = TypeVar("K", bound=Hashable)
 MAX_PER_PAGE = 250  # CoinGecko's /coins/markets page limit
-IDS_PER_SIMPLE_PRICE = 100  # ids per /simple/price call: keeps the URL short (414 beyond ~8 KB)
+SIMPLE_PRICE = "/simple/price"
+SIMPLE_PRICE_QUERY = "?ids=&vs_currencies=btc%2Ceth"  # the query without the ids, as encoded
+MAX_URL_CHARS = 8000  # CoinGecko answers 414 to a URL over about 8,100 characters
 OHLC_BUDGET_SHARE = 0.5  # of calls_per_minute over the OHLC interval; the rest is for prices
 DEDUPE_KEYS = 20_000  # newest-timestamp memory per endpoint (top_n is at most 5,000)
 REPORTED_PROBLEMS = 10_000  # distinct data problems remembered so each is logged once
@@ -149,7 +151,8 @@ class Poller:
     async def poll_prices(self) -> None:
         with self._cycle("prices") as cycle:
             every = self.settings.btc_eth_prices_every
-            with_quotes = every > 0 and self._price_polls % every == 0
+            refused = SIMPLE_PRICE in self.client.refused  # logged once, in the status since
+            with_quotes = every > 0 and self._price_polls % every == 0 and not refused
             self._price_polls += 1
             symbols: dict[str, str] = {}
             for params, wanted in self._market_requests():
@@ -220,15 +223,30 @@ class Poller:
             {row["id"] for row in rows if isinstance(row, dict) and isinstance(row.get("id"), str)}
         )
         quotes: dict[str, CrossQuote] = {}
-        for start in range(0, len(ids), IDS_PER_SIMPLE_PRICE):
-            batch = ids[start : start + IDS_PER_SIMPLE_PRICE]
+        for batch in self._url_sized(ids):
             params: dict[str, str | int] = {"ids": ",".join(batch), "vs_currencies": "btc,eth"}
-            body = await self._get(cycle, "/simple/price", params)
+            body = await self._get(cycle, SIMPLE_PRICE, params)
             if body is not None:
                 found, problems = parse_simple_prices(body)
                 self._report(problems)
                 quotes.update(found)
         return quotes
+
+    def _url_sized(self, ids: Sequence[str]) -> Iterator[list[str]]:
+        """`ids` in batches whose /simple/price URL (ids percent-encoded, commas as %2C) stays
+        within MAX_URL_CHARS."""
+        fixed = len(self.client.base_url + SIMPLE_PRICE + SIMPLE_PRICE_QUERY)
+        batch: list[str] = []
+        length = fixed
+        for coin_id in ids:
+            size = len(quote(coin_id, safe="")) + (3 if batch else 0)
+            if batch and length + size > MAX_URL_CHARS:
+                yield batch
+                batch, length, size = [], fixed, size - 3
+            batch.append(coin_id)
+            length += size
+        if batch:
+            yield batch
 
     def _ohlc_turns(self) -> list[str]:
         """This cycle's coins: the next ones in turn, within OHLC's share of the plan's calls."""

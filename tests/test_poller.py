@@ -16,6 +16,7 @@ from pollers import FIXTURE_COINS, BrokerTopics, make_poller
 from app.embedded import EmbeddedBroker
 from coingecko.fake_server import FakeCoinGecko, body, html_page, serve_fake_coingecko
 from coingecko.parse import loads_exact
+from coingecko.poller import MAX_URL_CHARS
 from models.market import CryptoMarketAnalytics, CryptoOHLCVData, CryptoPriceData
 
 
@@ -173,6 +174,40 @@ async def test_btc_and_eth_prices_are_coingeckos_quotes_exactly(
         )
         assert second.btc_price is None and second.eth_price is None
         assert third.btc_price is not None and third.eth_price is not None
+
+
+async def test_btc_and_eth_quotes_of_long_ids_split_into_urls_coingecko_accepts(
+    fake: FakeCoinGecko, kafka: BrokerTopics
+) -> None:
+    for row in fake.coins:
+        if row["id"].startswith("coin-"):
+            row["id"] = f"{row['id']}-{'x' * 60}"  # 250 of them: a 16,000-character URL
+    poller = make_poller(fake, kafka, coins="", top_n=600)
+    await poller.poll_prices()
+    calls = [r for r in fake.requests if r.path == "/simple/price"]
+    lengths = [len(str(httpx.URL(fake.base_url + r.path, params=r.query))) for r in calls]
+    assert len(calls) > 3 and max(lengths) <= MAX_URL_CHARS
+    asked = [coin_id for r in calls for coin_id in r.query["ids"].split(",")]
+    assert len(asked) == len(set(asked)) == 600
+    records = [record for _, record in await kafka.read(CryptoPriceData)]
+    assert len(records) == 600 and all(r.btc_price is not None for r in records)
+
+
+async def test_a_refused_simple_price_leaves_the_prices_flowing(
+    fake: FakeCoinGecko, kafka: BrokerTopics
+) -> None:
+    plan_error = '{"status":{"error_code":10005,"error_message":"not on your plan"}}'
+    fake.fail("/simple/price", body(plan_error, status=401))
+    poller = make_poller(fake, kafka)
+    await poller.poll_prices()
+    assert "/simple/price" in poller.status.refused
+    first = [record for _, record in await kafka.read(CryptoPriceData)]
+    assert len(first) == 6 and all(r.btc_price is None for r in first)
+    fake.advance(60)
+    await poller.poll_prices()  # no second call: prices alone, and a successful poll
+    assert fake.count("/simple/price") == 1
+    assert len(await kafka.read(CryptoPriceData)) == 12
+    assert poller.status.endpoints["prices"].last_success is not None
 
 
 @pytest.mark.parametrize(
