@@ -80,8 +80,9 @@ class Settings(BaseSettings):
     global_poll_seconds: float = Field(600.0, ge=1)
     ohlc_poll_seconds: float = Field(900.0, ge=1)
     ohlc_days: Literal[1, 7, 14, 30, 90, 180, 365] = 1
-    # btc_price/eth_price (/simple/price) on every N-th price poll; 0 = never (they stay null).
-    btc_eth_prices_every: int = Field(1, ge=0)
+    # btc_price/eth_price (/simple/price) on every N-th price poll; 0 = never (they stay null);
+    # unset = as often as the plan's calls allow (coingecko.poller.quotes_every).
+    btc_eth_prices_every: int | None = Field(None, ge=0)
 
     sink_batch_size: int = Field(5000, ge=1, le=100_000)
     # How long stored batches are collected before the live tables get them (agents/sink.py).

@@ -1,10 +1,11 @@
-"""Poller efficiency: /coins/markets calls per price cycle, and how long a cycle takes.
+"""Poller efficiency: CoinGecko calls per price cycle, and how long a cycle takes.
 
     .venv/bin/python -m bench.poller [--cycles 5]
 
 The real `coingecko.poller.Poller` and `CoinGeckoClient` against the local CoinGecko-shaped
 server (`coingecko.fake_server`, `extra_coins` synthetic coins after the fixture's), tracking
-the top 100, 1,000 and 5,000 coins. The rate limiter is set high (10,000 calls/minute) so that
+the top 100, 1,000 and 5,000 coins, with their BTC/ETH quotes (/simple/price, the default
+BTC_ETH_PRICES_EVERY=1). The rate limiter is set high (10,000 calls/minute) so that
 the cycle time shows the poller's own cost (HTTP, exact JSON parsing, validation); the calls per
 cycle are then compared with each plan's budget. Records go to an in-memory publish (this
 measures the poller, not the broker). The server advances its timestamps between cycles, as
@@ -26,10 +27,12 @@ from coingecko.poller import Poller, PollStatus
 from models.dsl import StreamRecord
 
 MARKETS = "/coins/markets"
+QUOTES = "/simple/price"
 
 
-async def measure(coins: int, cycles: int) -> tuple[float, float, int]:
-    """(calls per cycle, mean seconds per cycle, records per cycle)."""
+async def measure(coins: int, cycles: int) -> tuple[int, int, float, int]:
+    """(markets calls and quote calls of the last cycle, mean seconds per cycle, records per
+    cycle)."""
     fake = FakeCoinGecko(extra_coins=max(0, coins))
     url = await fake.start()
     published: list[int] = []
@@ -46,33 +49,49 @@ async def measure(coins: int, cycles: int) -> tuple[float, float, int]:
     try:
         for _ in range(cycles):
             fake.advance(60)
-            before = fake.count(MARKETS)
+            before = fake.count(MARKETS), fake.count(QUOTES)
             published.clear()
             started = time.perf_counter()
             await poller.poll_prices()
             times.append(time.perf_counter() - started)
-        calls = fake.count(MARKETS) - before
-        return calls, mean(times), sum(published)
+        markets, quotes = fake.count(MARKETS) - before[0], fake.count(QUOTES) - before[1]
+        return markets, quotes, mean(times), sum(published)
     finally:
         await client.aclose()
         await fake.stop()
+
+
+def fitting(calls: int) -> str:
+    """The plans whose default calls per minute cover `calls` a minute."""
+    return ", ".join(plan for plan, limit in DEFAULT_CALLS_PER_MINUTE.items() if calls <= limit)
 
 
 async def main(cycles: int) -> None:
     print(describe_machine())
     rows = []
     for coins in (100, 1000, 5000):
-        calls, seconds, records = await measure(coins, cycles)
-        fits = [plan for plan, limit in DEFAULT_CALLS_PER_MINUTE.items() if calls <= limit]
-        rows.append((f"{coins:,}", calls, f"{records:,}", f"{seconds * 1000:.0f}", ", ".join(fits)))
+        markets, quotes, seconds, records = await measure(coins, cycles)
+        rows.append(
+            (
+                f"{coins:,}",
+                markets,
+                quotes,
+                f"{records:,}",
+                f"{seconds * 1000:.0f}",
+                fitting(markets),
+                fitting(markets + quotes),
+            )
+        )
     print(
         table(
             (
                 "coins",
                 "market calls/cycle",
+                "quote calls/cycle",
                 "records/cycle",
                 "cycle ms",
-                "plans whose calls/minute fit a 60 s cycle",
+                "plans whose calls/minute fit a 60 s cycle: markets only",
+                "with quotes",
             ),
             rows,
         )

@@ -7,10 +7,11 @@ This module does not import the Faust app, so /health can import `POLL_STATUS` f
 Calls per cycle stay low: prices come from /coins/markets, 250 coins per call (1,000 coins = 4
 calls). `btc_price`/`eth_price` are CoinGecko's own BTC and ETH quotes from /simple/price, asked
 for the coins of each markets page in one call (split only if its URL would pass
-`MAX_URL_CHARS`), on every `btc_eth_prices_every`-th price poll (0: never; the other polls' rows
-have them null). Candles take at most `OHLC_BUDGET_SHARE` of the plan's calls over their
-interval, coins in turn (round robin), so they never starve the price poll; each call returns
-`ohlc_days` of candles, so a coin whose turn comes round within that span misses no candle.
+`MAX_URL_CHARS`), on every `quotes_every()`-th price poll (the other polls' rows have them null;
+0: never): BTC_ETH_PRICES_EVERY, or as often as the price poll's share of the plan's calls
+allows. Candles take at most `OHLC_BUDGET_SHARE` of the plan's calls over their interval, coins
+in turn (round robin), so they never starve the price poll; each call returns `ohlc_days` of
+candles, so a coin whose turn comes round within that span misses no candle.
 
 CoinGecko serves cached snapshots (60 s for markets), so a record is published only if it is newer
 than the last one published for its key: per coin `last_updated`, per (coin, timeframe) candle
@@ -126,6 +127,22 @@ class _Cycle:
         self.errors.append(error)
 
 
+def quotes_every(settings: Settings) -> int:
+    """Every how many price polls to ask /simple/price (0: never). BTC_ETH_PRICES_EVERY if set;
+    else as often as fits the calls left to prices (the plan's calls over the price interval,
+    less OHLC's share and the /global polls) after the /coins/markets pages, one quote call per
+    page."""
+    if settings.btc_eth_prices_every is not None:
+        return settings.btc_eth_prices_every
+    interval = settings.price_poll_seconds
+    budget = settings.calls_per_minute * interval / 60 * (1 - OHLC_BUDGET_SHARE)
+    budget -= interval / settings.global_poll_seconds
+    coins = len(settings.coins) or settings.top_n
+    pages = math.ceil(coins / MAX_PER_PAGE)
+    spare = budget - pages  # quote calls a poll can afford, on average
+    return math.ceil(pages / spare - 1e-9) if spare > 0 else 0  # 1e-9: float noise, not a call
+
+
 class Poller:
     def __init__(
         self,
@@ -144,13 +161,14 @@ class Poller:
         self._global: LatestSeen[str] = LatestSeen()
         self._ohlc_turn = 0
         self._price_polls = 0
+        self.quotes_every = quotes_every(settings)
         self._reported: set[str] = set()
 
     # -- the three polls ---------------------------------------------------------------------
 
     async def poll_prices(self) -> None:
         with self._cycle("prices") as cycle:
-            every = self.settings.btc_eth_prices_every
+            every = self.quotes_every
             refused = SIMPLE_PRICE in self.client.refused  # logged once, in the status since
             with_quotes = every > 0 and self._price_polls % every == 0 and not refused
             self._price_polls += 1

@@ -11,12 +11,15 @@ from typing import Any
 
 import httpx
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from pollers import FIXTURE_COINS, BrokerTopics, make_poller
 
 from app.embedded import EmbeddedBroker
+from app.settings import Settings
 from coingecko.fake_server import FakeCoinGecko, body, html_page, serve_fake_coingecko
 from coingecko.parse import loads_exact
-from coingecko.poller import MAX_URL_CHARS
+from coingecko.poller import MAX_URL_CHARS, OHLC_BUDGET_SHARE, quotes_every
 from models.market import CryptoMarketAnalytics, CryptoOHLCVData, CryptoPriceData
 
 
@@ -208,6 +211,37 @@ async def test_a_refused_simple_price_leaves_the_prices_flowing(
     assert fake.count("/simple/price") == 1
     assert len(await kafka.read(CryptoPriceData)) == 12
     assert poller.status.endpoints["prices"].last_success is not None
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.integers(1, 5000),
+    st.sampled_from([5, 30, 250, 1000]),
+    st.sampled_from([10.0, 60.0, 300.0]),
+)
+def test_quotes_by_default_as_often_as_the_price_share_of_the_plan_allows(
+    top_n: int, calls_per_minute: int, interval: float
+) -> None:
+    config = Settings(
+        coins=(),
+        top_n=top_n,
+        coingecko_calls_per_minute=calls_per_minute,
+        price_poll_seconds=interval,
+    )
+    every = quotes_every(config)
+    price_share = calls_per_minute * interval / 60 * (1 - OHLC_BUDGET_SHARE)
+    budget = price_share - interval / config.global_poll_seconds
+    pages = -(-top_n // 250)
+
+    def calls(every: int) -> float:  # per price poll, on average
+        return pages + (pages / every if every else 0)
+
+    if every == 0:  # the markets pages alone use up the price share: no quotes at all
+        assert pages >= budget
+    else:
+        assert calls(every) <= budget + 1e-9
+        assert every == 1 or calls(every - 1) > budget  # not less often than it could
+    assert quotes_every(config.model_copy(update={"btc_eth_prices_every": 3})) == 3
 
 
 @pytest.mark.parametrize(
