@@ -143,6 +143,12 @@ def quotes_every(settings: Settings) -> int:
     return math.ceil(pages / spare - 1e-9) if spare > 0 else 0  # 1e-9: float noise, not a call
 
 
+def _how_often(every: int) -> str:
+    if every == 0:
+        return "never (BTC_ETH_PRICES_EVERY=0, or the plan's calls leave no room for them)"
+    return "on every price poll" if every == 1 else f"once every {every} price polls"
+
+
 class Poller:
     def __init__(
         self,
@@ -162,6 +168,7 @@ class Poller:
         self._ohlc_turn = 0
         self._price_polls = 0
         self.quotes_every = quotes_every(settings)
+        log.info("coingecko: btc_price/eth_price %s", _how_often(self.quotes_every))
         self._reported: set[str] = set()
 
     # -- the three polls ---------------------------------------------------------------------
