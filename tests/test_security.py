@@ -353,9 +353,8 @@ class SqlScanner(ast.NodeVisitor):
                 and func.value.id in self._modules
             ):
                 return True  # e.g. sql.create_table(...), `sql` imported from schema
-            name = func.attr if isinstance(func, ast.Attribute) else ""
-            if name in {"join", "format"}:
-                pieces = node.args if name == "join" else self._pieces(node)
+            if isinstance(func, ast.Attribute) and func.attr in {"join", "format"}:
+                pieces = node.args if func.attr == "join" else self._pieces(node)
                 return self._safe(func.value, depth + 1) and all(
                     self._safe(piece, depth + 1) for piece in pieces
                 )
