@@ -472,7 +472,7 @@ async def pipeline(
 
             async def serving() -> bool | None:
                 try:
-                    return (await worker.health())["database"]["reachable"] or None
+                    return (await worker.health()).body["database"]["reachable"] or None
                 except httpx.HTTPError:
                     return None
 
@@ -519,7 +519,7 @@ async def test_junk_on_every_topic_is_dead_lettered_and_counted(
 
     async def all_dead_lettered() -> dict[str, Any] | None:
         try:
-            sinks = (await worker.health())["sink"]
+            sinks = (await worker.health()).body["sink"]
         except httpx.HTTPError:
             return None
         done = all(
@@ -552,11 +552,11 @@ async def test_junk_on_every_topic_is_dead_lettered_and_counted(
             "deep nesting": "recursion limit",
         }
         for (what, _), reason in zip(junk_for(record), reasons, strict=True):
-            assert expected.get(what, "") in reason, (what, reason)
+            assert expected[what] in reason, (what, reason)
         assert await count_rows(dsn, type(record)) == 1
     worker.assert_alive()
     # The live tables' agents read the same junk and count it instead of crashing.
-    assert (await worker.health())["tables"]["undecodable"][CryptoPriceData.topic.name] > 0
+    assert (await worker.health()).body["tables"]["undecodable"][CryptoPriceData.topic.name] > 0
 
 
 def test_the_web_server_binds_to_loopback_by_default(pipeline: tuple[Kafka, Worker, str]) -> None:
@@ -632,7 +632,7 @@ async def test_repeated_and_huge_query_strings_are_refused(
         huge = await client.get("/prices", params={"x": "a" * 60_000})  # httpx's most is 64 KiB
         assert 400 <= huge.status_code < 500
         many = await client.get("/prices?" + "&".join(f"k{i}=v" for i in range(5_000)))
-        assert many.status_code in (200, 414, 400, 431)
+        assert 400 <= many.status_code < 500, many.status_code
     assert await fingerprint(dsn) == before
     worker.assert_alive()
 

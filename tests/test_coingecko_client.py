@@ -106,11 +106,19 @@ async def test_numbers_come_back_exact(fake: FakeCoinGecko) -> None:
 async def test_429_waits_for_retry_after(fake: FakeCoinGecko) -> None:
     fake.fail("/global", rate_limited(retry_after=1))
     async with make_client(fake.base_url) as client:
+        pauses: list[float] = []
+        pause = client.limiter.pause
+
+        def recorded(seconds: float) -> None:
+            pauses.append(seconds)
+            pause(seconds)
+
+        client.limiter.pause = recorded  # type: ignore[method-assign]
         assert "data" in await client.get("/global")
         await client.get("/ping")  # the pause holds every request, not only the retried one
+    assert pauses == [1.0]  # the server's Retry-After, not the client's own backoff
     first, retry, ping = fake.requests
-    assert retry.at - first.at >= 1.0
-    assert ping.at >= retry.at
+    assert (first.path, retry.path, ping.path) == ("/global", "/global", "/ping")
 
 
 async def test_transient_failures_are_retried_until_success(fake: FakeCoinGecko) -> None:

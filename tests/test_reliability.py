@@ -244,9 +244,9 @@ async def test_database_down_twenty_seconds_worker_waits_and_resumes(
             await asyncio.sleep(1)
             worker.assert_alive()
         health = await worker.health()
-        assert health["status"] == "degraded"
-        assert health["database"]["reachable"] is False
-        failing = health["sink"][PRICES]
+        assert (health.code, health.body["status"]) == (503, "degraded")
+        assert health.body["database"]["reachable"] is False
+        failing = health.body["sink"][PRICES]
         assert failing["consecutive_failures"] > 0 and failing["pending_events"] > 0
         assert failing["last_error"]
 
@@ -266,7 +266,8 @@ async def test_database_down_twenty_seconds_worker_waits_and_resumes(
         # nothing and counts the batch as replayed (seen once under load: 19,500 + 500).
         assert N - status["replayed_skipped"] <= status["rows_written"] <= N
         assert status["duplicates_skipped"] == 0
-        assert (await worker.health())["database"]["reachable"] is True
+        health = await worker.health()
+        assert (health.code, health.body["database"]["reachable"]) == (200, True)
         assert await worker.terminate() == 0
     report["database_down"] = {
         "records": N,
@@ -348,7 +349,7 @@ async def test_two_workers_one_killed_the_survivor_takes_over(
         return counts[0] if min(counts) >= BOTH_WRITING else None
 
     doomed_rows = await eventually(both_writing, doomed, "rows from both workers", DRAIN_TIMEOUT)
-    assigned_before = (await survivor.health())["broker"]["assigned_partitions"]
+    assigned_before = (await survivor.health()).body["broker"]["assigned_partitions"]
     doomed.kill()
     killed_at = time.monotonic()
     sent_before_kill = len(sent)
@@ -356,7 +357,7 @@ async def test_two_workers_one_killed_the_survivor_takes_over(
     await producing
     status = await finish(migrated, survivor, kafka.group_id, sent)
     took = time.monotonic() - killed_at
-    assigned_after = (await survivor.health())["broker"]["assigned_partitions"]
+    assigned_after = (await survivor.health()).body["broker"]["assigned_partitions"]
     assert_exactly(await stored(migrated, CryptoPriceData), records)
     await audit(kafka, migrated, sent)
     # The killed worker owned price partitions (it had written rows). Records kept arriving on

@@ -273,14 +273,15 @@ async def test_a_worker_that_restored_its_tables_survives_the_next_rebalance(
 
     # Nothing new was produced: only the changelog can have put the newest snapshot there.
     assert CryptoPriceData.model_validate(await eventually(restored, restoring, "tables")) == newest
-    alone = (await restoring.health())["broker"]["assigned_partitions"]
+    alone = (await restoring.health()).body["broker"]["assigned_partitions"]
 
     joining = workers(migrated)
 
     async def rebalanced() -> int | None:
         try:
             shares = [
-                (await w.health())["broker"]["assigned_partitions"] for w in (restoring, joining)
+                (await w.health()).body["broker"]["assigned_partitions"]
+                for w in (restoring, joining)
             ]
         except httpx.TransportError:
             return None

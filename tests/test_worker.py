@@ -145,7 +145,7 @@ async def test_worker_declares_generated_topics_and_stops_cleanly(
     }
     for name, config in expected.items():
         for key, value in config.config.items():
-            assert reported[name].get(key, value) == value, (name, key)
+            assert reported[name][key] == value, (name, key)
 
     assert await worker.stop(signal.SIGTERM) == 0, worker.output
     assert API_KEY not in worker.output

@@ -48,6 +48,14 @@ class Sent:
     record: StreamRecord | None
 
 
+@dataclass(frozen=True)
+class Health:
+    """A worker's /health answer."""
+
+    code: int  # the HTTP status
+    body: dict[str, Any]
+
+
 class Worker:
     """`faust -A app worker`, as users start it, logging to a file the test can read.
 
@@ -98,11 +106,11 @@ class Worker:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.env['WEB_PORT']}"
 
-    async def health(self) -> dict[str, Any]:
-        """The worker's /health body (served with 503 when degraded, which is still JSON)."""
+    async def health(self) -> Health:
+        """The worker's /health answer: 200 when healthy, 503 (still with its JSON) when not."""
         async with httpx.AsyncClient(timeout=10) as client:
-            body: dict[str, Any] = (await client.get(f"{self.url}/health")).json()
-        return body
+            answer = await client.get(f"{self.url}/health")
+        return Health(answer.status_code, answer.json())
 
     async def table_entry(self, table: str, key: str) -> dict[str, Any] | None:
         """`key`'s entry in this worker's live table `table`, or None while there is none (or
@@ -119,7 +127,7 @@ class Worker:
 
     async def sink_status(self, topic: str) -> dict[str, Any]:
         """This sink's SINK_STATUS entry, as the worker's /health view serves it."""
-        status: dict[str, Any] = (await self.health())["sink"][topic]
+        status: dict[str, Any] = (await self.health()).body["sink"][topic]
         return status
 
     def assert_alive(self) -> None:
