@@ -8,8 +8,14 @@ from decimal import Decimal
 
 import asyncpg
 import pytest
+from hypothesis import HealthCheck, given
+from hypothesis import settings as hypothesis_settings
+from hypothesis import strategies as st
+from strategies import valid
+from workers import primary_key
 
-from models import CryptoMarketAnalytics, CryptoPriceData
+from models import RECORDS, CryptoMarketAnalytics, CryptoPriceData, StreamRecord
+from models.dsl import quote_ident
 from schema.migrate import migrate_database
 from store.db import create_pool
 from store.writer import RecordWriter, WriteResult
@@ -115,3 +121,32 @@ async def test_a_failed_batch_stores_nothing(pool: asyncpg.Pool) -> None:
     assert await stored_prices(pool) == {}
     # The session (and its staging table) is still usable and clean afterwards.
     assert await writer.write(pool, [good]) == WriteResult(1, 0, 0)
+
+
+@given(data=st.data())
+@hypothesis_settings(
+    max_examples=60,
+    deadline=None,  # a database round trip on a shared machine
+    suppress_health_check=[HealthCheck.function_scoped_fixture],  # emptied for each example
+)
+async def test_any_valid_records_come_back_from_the_database_exactly(
+    pool: asyncpg.Pool, data: st.DataObject
+) -> None:
+    """Every value a record can hold (tests/strategies.py: 38-digit fractions, exponents, any
+    time zone, any text) is stored and read back equal; of records sharing a key, the first."""
+    record_type = data.draw(st.sampled_from(RECORDS))
+    records = data.draw(st.lists(valid(record_type), min_size=1, max_size=6))
+    table = quote_ident(record_type.table.name)
+    await pool.execute(f"TRUNCATE {table}")
+
+    first: dict[tuple[object, ...], StreamRecord] = {}
+    for record in records:
+        first.setdefault(primary_key(record), record)
+    result = await RecordWriter(record_type).write(pool, records)
+    assert result == WriteResult(len(first), 0, len(records) - len(first))
+
+    rows = await pool.fetch(f"SELECT * FROM {table}")  # noqa: S608
+    back = {tuple(row[column] for column in record_type.table.primary_key): row for row in rows}
+    assert back.keys() == first.keys()
+    for key, record in first.items():
+        assert {name: back[key][name] for name in record.model_fields} == record.model_dump()
