@@ -157,13 +157,16 @@ async def audit(kafka: Kafka, dsn: str, sent: list[Sent]) -> Audit:
         below = message.offset < next_offsets.get(message.partition, 0)
         assert (primary_key(message.record) in rows) == below, message
     committed = await kafka.committed({PRICES})
-    ahead = replay = 0
-    for (_, partition), offset in committed.items():
-        durable = next_offsets.get(partition, 0)
-        ahead += max(0, offset - durable)
-        replay += max(0, durable - offset)
+    ahead = committed_past(committed, next_offsets)
     assert ahead == 0, f"committed past the stored offsets by {ahead}: {committed} {next_offsets}"
+    replay = sum(max(0, offset - committed[PRICES, p]) for p, offset in next_offsets.items())
     return Audit(rows, ahead, replay)
+
+
+def committed_past(committed: dict[tuple[str, int], int], stored: dict[int, int]) -> int:
+    """How many messages the broker's committed offsets passed that are not stored (the shape of
+    faust-streaming #606, or of a commit before the write)."""
+    return sum(max(0, offset - stored.get(p, 0)) for (_, p), offset in committed.items())
 
 
 async def test_sigkill_mid_batch_three_times_loses_and_duplicates_nothing(
@@ -233,16 +236,26 @@ async def test_database_down_twenty_seconds_worker_waits_and_resumes(
         worker = workers(dsn)
         # Records keep arriving before, during and after the outage.
         producing = asyncio.ensure_future(kafka.send_paced(records, seconds=outage + 10))
-        rows_when_stopped = await wait_rows(dsn, worker, N // 10)
+        await wait_rows(dsn, worker, N // 10)
 
+        # Hold the stored offsets still while the server is stopped: the sink's next batch waits
+        # for this lock and dies with the server, so what is read here is what is durable.
+        holder = await asyncpg.connect(dsn)
+        await holder.execute("BEGIN; LOCK TABLE sink_offsets IN EXCLUSIVE MODE")
+        stored_at_stop = await SinkOffsets(kafka.group_id, PRICES).read(holder)
+        rows_when_stopped = await holder.fetchval("SELECT count(*) FROM crypto_prices")
         postmaster = server.get_postmaster_info().process
         assert postmaster is not None
         postmaster.send_signal(signal.SIGINT)  # PostgreSQL's "fast" shutdown
         await asyncio.to_thread(postmaster.wait, 30)
+        holder.terminate()
         down_at = time.monotonic()
         while time.monotonic() - down_at < outage:
             await asyncio.sleep(1)
             worker.assert_alive()
+        # Several of Faust's commit rounds later, nothing the database lacks is committed.
+        committed = await kafka.committed({PRICES})
+        assert committed_past(committed, stored_at_stop) == 0, (committed, stored_at_stop)
         health = await worker.health()
         assert (health.code, health.body["status"]) == (503, "degraded")
         assert health.body["database"]["reachable"] is False
