@@ -76,6 +76,13 @@ def messages(app: App) -> Make:
     return make
 
 
+async def run_ready_tasks() -> None:
+    """Let every task that can run, run, until each waits for something: a task still not done
+    then is blocked, whatever the clock says."""
+    for _ in range(20):
+        await asyncio.sleep(0)
+
+
 async def test_take_returns_everything_queued_up_to_the_limit_in_fetch_order(
     batches: Batches, messages: Make
 ) -> None:
@@ -158,7 +165,7 @@ async def test_a_sink_waiting_for_messages_is_woken_by_a_rebalance(
     """A rebalance waits for every taken message to be acknowledged: a sink holding stored
     messages for its tables must get the chance to hand them over at once."""
     waiting = asyncio.ensure_future(batches.take(10))
-    await asyncio.sleep(0.05)
+    await run_ready_tasks()
     assert not waiting.done()
     app.flow_control.suspend()
     app.flow_control.clear()
@@ -182,13 +189,13 @@ async def test_a_fetch_waiting_for_room_is_released_by_the_sink_or_by_a_rebalanc
     consumer = cast(Consumer, app.consumer)
     batches.put_nowait(messages(1))
     waiting = asyncio.ensure_future(batches.put_fetched(messages(1), consumer))
-    await asyncio.sleep(0.05)
+    await run_ready_tasks()
     assert not waiting.done()
     await batches.take(1)  # the sink takes one fetch
     await asyncio.wait_for(waiting, 10)
 
     waiting = asyncio.ensure_future(batches.put_fetched(messages(1), consumer))
-    await asyncio.sleep(0.05)
+    await run_ready_tasks()
     assert not waiting.done()
     app.flow_control.suspend()
     app.flow_control.clear()

@@ -38,19 +38,7 @@ async def test_every_record_lands_once_with_exact_values_and_replays_add_nothing
     kafka: Kafka, workers: Callable[[str], Worker], migrated: str
 ) -> None:
     price_records = prices("coin", 1500)
-    candles = [
-        CryptoOHLCVData(
-            coin_id=f"coin-{i % 5}",
-            symbol="sym",
-            timestamp=T0 + timedelta(minutes=30 * i),
-            open=Decimal("1.1"),
-            high=Decimal(f"2.{i}"),
-            low=Decimal("0.000000001"),
-            close=Decimal(f"1.{i}"),
-            timeframe="30m",
-        )
-        for i in range(100)
-    ]
+    candles = [candle(i) for i in range(100)]
     analytics = [
         CryptoMarketAnalytics(
             timestamp=T0 + timedelta(minutes=i),
@@ -136,14 +124,17 @@ async def test_committed_offsets_never_pass_rows_the_database_does_not_have(
         postmaster.send_signal(signal.SIGINT)  # PostgreSQL's "fast" shutdown
         await asyncio.to_thread(postmaster.wait, 30)
         second = await kafka.send_records(during)
-        # Faust commits every 2.8 s: over several of its commit rounds, nothing may move.
-        for _ in range(8):
-            await asyncio.sleep(1)
-            worker.assert_alive()
-            assert await kafka.committed({PRICES}) == committed
+
+        # Faust commits every 2.8 s. Six failed attempts take at least 5.6 s of backoff (the
+        # smallest jitter): two commit rounds pass while the batch waits, and nothing may move.
+        async def failing() -> dict[str, Any] | None:
+            status = await worker.sink_status(PRICES)
+            return status if status["consecutive_failures"] >= 6 else None
+
+        status = await eventually(failing, worker, "six failed writes")
+        assert await kafka.committed({PRICES}) == committed
         assert "write of" in worker.output and "failed" in worker.output
-        status = await worker.sink_status(PRICES)
-        assert status["consecutive_failures"] > 0 and status["pending_events"] > 0
+        assert status["pending_events"] > 0
         assert status["rows_written"] == len(before)
 
         server.ensure_postgres_running()
@@ -220,11 +211,12 @@ async def test_the_tables_get_stored_records_together_and_only_then_are_they_com
         return worker.table_entry("latest-prices", "held-0")
 
     await eventually(lambda: price_rows(migrated, 40), worker, "the first 40 rows")
-    # Faust commits every 2.8 s: over several of its commit rounds, nothing may be committed.
-    for _ in range(4):
-        await asyncio.sleep(1)
-        assert set((await kafka.committed({PRICES})).values()) == {0}
-        assert await in_table() is None
+    # A candle (its sink feeds no table, so it is acknowledged once stored) committed after the
+    # 40 rows were stored shows a commit round has passed them: none of them may be in it.
+    stored_candle = await kafka.send_records([candle(0)])
+    await kafka.wait_committed(stored_candle, worker)
+    assert set((await kafka.committed({PRICES})).values()) == {0}
+    assert await in_table() is None
 
     # However the last 10 arrive, the 50th stored record completes the group.
     second = await kafka.send_records(records[40:])
@@ -243,6 +235,20 @@ async def test_sigterm_hands_stored_records_to_the_tables_at_once_and_commits_th
     assert set((await kafka.committed({PRICES})).values()) == {0}  # held for the tables
     assert await worker.terminate() == 0  # within STOP_TIMEOUT (45 s), well before the minute
     await kafka.wait_committed(sent, worker)  # committed already: the worker is gone
+
+
+def candle(i: int) -> CryptoOHLCVData:
+    """The i-th of five coins' 30-minute candles, with values a float would mangle."""
+    return CryptoOHLCVData(
+        coin_id=f"coin-{i % 5}",
+        symbol="sym",
+        timestamp=T0 + timedelta(minutes=30 * i),
+        open=Decimal("1.1"),
+        high=Decimal(f"2.{i}"),
+        low=Decimal("0.000000001"),
+        close=Decimal(f"1.{i}"),
+        timeframe="30m",
+    )
 
 
 async def price_rows(dsn: str, expected: int) -> int | None:
