@@ -1,8 +1,11 @@
 """Bulk delivery (app/bulk.py): the queue between Faust's fetch loop and a sink.
 
 The queue is exercised on a real (not started) Faust app and consumer with Faust's own message
-type; what a worker does with it end to end (exact rows, crashes, rebalances) is in test_sink.py
-and test_reliability.py.
+type: the states it must handle (a stale consumer generation, a suspension between a fetch and a
+take, a rebalance while the fetch loop waits for room) cannot be produced on demand by a running
+worker. What a worker does with it end to end (exact rows, crashes, rebalances, a backlog in
+batches of SINK_BATCH_SIZE) runs on real workers, brokers and databases, here and in
+test_sink.py and test_reliability.py.
 """
 
 from __future__ import annotations
