@@ -555,7 +555,7 @@ async def test_junk_on_every_topic_is_dead_lettered_and_counted(
             assert expected[what] in reason, (what, reason)
         assert await count_rows(dsn, type(record)) == 1
     worker.assert_alive()
-    # The live tables' agents read the same junk and count it instead of crashing.
+    # The live tables are handed the same junk (as dead-lettered, undecoded) and count it.
     assert (await worker.health()).body["tables"]["undecodable"][CryptoPriceData.topic.name] > 0
 
 
