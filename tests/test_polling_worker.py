@@ -21,7 +21,7 @@ pytestmark = pytest.mark.slow
 
 async def health(worker: Worker) -> dict[str, Any] | None:
     try:
-        return await worker.health()
+        return (await worker.health()).body
     except (httpx.TransportError, ValueError):  # not listening yet
         return None
 
