@@ -8,7 +8,11 @@ a running sink with no new agent code. Why each agent works the way it does:
   offsets are only where fetching starts; they cannot lose data even where Faust's own offset
   handling slips (faust-streaming #606; a message dropped during a rebalance): a batch that does
   not continue the stored offset is not written past the hole, and the partition is sought back.
-  Replays below the stored offset (a consumer-group reset) are skipped.
+  Replays below the stored offset (a consumer-group reset) are skipped, but only in the log the
+  stored offsets came from: each partition's log is confirmed (cluster id, a stored message still
+  at its offset) before its first batch after an assignment, before a replay, and every
+  SINK_LOG_CHECK_SECONDS; a partition found on another log (a restarted memory broker, a
+  re-created topic, another cluster) is logged once and stored again from its earliest offset.
 - Messages arrive in bulk (app/bulk.py): everything fetched while the previous batch was being
   written, up to SINK_BATCH_SIZE, without Faust's per-event machinery. A quiet stream's message
   is written as soon as it is fetched; a busy stream's batches grow by themselves.
@@ -45,11 +49,20 @@ from urllib.parse import urlsplit
 
 from faust.types import TP, Message, StreamT
 
+from app.broker_logs import BrokerLogs
 from app.main import app, settings, topics
 from models import RECORDS, StreamRecord
 from models.codec import RecordRejected, decode_record
 from store.db import LazyPool
-from store.offsets import Continuation, Delivered, SinkOffsets, continue_sequences
+from store.offsets import (
+    Continuation,
+    Delivered,
+    Mark,
+    SinkOffsets,
+    continue_sequences,
+    fingerprint,
+    other_log,
+)
 from store.writer import RecordWriter, WriteResult
 
 log = logging.getLogger(__name__)
@@ -73,6 +86,7 @@ class SinkStatus:
     dead_letters: int = 0
     replayed_skipped: int = 0  # messages below the stored offset (stored before)
     holes_refetched: int = 0  # times a partition was sought back to its stored offset
+    log_resets: int = 0  # partitions found on another log than their stored offsets, stored again
     pending_events: int = 0  # events of the batch being written (or retried) right now
     consecutive_failures: int = 0
     last_error: str | None = None
@@ -104,6 +118,8 @@ SINK_STATUS = SinkStatuses()
 
 # The worker's one write pool, shared by all sinks.
 DATABASE = LazyPool(settings.database_dsn, settings.database_pool_size)
+# The broker's side of the stored offsets, shared by all sinks.
+BROKER_LOGS = BrokerLogs.of(app)
 
 
 def describe_error(error: BaseException, dsn: str = settings.database_dsn) -> str:
@@ -133,6 +149,14 @@ class Sink:
         self.batches = app.batches(self.topic)
         self.stored_next: dict[int, int] = {}  # last known stored offsets (a cache)
         self.floors: dict[int, int] = {}  # earliest offsets the broker still holds, after holes
+        # The partitions' logs: when each was last confirmed (consumer generation, monotonic
+        # time), the last message stored of it and when, the cluster id found, and the partitions
+        # started over whose next hole is part of that (not worth a warning of its own).
+        self.confirmed: dict[int, tuple[int, float]] = {}
+        self.last_stored: dict[int, tuple[Mark, float]] = {}
+        self.cluster_id: str | None = None
+        self.started_over: set[int] = set()
+        self.next_log_check = time.monotonic() + settings.sink_log_check_seconds
         # Called with the stored batches once they are durable, before they are acknowledged:
         # the live tables (tables.live) follow the sink instead of reading the topic again.
         self.observers: list[Callable[[Sequence[Stored]], Awaitable[None]]] = []
@@ -146,9 +170,7 @@ class Sink:
         themselves arrive on `self.batches` (app/bulk.py), never through the stream."""
         try:
             while True:
-                messages = await self.batches.take(
-                    settings.sink_batch_size, timeout=self._until_publish()
-                )
+                messages = await self.batches.take(settings.sink_batch_size, timeout=self._wait())
                 flush = asyncio.ensure_future(self.flush(messages))
                 try:
                     await asyncio.shield(flush)
@@ -163,13 +185,116 @@ class Sink:
 
     async def flush(self, messages: Sequence[Message]) -> None:
         """Dead-letter a batch's bad messages, store the rest with their offsets in one
-        transaction, seek back over any hole; publish what is stored when it is due."""
+        transaction, seek back over any hole; publish what is stored when it is due; confirm the
+        assigned partitions' logs when that is due."""
         if messages:
             await self._store_batch(messages)
         if self._until_publish() == 0:
             await self._publish()
+        if time.monotonic() >= self.next_log_check:
+            await self._check_assigned_logs()
+
+    def _wait(self) -> float:
+        """Seconds the sink may wait for messages: until stored batches or a log check are due."""
+        until_check = max(0.0, self.next_log_check - time.monotonic())
+        until_publish = self._until_publish()
+        return until_check if until_publish is None else min(until_publish, until_check)
+
+    async def _check_assigned_logs(self) -> None:
+        """Confirm every assigned partition's log, also those that receive nothing: a topic
+        re-created under the worker leaves it fetching past the new log's end, where the embedded
+        broker answers with nothing at all (Kafka would answer "out of range")."""
+        self.next_log_check = time.monotonic() + settings.sink_log_check_seconds
+        if not app.flow_control.is_active():  # a rebalance: the next batch is checked anyway
+            return
+        assigned = sorted(
+            tp.partition for tp in app.consumer.assignment() if tp.topic == self.topic
+        )
+        if assigned:
+            restarts = await self._until_done("log check", partial(self._check_logs, assigned))
+            for partition, offset in restarts.items():
+                await self._seek(partition, offset)
+
+    def _logs_to_check(self, messages: Sequence[Message]) -> list[int]:
+        """The batch's partitions whose log must be confirmed before it is stored: first seen in
+        this consumer generation, last confirmed too long ago, or replayed (below the stored
+        offset) after storing something since the last confirmation."""
+        generation = app.consumer_generation_id
+        stale = time.monotonic() - settings.sink_log_check_seconds
+        lowest: dict[int, int] = {}
+        for message in messages:
+            lowest[message.partition] = min(
+                lowest.get(message.partition, message.offset), message.offset
+            )
+        due = []
+        for partition, offset in lowest.items():
+            confirmed = self.confirmed.get(partition)
+            if confirmed is None or confirmed[0] != generation or confirmed[1] < stale:
+                due.append(partition)
+            elif offset < self.stored_next.get(partition, -1):
+                stored = self.last_stored.get(partition)
+                if stored is not None and stored[1] > confirmed[1]:
+                    due.append(partition)
+        return sorted(due)
+
+    async def _check_logs(self, partitions: Sequence[int]) -> dict[int, int]:
+        """Confirm the partitions' logs (store/offsets.py); start those found on another log over
+        at the broker's earliest offset. Returns those started over, with that offset."""
+        pool = await self.database.get()
+        restarts: dict[int, int] = {}
+        async with pool.acquire() as connection:
+            stored = await self.offsets.logs(connection, partitions)
+            broker = await BROKER_LOGS.look(
+                self.topic, {p: stored[p].checkpoint if p in stored else None for p in partitions}
+            )
+            cluster_id = broker[partitions[0]].cluster_id
+            moves: dict[int, Mark | None] = {}
+            for partition, mine in stored.items():
+                theirs = broker[partition]
+                reason = other_log(mine, theirs)
+                last = self.last_stored.get(partition)
+                if reason is None:
+                    mark = last[0] if last else None
+                    newer = mark is not None and (
+                        mine.checkpoint is None or mark.offset > mine.checkpoint.offset
+                    )
+                    if newer or mine.cluster_id != cluster_id:
+                        moves[partition] = mark if newer else None
+                    continue
+                restarted = await self.offsets.restart(
+                    connection, partition, mine.next_offset, theirs.earliest, cluster_id
+                )
+                if restarted:
+                    log.warning(
+                        "sink %s: partition %d is not the log its stored offsets came from (%s; "
+                        "stored next offset %d, broker offsets %d..%d): storing it again from "
+                        "offset %d",
+                        self.topic,
+                        partition,
+                        reason,
+                        mine.next_offset,
+                        theirs.earliest,
+                        theirs.end,
+                        theirs.earliest,
+                    )
+                    self.status.log_resets += 1
+                    restarts[partition] = theirs.earliest
+                    self.started_over.add(partition)
+                # Read again at the next batch (another worker may have moved it meanwhile).
+                self.stored_next.pop(partition, None)
+                self.floors.pop(partition, None)
+                self.last_stored.pop(partition, None)
+            if moves:
+                await self.offsets.confirm(connection, moves, cluster_id)
+        self.cluster_id = cluster_id
+        confirmed = (app.consumer_generation_id, time.monotonic())
+        self.confirmed.update(dict.fromkeys(partitions, confirmed))
+        return restarts
 
     async def _store_batch(self, messages: Sequence[Message]) -> None:
+        # Before anything is decided by the stored offsets (also which bad messages are new).
+        if due := self._logs_to_check(messages):
+            await self._until_done("log check", partial(self._check_logs, due))
         delivered: list[Delivered[StreamRecord | None]] = []
         batch: list[Stored] = []
         for message in messages:
@@ -185,7 +310,9 @@ class Sink:
             delivered.append(Delivered(message.partition, message.offset, payload))
             batch.append((message, payload))
         self.status.pending_events = len(messages)
-        continuation, result = await self._until_done("write", partial(self._store, delivered))
+        continuation, result = await self._until_done(
+            "write", partial(self._store, delivered, messages)
+        )
         self.status.rows_written += result.inserted
         self.status.duplicates_skipped += result.duplicates
         self.status.replayed_skipped += continuation.replayed
@@ -244,21 +371,28 @@ class Sink:
             self.publishing = None
 
     async def _store(
-        self, delivered: Sequence[Delivered[StreamRecord | None]]
+        self, delivered: Sequence[Delivered[StreamRecord | None]], messages: Sequence[Message]
     ) -> tuple[Continuation[StreamRecord | None], WriteResult]:
         """One transaction: lock the partitions' stored offsets, write what continues them,
-        advance them."""
+        advance them (with each partition's last stored message, for its log's checkpoint)."""
         partitions = sorted({item.partition for item in delivered})
         new = [p for p in partitions if p not in self.stored_next]
         starts = await self._earliest(new) if new else {}
         pool = await self.database.get()
         async with pool.acquire() as connection, connection.transaction():
-            stored = await self.offsets.lock(connection, partitions, starts, self.floors)
+            stored = await self.offsets.lock(
+                connection, partitions, starts, self.floors, self.cluster_id
+            )
             continuation = continue_sequences(delivered, stored)
             records = [record for record in continuation.accepted if record is not None]
             result = await self.writer.insert(connection, records)
-            await self.offsets.advance(connection, continuation.next_offsets)
+            at = {(message.partition, message.offset): message for message in messages}
+            last = {p: mark(at[p, offset - 1]) for p, offset in continuation.next_offsets.items()}
+            await self.offsets.advance(connection, continuation.next_offsets, last)
         self.stored_next.update({**stored, **continuation.next_offsets})
+        now = time.monotonic()
+        self.last_stored.update({p: (stored_mark, now) for p, stored_mark in last.items()})
+        self.started_over -= set(last)
         return continuation, result
 
     async def _earliest(self, partitions: Sequence[int]) -> dict[int, int]:
@@ -268,6 +402,9 @@ class Sink:
     async def _refetch(self, partition: int, offset: int) -> None:
         """Seek back to the first offset not stored, unless retention has deleted it."""
         self.status.holes_refetched += 1
+        if partition in self.started_over:  # announced already, as a log found restarted
+            await self._seek(partition, offset)
+            return
         earliest = (await self._earliest([partition]))[partition]
         if earliest > offset:
             log.error(
@@ -288,6 +425,9 @@ class Sink:
                 partition,
                 offset,
             )
+        await self._seek(partition, offset)
+
+    async def _seek(self, partition: int, offset: int) -> None:
         try:
             await app.consumer.seek(TP(self.topic, partition), offset)
         except Exception as error:  # no longer assigned (rebalance): the new owner resumes it
@@ -349,6 +489,12 @@ class Sink:
             return result
 
 
+def mark(message: Message) -> Mark:
+    """The message as a log checkpoint (Faust keeps the broker's timestamp in seconds)."""
+    timestamp_ms = round(message.timestamp * 1000)
+    return Mark(message.offset, fingerprint(timestamp_ms, message.key, message.value))
+
+
 def _register(record: type[StreamRecord]) -> Sink:
     sink = Sink(record, DATABASE)
     agent = app.agent(topics[record.topic.name], name=f"sink_{record.table.name}")(sink.consume)
@@ -367,3 +513,4 @@ SINKS: dict[str, Sink] = {record.topic.name: _register(record) for record in REC
 async def _close_pool(sender: object, /, *args: object, signal: object, **kwargs: object) -> None:
     """Runs after Faust waited for every stream to acknowledge its events: nothing is in flight."""
     await DATABASE.close()
+    await BROKER_LOGS.close()

@@ -87,6 +87,9 @@ class Settings(BaseSettings):
     sink_batch_size: int = Field(5000, ge=1, le=100_000)
     # How long stored batches are collected before the live tables get them (agents/sink.py).
     live_table_update_seconds: float = Field(1.0, ge=0, le=60)
+    # How often each sink confirms that its partitions are still the logs its stored offsets
+    # came from (store/offsets.py): a topic re-created under a running worker is found this late.
+    sink_log_check_seconds: float = Field(30.0, gt=0, le=3600)
 
     port: int | None = Field(None, ge=1, le=65535, description="set by Heroku; binds 0.0.0.0")
     web_host: str = "127.0.0.1"

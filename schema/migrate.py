@@ -67,6 +67,7 @@ async def migrate_database(
             names = [record.table.name for record in records]
             names += [candle.name for candle, _ in sql.candles_for(records)]
             before = {name: await _relkind(connection, name) for name in names}
+            offsets = await _describe(connection, sql.SINK_OFFSETS_TABLE)
             for step in changes:
                 await connection.execute(step.statement, *step.args)
                 if step.report:
@@ -74,6 +75,13 @@ async def migrate_database(
             for statement in sql.schema_statements(dialect, records):
                 await connection.execute(statement)
             report += [f"created {name}" for name in names if before[name] is None]
+            if offsets is not None and (
+                missing := [c for c in sql.SINK_OFFSETS_LOG_COLUMNS if c not in offsets.columns]
+            ):
+                report.append(
+                    f"added {', '.join(missing)} to {sql.SINK_OFFSETS_TABLE}: stored offsets are "
+                    "bound to their log from the next batch on"
+                )
     finally:
         await connection.close()
     report += notices

@@ -326,26 +326,41 @@ def candles_for(records: Records = RECORDS) -> list[tuple[CandleAggregate, type[
     return found
 
 
-def _sink_offsets(records: Records) -> str:
+# What binds a stored offset to the log it came from (store/offsets.py); added to tables created
+# before, so an upgraded database keeps its offsets (NULL: not known yet).
+SINK_OFFSETS_LOG_COLUMNS = {
+    "cluster_id": "text",
+    "checkpoint_offset": "bigint",
+    "checkpoint_digest": "bytea",
+}
+
+
+def _sink_offsets(records: Records) -> list[str]:
     if any(record.table.name == SINK_OFFSETS_TABLE for record in records):
         raise DSLError(f"table name {SINK_OFFSETS_TABLE!r} is reserved for the sinks' offsets")
-    return (
-        f"CREATE TABLE IF NOT EXISTS {quote_ident(SINK_OFFSETS_TABLE)} (\n"
+    table = quote_ident(SINK_OFFSETS_TABLE)
+    columns = [f"{quote_ident(name)} {kind}" for name, kind in SINK_OFFSETS_LOG_COLUMNS.items()]
+    log_columns = "".join(f"    {column},\n" for column in columns)
+    return [
+        f"CREATE TABLE IF NOT EXISTS {table} (\n"
         '    "consumer_group" text NOT NULL,\n'
         '    "topic" text NOT NULL,\n'
         '    "topic_partition" integer NOT NULL,\n'
         '    "next_offset" bigint NOT NULL,\n'
+        f"{log_columns}"
         '    "updated_at" timestamptz NOT NULL DEFAULT now(),\n'
         f"    CONSTRAINT {quote_ident(SINK_OFFSETS_TABLE + '_pkey')} PRIMARY KEY "
         '("consumer_group", "topic", "topic_partition")\n'
-        ")"
-    )
+        ")",
+        f"ALTER TABLE {table} "
+        + ", ".join(f"ADD COLUMN IF NOT EXISTS {column}" for column in columns),
+    ]
 
 
 def schema_statements(dialect: Dialect, records: Records = RECORDS) -> list[str]:
     """Every statement, in order, that creates or converges the schema in `dialect`."""
     table = _timescale_table if dialect == "timescaledb" else _postgres_table
-    statements = [_sink_offsets(records)]
+    statements = _sink_offsets(records)
     statements += [statement for record in records for statement in table(record)]
     for candle, record in candles_for(records):
         statements.extend(_candles(candle, record, dialect))

@@ -5,9 +5,14 @@ CREATE TABLE IF NOT EXISTS "sink_offsets" (
     "topic" text NOT NULL,
     "topic_partition" integer NOT NULL,
     "next_offset" bigint NOT NULL,
+    "cluster_id" text,
+    "checkpoint_offset" bigint,
+    "checkpoint_digest" bytea,
     "updated_at" timestamptz NOT NULL DEFAULT now(),
     CONSTRAINT "sink_offsets_pkey" PRIMARY KEY ("consumer_group", "topic", "topic_partition")
 );
+
+ALTER TABLE "sink_offsets" ADD COLUMN IF NOT EXISTS "cluster_id" text, ADD COLUMN IF NOT EXISTS "checkpoint_offset" bigint, ADD COLUMN IF NOT EXISTS "checkpoint_digest" bytea;
 
 CREATE TABLE IF NOT EXISTS "crypto_prices" (
     "coin_id" text NOT NULL,

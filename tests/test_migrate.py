@@ -120,6 +120,48 @@ async def test_added_fields_become_columns_and_rows_are_kept(database_dsn: str) 
         await connection.close()
 
 
+async def test_stored_offsets_of_an_older_release_are_kept_and_bound_to_their_log_later(
+    database_dsn: str,
+) -> None:
+    """`sink_offsets` as releases before the log columns created it, with a stored offset."""
+    connection = await asyncpg.connect(database_dsn)
+    try:
+        await connection.execute(
+            'CREATE TABLE "sink_offsets" ("consumer_group" text NOT NULL, "topic" text NOT NULL,'
+            ' "topic_partition" integer NOT NULL, "next_offset" bigint NOT NULL,'
+            ' "updated_at" timestamptz NOT NULL DEFAULT now(),'
+            ' CONSTRAINT "sink_offsets_pkey"'
+            ' PRIMARY KEY ("consumer_group", "topic", "topic_partition"))'
+        )
+        await connection.execute(
+            "INSERT INTO sink_offsets (consumer_group, topic, topic_partition, next_offset)"
+            " VALUES ('qicore-streams', 'crypto-prices', 3, 1234)"
+        )
+        report = await migrate_database(database_dsn)
+        assert (
+            "added cluster_id, checkpoint_offset, checkpoint_digest to sink_offsets: stored "
+            "offsets are bound to their log from the next batch on"
+        ) in report
+        rows = await connection.fetch("SELECT * FROM sink_offsets")
+        assert [dict(row) | {"updated_at": None} for row in rows] == [
+            {
+                "consumer_group": "qicore-streams",
+                "topic": "crypto-prices",
+                "topic_partition": 3,
+                "next_offset": 1234,
+                "cluster_id": None,
+                "checkpoint_offset": None,
+                "checkpoint_digest": None,
+                "updated_at": None,
+            }
+        ]
+        columns = await _columns(connection, "sink_offsets")
+        assert columns["checkpoint_digest"] == ("bytea", False)
+        assert (await migrate_database(database_dsn))[1:] == [NO_CHANGES]
+    finally:
+        await connection.close()
+
+
 async def test_new_required_field_without_default_needs_an_empty_table(database_dsn: str) -> None:
     connection = await _with_widgets(database_dsn)
     try:
