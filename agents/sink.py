@@ -266,9 +266,9 @@ class Sink:
                 )
                 if restarted:
                     log.warning(
-                        "sink %s: partition %d is not the log its stored offsets came from (%s; "
-                        "stored next offset %d, broker offsets %d..%d): storing it again from "
-                        "offset %d",
+                        "sink %s: partition %d is not the log its stored offsets came from "
+                        "(%s; stored next offset %d, broker's earliest offset %d, high-water "
+                        "mark %d): storing it again from offset %d",
                         self.topic,
                         partition,
                         reason,

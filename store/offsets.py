@@ -138,15 +138,15 @@ def other_log(stored: StoredLog, broker: BrokerLog) -> str | None:
     checkpoint = stored.checkpoint
     if checkpoint is None:
         if broker.end < stored.next_offset:
-            return f"the partition ends at {broker.end}, below the stored offset"
+            return f"its high-water mark {broker.end} is below the stored offset"
         return None
     if checkpoint.offset < broker.earliest:
         return None
     found = broker.at_checkpoint
     if found is None:
-        return f"the partition holds no message at offset {checkpoint.offset} (stored before)"
+        return f"no message at offset {checkpoint.offset}, where one was stored from"
     if found != checkpoint:
-        return f"the partition holds another message at offset {checkpoint.offset}"
+        return f"another message at offset {checkpoint.offset} than the one stored from"
     return None
 
 

@@ -1,0 +1,64 @@
+"""What the broker says about a partition's log, read from the real embedded broker."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import pytest
+from aiokafka import AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+
+from app.broker_logs import BrokerLogs
+from app.embedded import EmbeddedBroker
+from store.offsets import Mark, fingerprint
+
+TOPIC = "logs-under-test"
+
+
+@pytest.fixture
+async def produced(own_broker: EmbeddedBroker) -> AsyncIterator[list[Mark]]:
+    """Three messages in partition 0 of a two-partition topic, as marks."""
+    bootstrap = f"127.0.0.1:{own_broker.port}"
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        await admin.create_topics([NewTopic(TOPIC, 2, 1)])
+    finally:
+        await admin.close()
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap)
+    await producer.start()
+    marks = []
+    try:
+        for i in range(3):
+            key, value = b"coin", f"snapshot {i}".encode()
+            sent = await (await producer.send(TOPIC, key=key, value=value, partition=0))
+            marks.append(Mark(sent.offset, fingerprint(sent.timestamp, key, value)))
+    finally:
+        await producer.stop()
+    yield marks
+
+
+@pytest.fixture
+async def logs(own_broker: EmbeddedBroker) -> AsyncIterator[BrokerLogs]:
+    logs = BrokerLogs([f"127.0.0.1:{own_broker.port}"], "test-log-check", {})
+    yield logs
+    await logs.close()
+
+
+async def test_the_message_at_a_checkpoint_is_found_as_it_was_produced(
+    logs: BrokerLogs, produced: list[Mark], own_broker: EmbeddedBroker
+) -> None:
+    found = await logs.look(TOPIC, {0: produced[1], 1: None})
+    assert {log.cluster_id for log in found.values()} == {own_broker.cluster_id}
+    assert (found[0].earliest, found[0].at_checkpoint) == (0, produced[1])
+    assert found[0].end >= 1  # the embedded broker's high-water mark may lag the end
+    assert (found[1].earliest, found[1].end, found[1].at_checkpoint) == (0, 0, None)
+
+
+async def test_a_checkpoint_past_the_end_of_the_log_finds_nothing(
+    logs: BrokerLogs, produced: list[Mark]
+) -> None:
+    beyond = Mark(produced[-1].offset + 5, produced[-1].digest)
+    assert (await logs.look(TOPIC, {0: beyond}))[0].at_checkpoint is None
+    # The same clients look again, at another offset.
+    assert (await logs.look(TOPIC, {0: produced[0]}))[0].at_checkpoint == produced[0]
