@@ -8,17 +8,22 @@ import socket
 import subprocess
 import sys
 import uuid
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Awaitable, Callable, Collection, Iterator
+from functools import partial
 from pathlib import Path
+from typing import TypeVar
 
 import asyncpg
+import httpx
 import psutil
 import pytest
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
+from workers import Kafka, assert_exactly, primary_key, stored
 
 from app.embedded import EmbeddedBroker, free_port
-from models import RECORDS
+from models import RECORDS, CryptoPriceData
+from models.codec import decode_record
 from schema.topics import topic_configs
 
 pytestmark = pytest.mark.slow
@@ -29,6 +34,7 @@ START_TIMEOUT = 90.0  # generous: the suite shares two cores
 # Refuses connections: the tests never reach the internet.
 NO_COINGECKO = "http://127.0.0.1:9/api/v3"
 STOP_TIMEOUT = 45.0  # the worker's own 30 s window, plus the stand-ins
+T = TypeVar("T")
 
 
 class Process:
@@ -52,6 +58,15 @@ class Process:
             )
             assert asyncio.get_running_loop().time() < deadline, f"no {what}:\n{self.output}"
             await asyncio.sleep(0.2)
+
+    async def until(self, check: Callable[[], Awaitable[T | None]], what: str) -> T:
+        """Poll `check` until it returns something other than None; fail if the process dies."""
+        deadline = asyncio.get_running_loop().time() + START_TIMEOUT
+        while (result := await check()) is None:
+            assert self.popen.poll() is None, f"exited before {what}:\n{self.output}"
+            assert asyncio.get_running_loop().time() < deadline, f"no {what}:\n{self.output}"
+            await asyncio.sleep(0.5)
+        return result
 
     async def stop(self, signum: signal.Signals) -> int:
         self.popen.send_signal(signum)
@@ -240,6 +255,52 @@ async def test_up_runs_everything_on_embedded_services_and_stops_them(
     await after_crash.wait_until(worker_ready, "worker start after a crash")
     assert await after_crash.stop(signal.SIGTERM) == 0, after_crash.output
     assert _leftovers(after_crash.output, data_dir) == []
+
+
+async def test_up_run_again_on_the_same_data_dir_stores_the_new_runs_prices(
+    bare_env: dict[str, str], tmp_path: Path, processes: list[Process]
+) -> None:
+    """The README's run, stopped and started again: the embedded broker starts empty, so its
+    offsets start at 0 again, below those the kept database stored in the first run. Every
+    price record each run's broker holds must be in the table, with exact values."""
+    env = {
+        **_up_env(bare_env, tmp_path / "data", free_port()),
+        "COINGECKO_BASE_URL": "offline",
+        "PRICE_POLL_SECONDS": "5",
+    }
+    produced: dict[str, list[CryptoPriceData]] = {}
+    for run in ("first", "second"):
+        web_port = free_port()
+        up = Process(faust("up"), {**env, "WEB_PORT": str(web_port)}, tmp_path / f"{run}.log")
+        processes.append(up)
+        await up.wait_until(worker_ready, f"{run} run's worker start")
+        dsn = _banner(up.output, "database")[2]
+        broker = Kafka(_banner(up.output, "broker")[2].removeprefix("kafka://"), "reader")
+        records = await up.until(partial(_all_prices_stored, broker, dsn), f"{run} run's rows")
+        # A poll that met an unchanged snapshot sent the same record again: one row.
+        produced[run] = list({primary_key(record): record for record in records}.values())
+        rows = await stored(dsn, CryptoPriceData)
+        for earlier in produced.values():  # the first run's rows are kept as they were
+            assert_exactly({primary_key(r): rows[primary_key(r)] for r in earlier}, earlier)
+        async with httpx.AsyncClient() as client:
+            health = (await client.get(f"http://127.0.0.1:{web_port}/health")).json()
+        resets = health["sink"][CryptoPriceData.topic.name]["log_resets"]
+        assert await up.stop(signal.SIGINT) == 0, up.output
+        if run == "first":
+            assert resets == 0
+        else:
+            assert resets > 0
+            assert "not the log its stored offsets came from (the broker's cluster id" in up.output
+    first, second = ({primary_key(r) for r in produced[run]} for run in ("first", "second"))
+    assert not first & second
+
+
+async def _all_prices_stored(broker: Kafka, dsn: str) -> list[CryptoPriceData] | None:
+    """The broker's price records so far, once every one of them is in the table."""
+    messages = await broker.read_all(CryptoPriceData.topic.name)
+    records = [decode_record(CryptoPriceData, value) for *_, value, _ in messages]
+    rows = await stored(dsn, CryptoPriceData)
+    return records if records and all(primary_key(r) in rows for r in records) else None
 
 
 async def test_up_stops_everything_when_the_worker_dies(
