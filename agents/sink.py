@@ -222,10 +222,11 @@ class Sink:
         generation = app.consumer_generation_id
         stale = time.monotonic() - settings.sink_log_check_seconds
         lowest: dict[int, int] = {}
-        for message in messages:
-            lowest[message.partition] = min(
-                lowest.get(message.partition, message.offset), message.offset
-            )
+        lowest_so_far = lowest.get
+        for message in messages:  # per message: kept to a few operations
+            partition, offset = message.partition, message.offset
+            if offset < lowest_so_far(partition, offset + 1):
+                lowest[partition] = offset
         due = []
         for partition, offset in lowest.items():
             confirmed = self.confirmed.get(partition)
@@ -254,12 +255,12 @@ class Sink:
                 reason = other_log(mine, theirs)
                 last = self.last_stored.get(partition)
                 if reason is None:
-                    mark = last[0] if last else None
-                    newer = mark is not None and (
-                        mine.checkpoint is None or mark.offset > mine.checkpoint.offset
+                    newest = last[0] if last else None
+                    newer = newest is not None and (
+                        mine.checkpoint is None or newest.offset > mine.checkpoint.offset
                     )
-                    if newer or mine.cluster_id != cluster_id:
-                        moves[partition] = mark if newer else None
+                    if newer or (cluster_id is not None and mine.cluster_id != cluster_id):
+                        moves[partition] = newest if newer else None
                     continue
                 restarted = await self.offsets.restart(
                     connection, partition, mine.next_offset, theirs.earliest, cluster_id
@@ -386,8 +387,7 @@ class Sink:
             continuation = continue_sequences(delivered, stored)
             records = [record for record in continuation.accepted if record is not None]
             result = await self.writer.insert(connection, records)
-            at = {(message.partition, message.offset): message for message in messages}
-            last = {p: mark(at[p, offset - 1]) for p, offset in continuation.next_offsets.items()}
+            last = last_stored(messages, continuation.next_offsets)
             await self.offsets.advance(connection, continuation.next_offsets, last)
         self.stored_next.update({**stored, **continuation.next_offsets})
         now = time.monotonic()
@@ -489,9 +489,23 @@ class Sink:
             return result
 
 
+def last_stored(messages: Sequence[Message], next_offsets: Mapping[int, int]) -> dict[int, Mark]:
+    """Each advanced partition's last stored message, as a mark. Searched from the end: it is
+    usually among the batch's last few messages."""
+    wanted = {partition: offset - 1 for partition, offset in next_offsets.items()}
+    last: dict[int, Mark] = {}
+    for message in reversed(messages):
+        if wanted.get(message.partition) == message.offset:
+            last[message.partition] = mark(message)
+            if len(last) == len(wanted):
+                break
+    return last
+
+
 def mark(message: Message) -> Mark:
     """The message as a log checkpoint (Faust keeps the broker's timestamp in seconds)."""
-    timestamp_ms = round(message.timestamp * 1000)
+    timestamp = message.timestamp
+    timestamp_ms = None if timestamp is None else round(timestamp * 1000)
     return Mark(message.offset, fingerprint(timestamp_ms, message.key, message.value))
 
 

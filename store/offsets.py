@@ -93,11 +93,12 @@ _RESTART = (
 )
 
 
-def fingerprint(timestamp_ms: int, key: bytes | None, value: bytes | None) -> bytes:
+def fingerprint(timestamp_ms: int | None, key: bytes | None, value: bytes | None) -> bytes:
     """Enough of a message to recognise it at its offset: another log holding a message with the
-    same broker timestamp, key and value at the same offset is as good as the same log."""
+    same broker timestamp, key and value at the same offset is as good as the same log. A message
+    without a timestamp counts as timestamp -1 (how Kafka's wire format spells it)."""
     digest = hashlib.blake2b(digest_size=16)
-    for part in (str(timestamp_ms).encode(), key, value):
+    for part in (str(-1 if timestamp_ms is None else timestamp_ms).encode(), key, value):
         digest.update(b"-" if part is None else b"+%d:" % len(part))
         digest.update(part or b"")
     return digest.digest()

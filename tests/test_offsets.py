@@ -116,9 +116,11 @@ def test_a_fingerprint_tells_timestamp_key_and_value_apart() -> None:
         (1_700_000_000_123, b"", b"v"),
         (1_700_000_000_123, b"kv", b""),  # the same bytes, split differently
         (1_700_000_000_123, b"k", None),
+        (None, b"k", b"v"),
     ]
     assert len({fingerprint(*variant) for variant in variants}) == len(variants)
     assert fingerprint(*base) == fingerprint(*base)
+    assert fingerprint(None, b"k", b"v") == fingerprint(-1, b"k", b"v")
 
 
 def stored_log(cluster: str | None = "c1", checkpoint: Mark | None = MARK_3) -> StoredLog:
