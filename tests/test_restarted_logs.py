@@ -15,27 +15,26 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-import asyncpg
 import pytest
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from workers import Kafka, Sent, Worker, assert_exactly, eventually, prices, stored
+from workers import (
+    Kafka,
+    Sent,
+    Worker,
+    assert_exactly,
+    eventually,
+    prices,
+    stored,
+    stored_offsets,
+)
 
 from app.embedded import EmbeddedBroker
 from models import CryptoPriceData
 from schema.topics import topic_configs
-from store.offsets import SinkOffsets
 
 pytestmark = pytest.mark.slow
 PRICES = CryptoPriceData.topic.name
 RESTARTED = re.compile(r"sink crypto-prices: partition (\d+) is not the log its stored offsets")
-
-
-async def stored_offsets(dsn: str, group: str) -> dict[int, int]:
-    connection = await asyncpg.connect(dsn)
-    try:
-        return await SinkOffsets(group, PRICES).read(connection)
-    finally:
-        await connection.close()
 
 
 def assert_below_stored(sent: Sequence[Sent], offsets: dict[int, int]) -> None:
