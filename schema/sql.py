@@ -326,34 +326,31 @@ def candles_for(records: Records = RECORDS) -> list[tuple[CandleAggregate, type[
     return found
 
 
-# What binds a stored offset to the log it came from (store/offsets.py); added to tables created
-# before, so an upgraded database keeps its offsets (NULL: not known yet).
-SINK_OFFSETS_LOG_COLUMNS = {
-    "cluster_id": "text",
-    "checkpoint_offset": "bigint",
-    "checkpoint_digest": "bytea",
-}
+# What binds a stored offset to the log it came from (store/offsets.py). Tables created before
+# them get them added (NULL: not known yet), so an upgraded database keeps its offsets.
+SINK_OFFSETS_LOG_COLUMNS = ("cluster_id", "checkpoint_offset", "checkpoint_digest")
 
 
 def _sink_offsets(records: Records) -> list[str]:
     if any(record.table.name == SINK_OFFSETS_TABLE for record in records):
         raise DSLError(f"table name {SINK_OFFSETS_TABLE!r} is reserved for the sinks' offsets")
-    table = quote_ident(SINK_OFFSETS_TABLE)
-    columns = [f"{quote_ident(name)} {kind}" for name, kind in SINK_OFFSETS_LOG_COLUMNS.items()]
-    log_columns = "".join(f"    {column},\n" for column in columns)
     return [
-        f"CREATE TABLE IF NOT EXISTS {table} (\n"
+        f"CREATE TABLE IF NOT EXISTS {quote_ident(SINK_OFFSETS_TABLE)} (\n"
         '    "consumer_group" text NOT NULL,\n'
         '    "topic" text NOT NULL,\n'
         '    "topic_partition" integer NOT NULL,\n'
         '    "next_offset" bigint NOT NULL,\n'
-        f"{log_columns}"
+        '    "cluster_id" text,\n'
+        '    "checkpoint_offset" bigint,\n'
+        '    "checkpoint_digest" bytea,\n'
         '    "updated_at" timestamptz NOT NULL DEFAULT now(),\n'
         f"    CONSTRAINT {quote_ident(SINK_OFFSETS_TABLE + '_pkey')} PRIMARY KEY "
         '("consumer_group", "topic", "topic_partition")\n'
         ")",
-        f"ALTER TABLE {table} "
-        + ", ".join(f"ADD COLUMN IF NOT EXISTS {column}" for column in columns),
+        f"ALTER TABLE {quote_ident(SINK_OFFSETS_TABLE)} "
+        'ADD COLUMN IF NOT EXISTS "cluster_id" text, '
+        'ADD COLUMN IF NOT EXISTS "checkpoint_offset" bigint, '
+        'ADD COLUMN IF NOT EXISTS "checkpoint_digest" bytea',
     ]
 
 
