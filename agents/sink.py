@@ -47,6 +47,7 @@ from functools import partial
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
+from faust.exceptions import ConsumerNotStarted
 from faust.types import TP, Message, StreamT
 
 from app.broker_logs import BrokerLogs
@@ -207,13 +208,27 @@ class Sink:
         self.next_log_check = time.monotonic() + settings.sink_log_check_seconds
         if not app.flow_control.is_active():  # a rebalance: the next batch is checked anyway
             return
-        assigned = sorted(
-            tp.partition for tp in app.consumer.assignment() if tp.topic == self.topic
-        )
-        if assigned:
-            restarts = await self._until_done("log check", partial(self._check_logs, assigned))
-            for partition, offset in restarts.items():
-                await self._seek(partition, offset)
+        try:
+            assignment = app.consumer.assignment()
+        except ConsumerNotStarted:
+            return
+        assigned = sorted(tp.partition for tp in assignment if tp.topic == self.topic)
+        if not assigned:
+            return
+        # One attempt: nothing waits for it, and a shutdown must not wait for a broker or
+        # database that is down (a batch's own check is retried, as its write is).
+        try:
+            restarts = await self._check_logs(assigned)
+        except Exception as error:
+            log.warning(
+                "sink %s: log check failed, next in %gs: %s",
+                self.topic,
+                settings.sink_log_check_seconds,
+                describe_error(error),
+            )
+            return
+        for partition, offset in restarts.items():
+            await self._seek(partition, offset)
 
     def _logs_to_check(self, messages: Sequence[Message]) -> list[int]:
         """The batch's partitions whose log must be confirmed before it is stored: first seen in
