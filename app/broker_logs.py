@@ -102,40 +102,33 @@ class BrokerLogs:
             return {}
         consumer.assign(list(wanted))
         try:
-            return await self._first_messages(consumer, wanted, end)
+            for tp, offset in wanted.items():
+                consumer.seek(tp, offset)
+            found: dict[TopicPartition, Mark] = {}
+            pending = set(wanted)
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            while pending:
+                try:
+                    fetched = await consumer.getmany(*pending, timeout_ms=200)
+                except OffsetOutOfRangeError as error:  # past the end (Kafka, Redpanda)
+                    pending -= set(error.args[0])
+                    continue
+                for tp, records in fetched.items():
+                    first = records[0]
+                    digest = fingerprint(first.timestamp, first.key, first.value)
+                    found[tp] = Mark(first.offset, digest)
+                    pending.discard(tp)
+                waited = loop.time() - started
+                if waited > ABSENT_AFTER and all(end[tp] <= wanted[tp] for tp in pending):
+                    break
+                if waited > FETCH_TIMEOUT:
+                    raise TimeoutError(f"messages of {sorted(pending)} not delivered")
+            return found
         finally:
             # Nothing assigned between looks: a consumer left fetching in the background held
             # the next look up by a fetch round (~300 ms, measured on the embedded broker).
             consumer.unsubscribe()
-
-    async def _first_messages(
-        self,
-        consumer: AIOKafkaConsumer,
-        wanted: Mapping[TopicPartition, int],
-        end: Mapping[TopicPartition, int],
-    ) -> dict[TopicPartition, Mark]:
-        for tp, offset in wanted.items():
-            consumer.seek(tp, offset)
-        found: dict[TopicPartition, Mark] = {}
-        pending = set(wanted)
-        loop = asyncio.get_running_loop()
-        started = loop.time()
-        while pending:
-            try:
-                fetched = await consumer.getmany(*pending, timeout_ms=200)
-            except OffsetOutOfRangeError as error:  # past the end (Kafka, Redpanda)
-                pending -= set(error.args[0])
-                continue
-            for tp, records in fetched.items():
-                first = records[0]
-                found[tp] = Mark(first.offset, fingerprint(first.timestamp, first.key, first.value))
-                pending.discard(tp)
-            waited = loop.time() - started
-            if waited > ABSENT_AFTER and all(end[tp] <= wanted[tp] for tp in pending):
-                break
-            if waited > FETCH_TIMEOUT:
-                raise TimeoutError(f"messages of {sorted(pending)} not delivered")
-        return found
 
     async def close(self) -> None:
         if self.consumer is not None:

@@ -42,7 +42,6 @@ from workers import (
     prices,
     primary_key,
     stored,
-    stored_offsets,
 )
 
 from app.embedded import EmbeddedBroker
@@ -50,6 +49,7 @@ from app.embedded import embedded_postgres as run_postgres
 from models import CryptoPriceData
 from models.dsl import quote_ident
 from schema.migrate import migrate_database
+from store.offsets import SinkOffsets
 
 pytestmark = [pytest.mark.slow, pytest.mark.reliability]
 
@@ -101,6 +101,15 @@ async def wait_rows(dsn: str, worker: Worker, at_least: int) -> int:
         return count if count >= at_least else None
 
     return await eventually(enough, worker, f"{at_least} rows", DRAIN_TIMEOUT)
+
+
+async def stored_offsets(dsn: str, group: str) -> dict[int, int]:
+    """The sink's stored next offset per price partition: what is durable, by the database."""
+    connection = await asyncpg.connect(dsn)
+    try:
+        return await SinkOffsets(group, PRICES).read(connection)
+    finally:
+        await connection.close()
 
 
 async def finish(dsn: str, worker: Worker, group: str, sent: list[Sent]) -> dict[str, Any]:

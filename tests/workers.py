@@ -28,7 +28,6 @@ from models import CryptoPriceData, StreamRecord
 from models.codec import encode_record
 from models.dsl import quote_ident
 from schema.topics import topic_configs
-from store.offsets import SinkOffsets
 
 TIMEOUT = 60.0  # generous: the suite shares two cores
 STOP_TIMEOUT = 45.0  # the worker's own shutdown window, plus slack
@@ -340,17 +339,6 @@ async def stored(dsn: str, record: type[StreamRecord]) -> Rows:
     finally:
         await connection.close()
     return {tuple(row[c] for c in record.table.primary_key): dict(row) for row in rows}
-
-
-async def stored_offsets(
-    dsn: str, group: str, topic: str = CryptoPriceData.topic.name
-) -> dict[int, int]:
-    """The sink's stored next offset per partition: what is durable, by the database."""
-    connection = await asyncpg.connect(dsn)
-    try:
-        return await SinkOffsets(group, topic).read(connection)
-    finally:
-        await connection.close()
 
 
 async def count_rows(dsn: str, record: type[StreamRecord]) -> int:
