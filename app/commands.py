@@ -42,12 +42,12 @@ async def schema(self: AppCommand, action: str, root: Path) -> None:
 @app.command(option("--force", is_flag=True, help="Also apply destructive changes (drop/retype)."))
 async def migrate(self: AppCommand, force: bool) -> None:
     """Apply the generated DDL to DATABASE_URL, idempotently."""
-    from schema.migrate import MigrationRefused, migrate_database
+    from app.checks import CannotStart, migrate, say
 
     try:
-        report = await migrate_database(settings.database_dsn, force=force)
-    except MigrationRefused as refused:
-        self.say(f"migration refused: {refused}")
+        report = await migrate(settings.database_dsn, force=force, timescaledb=settings.timescaledb)
+    except CannotStart as problem:
+        say(str(problem))
         raise SystemExit(1) from None
     for line in report:
         self.say(line)

@@ -145,7 +145,8 @@ def _supervise(worker: subprocess.Popen[bytes], stops: _StopRequests) -> int:
 
 def up(settings: Settings) -> int:
     """Start the stand-ins, migrate, run the worker; return the exit status."""
-    from schema.migrate import MigrationRefused, migrate_database
+    from app.checks import CannotStart, broker_problem, migrate, say
+    from app.main import broker_credentials
 
     stops = _StopRequests()
     Path(settings.data_dir).mkdir(parents=True, exist_ok=True)
@@ -158,11 +159,16 @@ def up(settings: Settings) -> int:
         dsn = embedded.get("DATABASE_URL", settings.database_dsn)
         _banner(settings, embedded.get("BROKER_URL", settings.broker_url), dsn, embedded)
         try:
-            for line in asyncio.run(migrate_database(dsn)):
+            for line in asyncio.run(migrate(dsn, timescaledb=settings.timescaledb)):
                 _say(line)
-        except MigrationRefused as refused:
-            _say(f"migration refused: {refused}")
+        except CannotStart as failed:
+            say(str(failed))
             return 1
+        if "BROKER_URL" not in embedded:
+            unreachable = asyncio.run(broker_problem(settings, broker_credentials(settings)))
+            if unreachable is not None:
+                say(unreachable)
+                return 1
         if stops.count:
             return stops.exit_status
         # Its own process group: a terminal's Ctrl-C reaches only this supervisor, which decides

@@ -68,6 +68,8 @@ app = App(
     web_bind=settings.web_bind,
     web_port=settings.web_listen_port,
     web_application_options=web_application_options(),  # JSON errors, quiet oversized requests
+    # Checks the broker, the database and the settings before it starts (app/worker.py).
+    Worker="app.worker:Worker",
 )
 
 # `faust worker` overwrites conf.web_enabled with its own --with-web flag (on by default); the

@@ -15,6 +15,8 @@ from urllib.parse import parse_qs, urlsplit, urlunsplit
 from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from schema.sql import TimescaleMode
+
 CoinGeckoPlan = Literal["keyless", "demo", "pro"]
 PUBLIC_API = "https://api.coingecko.com/api/v3"
 PRO_API = "https://pro-api.coingecko.com/api/v3"
@@ -67,6 +69,9 @@ class Settings(BaseSettings):
     topic_replication_factor: int = Field(1, ge=1)
     database_url: SecretStr = SecretStr(DEFAULT_DATABASE_URL)
     database_pool_size: int = Field(4, ge=1, le=100)
+    # Which schema `migrate` creates: "auto" uses TimescaleDB where the server can run it and
+    # plain PostgreSQL otherwise (saying so), "on" requires it, "off" never uses it.
+    timescaledb: TimescaleMode = "auto"
 
     coingecko_base_url: str | None = None  # default follows the plan; "offline" = bundled fake
     coingecko_api_key: SecretStr | None = None
@@ -131,6 +136,11 @@ class Settings(BaseSettings):
     @classmethod
     def _upper(cls, value: object) -> object:
         return value.upper() if isinstance(value, str) else value
+
+    @field_validator("timescaledb", mode="before")
+    @classmethod
+    def _lower(cls, value: object) -> object:
+        return value.lower() if isinstance(value, str) else value
 
     @field_validator("coingecko_base_url")
     @classmethod

@@ -3,13 +3,15 @@
 `migrate_database` compares each record with its table as the catalog describes it. Added
 fields become added columns (rows are kept); a dropped field, a changed column type or a changed
 primary key would lose or rewrite data, so they are refused unless forced. Then the dialect's
-script (TimescaleDB when the extension is there, plain PostgreSQL otherwise) runs, which creates
-what is missing and converges policies. All of it happens in one transaction, under an advisory
-lock so two releases cannot migrate at once.
+script (TimescaleDB when the server can run it and TIMESCALEDB allows it, plain PostgreSQL
+otherwise) runs, which creates what is missing and converges policies. All of it happens in one
+transaction, under an advisory lock so two releases cannot migrate at once.
 """
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,6 +32,25 @@ class MigrationRefused(Exception):
     """The records ask for a change that would lose data, or that existing rows cannot meet."""
 
 
+class TimescaleUnavailable(Exception):
+    """TimescaleDB is asked for (or half there) but the server cannot run it; says what to do."""
+
+
+NOT_PRELOADED = (
+    "TimescaleDB is installed on the database server but not preloaded: add timescaledb to "
+    "shared_preload_libraries in postgresql.conf and restart PostgreSQL, or set TIMESCALEDB=off "
+    "to use plain PostgreSQL"
+)
+# Whether the server loaded TimescaleDB's loader at start (shared_preload_libraries): the loader
+# defines these two settings; pg_settings shows shared_preload_libraries to privileged roles only.
+_PRELOADED = (
+    "SELECT current_setting('timescaledb.disable_load', true) IS NOT NULL"
+    " OR current_setting('timescaledb.max_background_workers', true) IS NOT NULL"
+    " OR EXISTS (SELECT FROM pg_settings WHERE name = 'shared_preload_libraries'"
+    " AND 'timescaledb' = ANY (string_to_array(replace(setting, ' ', ''), ',')))"
+)
+
+
 @dataclass(frozen=True)
 class _Table:
     """A table as the catalog describes it."""
@@ -47,10 +68,54 @@ class _Step:
 
 
 async def migrate_database(
-    dsn: str, *, force: bool = False, records: sql.Records = RECORDS
+    dsn: str,
+    *,
+    force: bool = False,
+    records: sql.Records = RECORDS,
+    timescaledb: sql.TimescaleMode = "auto",
 ) -> list[str]:
-    """Bring the database at `dsn` up to the records; return what was done, one line each."""
+    """Bring the database at `dsn` up to the records; return what was done, one line each: what
+    the server is, then each change, or that there was none."""
     connection = await connect(dsn, command_timeout=None)
+    notices = _collect_notices(connection)
+    changes: list[str] = []
+    try:
+        async with _transaction(connection):
+            await connection.execute("SELECT pg_advisory_xact_lock($1)", MIGRATION_LOCK_KEY)
+            dialect, header = await _dialect(connection, timescaledb, changes)
+            steps = await _plan(connection, dialect, records, force)
+            names = [record.table.name for record in records]
+            names += [candle.name for candle, _ in sql.candles_for(records)]
+            before = {name: await _relkind(connection, name) for name in names}
+            offsets = await _describe(connection, sql.SINK_OFFSETS_TABLE)
+            for step in steps:
+                await connection.execute(step.statement, *step.args)
+                if step.report:
+                    changes.append(step.report)
+            for statement in sql.schema_statements(dialect, records):
+                await connection.execute(statement)
+            changes += [f"created {name}" for name in names if before[name] is None]
+            if offsets is not None and (
+                missing := [c for c in sql.SINK_OFFSETS_LOG_COLUMNS if c not in offsets.columns]
+            ):
+                changes.append(
+                    f"added {', '.join(missing)} to {sql.SINK_OFFSETS_TABLE}: stored offsets are "
+                    "bound to their log from the next batch on"
+                )
+    except (asyncpg.PostgresError, asyncpg.InterfaceError) as error:
+        # A server asked to load a TimescaleDB it did not preload ends the session with this
+        # error (FATAL): asyncpg raises it as such, or as "connection was closed" quoting it.
+        if 'extension "timescaledb" must be preloaded' in str(error):
+            raise TimescaleUnavailable(NOT_PRELOADED) from None
+        raise
+    finally:
+        await connection.close()
+    changes += notices
+    return header + (changes or ["no changes: the schema is up to date"])
+
+
+def _collect_notices(connection: asyncpg.Connection) -> list[str]:
+    """The list the connection's notices of our own scripts (`sql.NOTICE_PREFIX`) go to."""
     notices: list[str] = []
 
     def collect(_connection: object, message: asyncpg.PostgresLogMessage) -> None:
@@ -59,57 +124,65 @@ async def migrate_database(
             notices.append(text.removeprefix(sql.NOTICE_PREFIX))
 
     connection.add_log_listener(collect)
+    return notices
+
+
+@asynccontextmanager
+async def _transaction(connection: asyncpg.Connection) -> AsyncIterator[None]:
+    """A transaction that rolls back only while the session lives. `connection.transaction()`
+    raises "the underlying connection is closed" on its way out instead, hiding why the server
+    ended the session (a FATAL error, such as TimescaleDB's "must be preloaded")."""
+    transaction = connection.transaction()
+    await transaction.start()
     try:
-        async with connection.transaction():
-            await connection.execute("SELECT pg_advisory_xact_lock($1)", MIGRATION_LOCK_KEY)
-            dialect, report = await _dialect(connection)
-            changes = await _plan(connection, dialect, records, force)
-            names = [record.table.name for record in records]
-            names += [candle.name for candle, _ in sql.candles_for(records)]
-            before = {name: await _relkind(connection, name) for name in names}
-            offsets = await _describe(connection, sql.SINK_OFFSETS_TABLE)
-            for step in changes:
-                await connection.execute(step.statement, *step.args)
-                if step.report:
-                    report.append(step.report)
-            for statement in sql.schema_statements(dialect, records):
-                await connection.execute(statement)
-            report += [f"created {name}" for name in names if before[name] is None]
-            if offsets is not None and (
-                missing := [c for c in sql.SINK_OFFSETS_LOG_COLUMNS if c not in offsets.columns]
-            ):
-                report.append(
-                    f"added {', '.join(missing)} to {sql.SINK_OFFSETS_TABLE}: stored offsets are "
-                    "bound to their log from the next batch on"
-                )
-    finally:
-        await connection.close()
-    report += notices
-    if len(report) == 1:
-        report.append("no changes: the schema is up to date")
-    return report
+        yield
+    except BaseException:
+        if not connection.is_closed():
+            await transaction.rollback()
+        raise
+    await transaction.commit()
 
 
-async def _dialect(connection: asyncpg.Connection) -> tuple[sql.Dialect, list[str]]:
-    """TimescaleDB when installed or installable, else plain PostgreSQL; and a report line."""
+async def _dialect(
+    connection: asyncpg.Connection, mode: sql.TimescaleMode, changes: list[str]
+) -> tuple[sql.Dialect, list[str]]:
+    """The dialect TIMESCALEDB (`mode`) and the server allow, and the lines that say so; enabling
+    the extension is added to `changes`. Raises `TimescaleUnavailable` where "on" cannot be met
+    or the extension is in the database but cannot run."""
+    server = await connection.fetchval("SHOW server_version")
+    plain = (
+        f"PostgreSQL {server} without TimescaleDB: tables range-partitioned on time, "
+        "candles as plain views"
+    )
+    if mode == "off":
+        return "postgres", [f"{plain} (TIMESCALEDB=off)"]
     find = "SELECT extversion FROM pg_extension WHERE extname = 'timescaledb'"
-    report = []
     version = await connection.fetchval(find)
     available = await connection.fetchval(
         "SELECT EXISTS (SELECT FROM pg_available_extensions WHERE name = 'timescaledb')"
     )
-    if version is None and available:
+    preloaded = await connection.fetchval(_PRELOADED)
+    if version is None and available and preloaded:
         await connection.execute("CREATE EXTENSION IF NOT EXISTS timescaledb")
         version = await connection.fetchval(find)
-        report.append(f"enabled extension timescaledb {version}")
-    server = await connection.fetchval("SHOW server_version")
-    if version is None:
-        header = (
-            f"PostgreSQL {server} without TimescaleDB: tables range-partitioned on time, "
-            "candles as plain views"
+        changes.append(f"enabled extension timescaledb {version}")
+    if version is not None and preloaded:
+        return "timescaledb", [f"PostgreSQL {server} with TimescaleDB {version}"]
+    if version is not None or (available and mode == "on"):
+        # Created in this database (its tables need it) or required, but not loadable.
+        raise TimescaleUnavailable(NOT_PRELOADED)
+    if mode == "on":
+        raise TimescaleUnavailable(
+            "TIMESCALEDB=on but the database server has no timescaledb extension: install "
+            "TimescaleDB there, or set TIMESCALEDB=auto to fall back to plain PostgreSQL"
         )
-        return "postgres", [header, *report]
-    return "timescaledb", [f"PostgreSQL {server} with TimescaleDB {version}", *report]
+    if available:
+        return "postgres", [
+            plain,
+            "TimescaleDB is installed on the server but not preloaded (shared_preload_libraries):"
+            " using plain PostgreSQL; set TIMESCALEDB=on to require TimescaleDB instead",
+        ]
+    return "postgres", [plain]
 
 
 async def _relkind(connection: asyncpg.Connection, name: str) -> str | None:

@@ -22,6 +22,8 @@ from models.market import CryptoPriceData
 from models.types import TYPE_MAP, FieldShape
 
 Dialect = Literal["timescaledb", "postgres"]
+# The TIMESCALEDB setting: which dialect `migrate` chooses (schema/migrate.py).
+TimescaleMode = Literal["auto", "on", "off"]
 Records = tuple[type[StreamRecord], ...]
 
 # Plain PostgreSQL: how many chunk-sized partitions exist from the current one onwards after a
@@ -286,10 +288,17 @@ def _candles(candle: CandleAggregate, record: type[StreamRecord], dialect: Diale
     start, end = interval(candle.refresh_start), interval(candle.refresh_end)
     every = interval(candle.refresh_every)
     rel = _regclass(candle.name)
+    # The jobs view names the materialization hypertable of a continuous aggregate's policy up to
+    # TimescaleDB 2.19 and the aggregate itself from 2.20 (timescale/timescaledb#7976): matching
+    # only the first re-created the policy on every migration.
     job = (
         "proc_name = 'policy_refresh_continuous_aggregate'\n"  # noqa: S608 (DSL names)
         "          AND (hypertable_schema, hypertable_name) IN (\n"
         "              SELECT materialization_hypertable_schema, materialization_hypertable_name\n"
+        "              FROM timescaledb_information.continuous_aggregates\n"
+        f"              WHERE format('%I.%I', view_schema, view_name)::regclass = {rel}\n"
+        "              UNION ALL\n"
+        "              SELECT view_schema, view_name\n"
         "              FROM timescaledb_information.continuous_aggregates\n"
         f"              WHERE format('%I.%I', view_schema, view_name)::regclass = {rel})\n"
         f"          AND (config->>'start_offset')::interval = {start}\n"

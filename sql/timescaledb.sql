@@ -188,6 +188,10 @@ BEGIN
           AND (hypertable_schema, hypertable_name) IN (
               SELECT materialization_hypertable_schema, materialization_hypertable_name
               FROM timescaledb_information.continuous_aggregates
+              WHERE format('%I.%I', view_schema, view_name)::regclass = '"crypto_prices_candles_1m"'::regclass
+              UNION ALL
+              SELECT view_schema, view_name
+              FROM timescaledb_information.continuous_aggregates
               WHERE format('%I.%I', view_schema, view_name)::regclass = '"crypto_prices_candles_1m"'::regclass)
           AND (config->>'start_offset')::interval = INTERVAL '1 hour'
           AND (config->>'end_offset')::interval = INTERVAL '1 minute'

@@ -14,11 +14,11 @@ SERVER_SETTINGS = {"application_name": "qicore-streams", "TimeZone": "UTC"}
 
 
 async def connect(
-    dsn: str, *, command_timeout: float | None = COMMAND_TIMEOUT
+    dsn: str, *, command_timeout: float | None = COMMAND_TIMEOUT, timeout: float = 60.0
 ) -> asyncpg.Connection:
-    """One connection (`command_timeout=None` for long migrations)."""
+    """One connection (`command_timeout=None` for long migrations; `timeout`: to connect)."""
     return await asyncpg.connect(
-        dsn, command_timeout=command_timeout, server_settings=SERVER_SETTINGS
+        dsn, command_timeout=command_timeout, timeout=timeout, server_settings=SERVER_SETTINGS
     )
 
 
