@@ -24,7 +24,8 @@ from models.types import TYPE_MAP, FieldShape
 from schema import sql
 from store.db import connect
 
-# Arbitrary, fixed: every migrating process takes this transaction-level advisory lock.
+# Arbitrary, fixed: every migrating process takes this transaction-level advisory lock, and so
+# does the worker that creates partitions ahead (`create_partitions_ahead`).
 MIGRATION_LOCK_KEY = 0x71_69_63_6F_72_65  # "qicore"
 
 
@@ -183,6 +184,30 @@ async def _dialect(
             " using plain PostgreSQL; set TIMESCALEDB=on to require TimescaleDB instead",
         ]
     return "postgres", [plain]
+
+
+async def create_partitions_ahead(dsn: str, records: sql.Records = RECORDS) -> list[str] | None:
+    """Plain PostgreSQL: create the partitions `migrate` keeps ahead of time that are missing now
+    (time moved on since), moving any rows that landed in DEFAULT meanwhile into them. Returns
+    what was created, one line each, or None when a migration (or another worker) holds the lock.
+    Tables that are not partitioned (TimescaleDB creates its chunks itself) are left alone."""
+    connection = await connect(dsn)
+    notices = _collect_notices(connection)
+    try:
+        async with _transaction(connection):
+            if not await connection.fetchval(
+                "SELECT pg_try_advisory_xact_lock($1)", MIGRATION_LOCK_KEY
+            ):
+                return None
+            # Creating a partition locks its table: rather give up now and retry later than
+            # hold the sinks' inserts behind a long wait.
+            await connection.execute("SET LOCAL lock_timeout = '10s'")
+            for record in records:
+                if await _relkind(connection, record.table.name) == "p":
+                    await connection.execute(sql.partitions_ahead(record))
+    finally:
+        await connection.close()
+    return notices
 
 
 async def _relkind(connection: asyncpg.Connection, name: str) -> str | None:

@@ -27,7 +27,7 @@ TimescaleMode = Literal["auto", "on", "off"]
 Records = tuple[type[StreamRecord], ...]
 
 # Plain PostgreSQL: how many chunk-sized partitions exist from the current one onwards after a
-# migration (later rows land in the DEFAULT partition until the next migration).
+# migration; the worker creates the next ones as time moves on (agents/partitions.py).
 PARTITIONS_AHEAD = 3
 # time_bucket's default origin for sub-month buckets (a Monday); date_bin must match it.
 TIME_BUCKET_ORIGIN = "TIMESTAMPTZ '2000-01-03 00:00:00+00'"
@@ -215,7 +215,6 @@ def _postgres_table(record: type[StreamRecord]) -> list[str]:
     default = check_sql_identifier(f"{spec.name}_default", f"{record.__name__}: partition")
     # Partition names carry the chunk start; check the longest one fits an identifier.
     check_sql_identifier(f"{spec.name}_p20000101t000000", f"{record.__name__}: partition")
-    chunk = interval(spec.chunk_interval)
     return [
         _create_table(record, "postgres"),
         f"CREATE TABLE IF NOT EXISTS {quote_ident(default)} PARTITION OF {table} DEFAULT",
@@ -223,24 +222,67 @@ def _postgres_table(record: type[StreamRecord]) -> list[str]:
         f"CREATE INDEX IF NOT EXISTS {quote_ident(index_name(spec.name, (spec.time_column,)))} "
         f"ON {table} ({time} DESC)",
         *_extra_indexes(record),
-        # Partitions from the current chunk on; one already holding rows in DEFAULT (or
-        # overlapping a partition of another interval) is skipped, those rows stay in DEFAULT.
-        "DO $$\nDECLARE\n    start timestamptz;\n    part text;\nBEGIN\n"
-        f"    FOR i IN 0..{PARTITIONS_AHEAD - 1} LOOP\n"
-        f"        start := date_bin({chunk}, now(), {CHUNK_ORIGIN}) + i * {chunk};\n"
-        f"        part := '{spec.name}_p' || "
-        "to_char(start AT TIME ZONE 'UTC', 'YYYYMMDD\"t\"HH24MISS');\n"
-        "        CONTINUE WHEN to_regclass(quote_ident(part)) IS NOT NULL;\n"
-        "        BEGIN\n"
-        "            EXECUTE format(\n"
-        "                'CREATE TABLE %I PARTITION OF %I FOR VALUES FROM (%L) TO (%L)',\n"
-        f"                part, '{spec.name}', start, start + {chunk});\n"
-        f"            RAISE NOTICE '{NOTICE_PREFIX}created partition %', part;\n"
-        "        EXCEPTION WHEN check_violation OR invalid_object_definition THEN\n"
-        "            NULL;\n"
-        "        END;\n"
-        "    END LOOP;\nEND\n$$",
+        partitions_ahead(record),
     ]
+
+
+# Plain PostgreSQL: the missing partitions from the current chunk on (see `partitions_ahead`).
+_PARTITIONS_AHEAD = """\
+DO $$
+DECLARE
+    start timestamptz;
+    part text;
+    moved bigint;
+BEGIN
+    FOR i IN 0..{last} LOOP
+        start := date_bin({chunk}, now(), {origin}) + i * {chunk};
+        part := '{name}_p' || to_char(start AT TIME ZONE 'UTC', 'YYYYMMDD"t"HH24MISS');
+        CONTINUE WHEN to_regclass(quote_ident(part)) IS NOT NULL;
+        BEGIN
+            EXECUTE format('CREATE TABLE %I PARTITION OF {table} FOR VALUES FROM (%L) TO (%L)',
+                part, start, start + {chunk});
+            RAISE NOTICE '{notice}created partition %', part;
+        EXCEPTION
+            -- It overlaps a partition of another interval (the chunk interval changed): skipped.
+            WHEN invalid_object_definition THEN
+                NULL;
+            -- Rows of its range are in DEFAULT: moved into it. DEFAULT is locked first, so the
+            -- sinks' inserts wait for the move instead of deadlocking with it.
+            WHEN check_violation THEN
+                LOCK TABLE {default} IN ACCESS EXCLUSIVE MODE;
+                EXECUTE format('CREATE TABLE %I (LIKE {table} INCLUDING DEFAULTS)', part);
+                EXECUTE format('WITH moved AS (DELETE FROM {default}'
+                    ' WHERE {time} >= %L AND {time} < %L RETURNING *)'
+                    ' INSERT INTO %I SELECT * FROM moved', start, start + {chunk}, part);
+                GET DIAGNOSTICS moved = ROW_COUNT;
+                EXECUTE format('ALTER TABLE {table} ATTACH PARTITION %I'
+                    ' FOR VALUES FROM (%L) TO (%L)', part, start, start + {chunk});
+                RAISE NOTICE '{notice}created partition % (% rows moved in from {name}_default)',
+                    part, moved;
+        END;
+    END LOOP;
+END
+$$"""
+
+
+def partitions_ahead(record: type[StreamRecord]) -> str:
+    """Create the missing partitions of `record`'s table from the current chunk on.
+
+    Rows that landed in DEFAULT while a partition was missing would make creating it fail
+    (PostgreSQL refuses a partition whose range holds rows of the default partition), so they
+    are moved into the new partition, in the same transaction: no row is lost or left behind.
+    """
+    spec = record.table
+    return _PARTITIONS_AHEAD.format(
+        last=PARTITIONS_AHEAD - 1,
+        chunk=interval(spec.chunk_interval),
+        origin=CHUNK_ORIGIN,
+        name=spec.name,
+        table=quote_ident(spec.name),
+        default=quote_ident(f"{spec.name}_default"),
+        time=quote_ident(spec.time_column),
+        notice=NOTICE_PREFIX,
+    )
 
 
 def _candle_select(candle: CandleAggregate, record: type[StreamRecord], dialect: Dialect) -> str:

@@ -40,18 +40,33 @@ DO $$
 DECLARE
     start timestamptz;
     part text;
+    moved bigint;
 BEGIN
     FOR i IN 0..2 LOOP
         start := date_bin(INTERVAL '1 day', now(), TIMESTAMPTZ '1970-01-01 00:00:00+00') + i * INTERVAL '1 day';
         part := 'crypto_prices_p' || to_char(start AT TIME ZONE 'UTC', 'YYYYMMDD"t"HH24MISS');
         CONTINUE WHEN to_regclass(quote_ident(part)) IS NOT NULL;
         BEGIN
-            EXECUTE format(
-                'CREATE TABLE %I PARTITION OF %I FOR VALUES FROM (%L) TO (%L)',
-                part, 'crypto_prices', start, start + INTERVAL '1 day');
+            EXECUTE format('CREATE TABLE %I PARTITION OF "crypto_prices" FOR VALUES FROM (%L) TO (%L)',
+                part, start, start + INTERVAL '1 day');
             RAISE NOTICE 'qicore: created partition %', part;
-        EXCEPTION WHEN check_violation OR invalid_object_definition THEN
-            NULL;
+        EXCEPTION
+            -- It overlaps a partition of another interval (the chunk interval changed): skipped.
+            WHEN invalid_object_definition THEN
+                NULL;
+            -- Rows of its range are in DEFAULT: moved into it. DEFAULT is locked first, so the
+            -- sinks' inserts wait for the move instead of deadlocking with it.
+            WHEN check_violation THEN
+                LOCK TABLE "crypto_prices_default" IN ACCESS EXCLUSIVE MODE;
+                EXECUTE format('CREATE TABLE %I (LIKE "crypto_prices" INCLUDING DEFAULTS)', part);
+                EXECUTE format('WITH moved AS (DELETE FROM "crypto_prices_default"'
+                    ' WHERE "last_updated" >= %L AND "last_updated" < %L RETURNING *)'
+                    ' INSERT INTO %I SELECT * FROM moved', start, start + INTERVAL '1 day', part);
+                GET DIAGNOSTICS moved = ROW_COUNT;
+                EXECUTE format('ALTER TABLE "crypto_prices" ATTACH PARTITION %I'
+                    ' FOR VALUES FROM (%L) TO (%L)', part, start, start + INTERVAL '1 day');
+                RAISE NOTICE 'qicore: created partition % (% rows moved in from crypto_prices_default)',
+                    part, moved;
         END;
     END LOOP;
 END
@@ -81,18 +96,33 @@ DO $$
 DECLARE
     start timestamptz;
     part text;
+    moved bigint;
 BEGIN
     FOR i IN 0..2 LOOP
         start := date_bin(INTERVAL '7 days', now(), TIMESTAMPTZ '1970-01-01 00:00:00+00') + i * INTERVAL '7 days';
         part := 'crypto_ohlcv_p' || to_char(start AT TIME ZONE 'UTC', 'YYYYMMDD"t"HH24MISS');
         CONTINUE WHEN to_regclass(quote_ident(part)) IS NOT NULL;
         BEGIN
-            EXECUTE format(
-                'CREATE TABLE %I PARTITION OF %I FOR VALUES FROM (%L) TO (%L)',
-                part, 'crypto_ohlcv', start, start + INTERVAL '7 days');
+            EXECUTE format('CREATE TABLE %I PARTITION OF "crypto_ohlcv" FOR VALUES FROM (%L) TO (%L)',
+                part, start, start + INTERVAL '7 days');
             RAISE NOTICE 'qicore: created partition %', part;
-        EXCEPTION WHEN check_violation OR invalid_object_definition THEN
-            NULL;
+        EXCEPTION
+            -- It overlaps a partition of another interval (the chunk interval changed): skipped.
+            WHEN invalid_object_definition THEN
+                NULL;
+            -- Rows of its range are in DEFAULT: moved into it. DEFAULT is locked first, so the
+            -- sinks' inserts wait for the move instead of deadlocking with it.
+            WHEN check_violation THEN
+                LOCK TABLE "crypto_ohlcv_default" IN ACCESS EXCLUSIVE MODE;
+                EXECUTE format('CREATE TABLE %I (LIKE "crypto_ohlcv" INCLUDING DEFAULTS)', part);
+                EXECUTE format('WITH moved AS (DELETE FROM "crypto_ohlcv_default"'
+                    ' WHERE "timestamp" >= %L AND "timestamp" < %L RETURNING *)'
+                    ' INSERT INTO %I SELECT * FROM moved', start, start + INTERVAL '7 days', part);
+                GET DIAGNOSTICS moved = ROW_COUNT;
+                EXECUTE format('ALTER TABLE "crypto_ohlcv" ATTACH PARTITION %I'
+                    ' FOR VALUES FROM (%L) TO (%L)', part, start, start + INTERVAL '7 days');
+                RAISE NOTICE 'qicore: created partition % (% rows moved in from crypto_ohlcv_default)',
+                    part, moved;
         END;
     END LOOP;
 END
@@ -120,18 +150,33 @@ DO $$
 DECLARE
     start timestamptz;
     part text;
+    moved bigint;
 BEGIN
     FOR i IN 0..2 LOOP
         start := date_bin(INTERVAL '30 days', now(), TIMESTAMPTZ '1970-01-01 00:00:00+00') + i * INTERVAL '30 days';
         part := 'market_analytics_p' || to_char(start AT TIME ZONE 'UTC', 'YYYYMMDD"t"HH24MISS');
         CONTINUE WHEN to_regclass(quote_ident(part)) IS NOT NULL;
         BEGIN
-            EXECUTE format(
-                'CREATE TABLE %I PARTITION OF %I FOR VALUES FROM (%L) TO (%L)',
-                part, 'market_analytics', start, start + INTERVAL '30 days');
+            EXECUTE format('CREATE TABLE %I PARTITION OF "market_analytics" FOR VALUES FROM (%L) TO (%L)',
+                part, start, start + INTERVAL '30 days');
             RAISE NOTICE 'qicore: created partition %', part;
-        EXCEPTION WHEN check_violation OR invalid_object_definition THEN
-            NULL;
+        EXCEPTION
+            -- It overlaps a partition of another interval (the chunk interval changed): skipped.
+            WHEN invalid_object_definition THEN
+                NULL;
+            -- Rows of its range are in DEFAULT: moved into it. DEFAULT is locked first, so the
+            -- sinks' inserts wait for the move instead of deadlocking with it.
+            WHEN check_violation THEN
+                LOCK TABLE "market_analytics_default" IN ACCESS EXCLUSIVE MODE;
+                EXECUTE format('CREATE TABLE %I (LIKE "market_analytics" INCLUDING DEFAULTS)', part);
+                EXECUTE format('WITH moved AS (DELETE FROM "market_analytics_default"'
+                    ' WHERE "timestamp" >= %L AND "timestamp" < %L RETURNING *)'
+                    ' INSERT INTO %I SELECT * FROM moved', start, start + INTERVAL '30 days', part);
+                GET DIAGNOSTICS moved = ROW_COUNT;
+                EXECUTE format('ALTER TABLE "market_analytics" ATTACH PARTITION %I'
+                    ' FOR VALUES FROM (%L) TO (%L)', part, start, start + INTERVAL '30 days');
+                RAISE NOTICE 'qicore: created partition % (% rows moved in from market_analytics_default)',
+                    part, moved;
         END;
     END LOOP;
 END
