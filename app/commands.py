@@ -75,8 +75,17 @@ async def records(self: AppCommand) -> None:
 class up(AppCommand):  # the class name is the command name: `faust -A app up`
     """Run the worker on embedded defaults: broker and PostgreSQL when their URLs are unset."""
 
+    options = [
+        option(
+            "--no-worker",
+            is_flag=True,
+            help="Start the stand-ins and migrate only, and write the environment that uses them "
+            "to DATA_DIR/stand-ins.env (for `honcho start -e`), until Ctrl-C.",
+        )
+    ]
+
     def __call__(self, *args: object, **kwargs: object) -> NoReturn:
         """Not async, unlike the other commands: it supervises processes, in the foreground."""
         from app.dev import up
 
-        raise SystemExit(up(settings))
+        raise SystemExit(up(settings, run_worker=not self.kwargs["no_worker"]))

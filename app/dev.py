@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -25,6 +26,8 @@ from app.settings import OFFLINE, Settings, redact_url
 
 # Heroku's SIGTERM -> SIGKILL window: a worker that takes longer is killed.
 WORKER_STOP_SECONDS = 30.0
+# Under DATA_DIR: the environment `up --no-worker` writes for workers started elsewhere.
+STAND_INS_ENV = "stand-ins.env"
 # Tansu holds every JoinGroup for about half the session timeout (Faust's default is 60 s).
 EMBEDDED_BROKER_TIMEOUTS = {"BROKER_SESSION_TIMEOUT": "4", "BROKER_HEARTBEAT_INTERVAL": "1"}
 
@@ -97,17 +100,26 @@ def _say(line: str) -> None:
     print(f"qicore: {line}", flush=True)
 
 
-def _banner(settings: Settings, broker_url: str, dsn: str, embedded: Mapping[str, str]) -> None:
+def _banner(
+    settings: Settings,
+    broker_url: str,
+    dsn: str,
+    embedded: Mapping[str, str],
+    *,
+    worker: bool = True,
+) -> None:
     def origin(variable: str) -> str:
         return " (embedded)" if variable in embedded else ""
 
     _say(f"broker    {broker_url}{origin('BROKER_URL')}")
     _say(f"database  {redact_url(dsn)}{origin('DATABASE_URL')}")
-    if settings.web_enabled:
+    if not settings.web_enabled:
+        _say("web       disabled (WEB_ENABLED=false)")
+    elif not worker:
+        _say("web       none here (--no-worker)")
+    else:
         host = "127.0.0.1" if settings.web_bind == "0.0.0.0" else settings.web_bind
         _say(f"web       http://{host}:{settings.web_listen_port}/")
-    else:
-        _say("web       disabled (WEB_ENABLED=false)")
     coingecko = embedded.get("COINGECKO_BASE_URL", settings.coingecko_url)
     _say(f"coingecko {coingecko}{origin('COINGECKO_BASE_URL')} ({settings.plan} plan)")
     _say(f"data      {Path(settings.data_dir).resolve()}")
@@ -143,8 +155,28 @@ def _supervise(worker: subprocess.Popen[bytes], stops: _StopRequests) -> int:
     return (128 - status if status < 0 else status) or 1
 
 
-def up(settings: Settings) -> int:
-    """Start the stand-ins, migrate, run the worker; return the exit status."""
+def _serve_stand_ins(path: Path, embedded: Mapping[str, str], stops: _StopRequests) -> int:
+    """`--no-worker`: keep the stand-ins up for workers started elsewhere (the Procfile under
+    honcho) until a stop signal; their environment goes to `path`, in honcho's .env format."""
+    lines = [f"{name}={shlex.quote(value)}" for name, value in embedded.items()]
+    path.write_text("".join(f"{line}\n" for line in lines))
+    _say(f"no worker (--no-worker): the stand-ins' environment, also in {path}:")
+    for line in lines:
+        print(f"export {line}", flush=True)
+    _say(f"run the Procfile on them: .venv/bin/honcho start -e {path} web worker")
+    _say("Ctrl-C stops the stand-ins")
+    try:
+        while not stops.count:
+            time.sleep(0.1)
+    finally:
+        path.unlink(missing_ok=True)
+    _say("stopping the embedded services")
+    return 0
+
+
+def up(settings: Settings, *, run_worker: bool = True) -> int:
+    """Start the stand-ins, migrate, run the worker (or serve the stand-ins alone); return the
+    exit status."""
     from app.checks import CannotStart, broker_problem, migrate, say
     from app.main import broker_credentials
 
@@ -157,7 +189,8 @@ def up(settings: Settings) -> int:
             if stops.count:
                 return stops.exit_status
         dsn = embedded.get("DATABASE_URL", settings.database_dsn)
-        _banner(settings, embedded.get("BROKER_URL", settings.broker_url), dsn, embedded)
+        broker_url = embedded.get("BROKER_URL", settings.broker_url)
+        _banner(settings, broker_url, dsn, embedded, worker=run_worker)
         try:
             for line in asyncio.run(migrate(dsn, timescaledb=settings.timescaledb)):
                 _say(line)
@@ -171,6 +204,8 @@ def up(settings: Settings) -> int:
                 return 1
         if stops.count:
             return stops.exit_status
+        if not run_worker:
+            return _serve_stand_ins(Path(settings.data_dir) / STAND_INS_ENV, embedded, stops)
         # Its own process group: a terminal's Ctrl-C reaches only this supervisor, which decides
         # the order of shutdown.
         worker = subprocess.Popen(
