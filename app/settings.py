@@ -148,7 +148,7 @@ class Settings(BaseSettings):
         if value not in (None, OFFLINE):
             parts = urlsplit(value)
             if parts.scheme not in {"http", "https"} or not parts.hostname:
-                raise ValueError(f"must be an http(s) URL or {OFFLINE!r}")
+                raise ValueError(f"must be an http(s) URL (or {OFFLINE!r} under `faust -A app up`)")
         return value
 
     @field_validator("database_url")

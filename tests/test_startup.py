@@ -16,6 +16,7 @@ from conftest import dsn_for
 from workers import Kafka, Worker, prices
 
 from app.embedded import EmbeddedBroker, free_port
+from app.settings import load_settings
 from models import RECORDS
 from schema.migrate import NOT_PRELOADED, TimescaleUnavailable, migrate_database
 
@@ -134,6 +135,22 @@ async def test_worker_refuses_the_offline_coingecko_outside_up(
     assert result.returncode == 2
     line = one_line(result)
     assert line.startswith("qicore: invalid setting COINGECKO_BASE_URL: 'offline' works only")
+
+
+@pytest.mark.parametrize(
+    "url", ["ftp://example.com/api/v3", "api.coingecko.com/api/v3", "file:///etc/hosts"]
+)
+def test_a_coingecko_base_url_that_is_not_http_is_an_invalid_setting(
+    environ: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], url: str
+) -> None:
+    environ.setenv("COINGECKO_BASE_URL", url)
+    with pytest.raises(SystemExit) as stopped:
+        load_settings()
+    assert stopped.value.code == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "qicore: invalid setting COINGECKO_BASE_URL: must be an http(s) URL "
+        "(or 'offline' under `faust -A app up`)"
+    ]
 
 
 async def test_worker_starts_on_a_database_that_is_down_and_logs_no_traceback(
