@@ -90,13 +90,17 @@ def _bootstrap_servers(broker_url: str) -> list[tuple[str, int]]:
 
 @contextmanager
 def _quiet(logger: str) -> Iterator[None]:
-    """Before the worker sets logging up, a library's errors would print on their own."""
+    """Keep a library's log records (its modules' too) to itself for a while: before the worker
+    sets logging up they would print, tracebacks included, next to our one line."""
     log = logging.getLogger(logger)
-    disabled, log.disabled = log.disabled, True
+    sink = logging.NullHandler()
+    propagate, log.propagate = log.propagate, False
+    log.addHandler(sink)
     try:
         yield
     finally:
-        log.disabled = disabled
+        log.removeHandler(sink)
+        log.propagate = propagate
 
 
 async def broker_problem(settings: Settings, credentials: CredentialsT | None) -> str | None:
@@ -123,9 +127,11 @@ async def broker_problem(settings: Settings, credentials: CredentialsT | None) -
         with _quiet("aiokafka"):
             await asyncio.wait_for(client.bootstrap(), CHECK_TIMEOUT)
     except Exception as error:  # TLS, SASL, protocol: whatever stops a client stops the worker
+        timed_out = isinstance(error, TimeoutError)
+        reason = f"no answer within {CHECK_TIMEOUT:g} s" if timed_out else error
         return (
             f"the broker at BROKER_URL={settings.broker_url} refused the client "
-            f"(BROKER_SECURITY_PROTOCOL={settings.broker_security_protocol}): {error}"
+            f"(BROKER_SECURITY_PROTOCOL={settings.broker_security_protocol}): {reason}"
         )
     finally:
         await client.close()

@@ -121,6 +121,27 @@ async def test_worker_stops_when_the_broker_cannot_be_reached(
     )
 
 
+async def test_worker_stops_when_the_broker_refuses_its_security_protocol(
+    broker: EmbeddedBroker, migrated: str, bare_env: dict[str, str], tmp_path: Path
+) -> None:
+    env = {
+        **bare_env,
+        "BROKER_URL": broker.url,  # plain text only
+        "BROKER_SECURITY_PROTOCOL": "SASL_PLAINTEXT",
+        "BROKER_SASL_USERNAME": "qicore",
+        "BROKER_SASL_PASSWORD": DB_PASSWORD,
+        "DATABASE_URL": migrated,
+        "DATA_DIR": str(tmp_path),
+    }
+    result = await asyncio.to_thread(run, ["worker", "-l", "info"], env)
+    assert result.returncode == 1
+    assert one_line(result).startswith(
+        f"qicore: the broker at BROKER_URL={broker.url} refused the client "
+        "(BROKER_SECURITY_PROTOCOL=SASL_PLAINTEXT): "
+    )
+    assert DB_PASSWORD not in result.stdout + result.stderr
+
+
 async def test_worker_refuses_the_offline_coingecko_outside_up(
     broker: EmbeddedBroker, migrated: str, bare_env: dict[str, str], tmp_path: Path
 ) -> None:
