@@ -42,12 +42,14 @@ async def schema(self: AppCommand, action: str, root: Path) -> None:
 @app.command(option("--force", is_flag=True, help="Also apply destructive changes (drop/retype)."))
 async def migrate(self: AppCommand, force: bool) -> None:
     """Apply the generated DDL to DATABASE_URL, idempotently."""
-    from app.checks import CannotStart, migrate, say
+    from app import checks
 
     try:
-        report = await migrate(settings.database_dsn, force=force, timescaledb=settings.timescaledb)
-    except CannotStart as problem:
-        say(str(problem))
+        report = await checks.migrate(
+            settings.database_dsn, force=force, timescaledb=settings.timescaledb
+        )
+    except checks.CannotStart as problem:
+        checks.say(str(problem))
         raise SystemExit(1) from None
     for line in report:
         self.say(line)

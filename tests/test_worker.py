@@ -132,14 +132,14 @@ async def test_worker_declares_generated_topics_and_stops_cleanly(
     admin = AIOKafkaAdminClient(bootstrap_servers=f"127.0.0.1:{broker.port}")
     await admin.start()
     try:
-        # Declaring is a startup task: it may finish just after "Ready".
+        # Declaring is a startup task: it may finish just after "Ready". Until every topic is
+        # listed, naming one (describe_topics) would auto-create it with the broker's count.
         deadline = asyncio.get_running_loop().time() + START_TIMEOUT
-        while True:
-            described = await admin.describe_topics(list(expected))
-            if all(topic["error_code"] == 0 for topic in described):
-                break
-            assert asyncio.get_running_loop().time() < deadline, described
+        while not set(expected) <= set(listed := await admin.list_topics()):
+            assert asyncio.get_running_loop().time() < deadline, listed
             await asyncio.sleep(0.2)
+        described = await admin.describe_topics(list(expected))
+        assert all(topic["error_code"] == 0 for topic in described), described
         partitions = {topic["topic"]: len(topic["partitions"]) for topic in described}
         resources = [ConfigResource(ConfigResourceType.TOPIC, name) for name in expected]
         responses = await admin.describe_configs(resources)
