@@ -88,18 +88,29 @@ def _bootstrap_servers(broker_url: str) -> list[tuple[str, int]]:
     return servers
 
 
+class _Held(logging.Handler):
+    """Keeps a library's log records to itself; remembers the last warning or error."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.last: str | None = None
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.last = record.getMessage()
+
+
 @contextmanager
-def _quiet(logger: str) -> Iterator[None]:
+def _holding(logger: str, held: _Held) -> Iterator[None]:
     """Keep a library's log records (its modules' too) to itself for a while: before the worker
-    sets logging up they would print, tracebacks included, next to our one line."""
+    sets logging up they would print, tracebacks included, next to our one line; the last one
+    often says why (aiokafka's "Unable to bootstrap" hides a refused SASL mechanism)."""
     log = logging.getLogger(logger)
-    sink = logging.NullHandler()
     propagate, log.propagate = log.propagate, False
-    log.addHandler(sink)
+    log.addHandler(held)
     try:
         yield
     finally:
-        log.removeHandler(sink)
+        log.removeHandler(held)
         log.propagate = propagate
 
 
@@ -123,12 +134,15 @@ async def broker_problem(settings: Settings, credentials: CredentialsT | None) -
         request_timeout_ms=int(CHECK_TIMEOUT * 1000),
         **credentials_to_aiokafka_auth(credentials),
     )
+    held = _Held()
     try:
-        with _quiet("aiokafka"):
+        with _holding("aiokafka", held):
             await asyncio.wait_for(client.bootstrap(), CHECK_TIMEOUT)
     except Exception as error:  # TLS, SASL, protocol: whatever stops a client stops the worker
         timed_out = isinstance(error, TimeoutError)
-        reason = f"no answer within {CHECK_TIMEOUT:g} s" if timed_out else error
+        reason = f"no answer within {CHECK_TIMEOUT:g} s" if timed_out else f"{error}"
+        if held.last:
+            reason += f" ({held.last})"
         return (
             f"the broker at BROKER_URL={settings.broker_url} refused the client "
             f"(BROKER_SECURITY_PROTOCOL={settings.broker_security_protocol}): {reason}"
