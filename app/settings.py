@@ -18,6 +18,8 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from schema.sql import TimescaleMode
 
 CoinGeckoPlan = Literal["keyless", "demo", "pro"]
+CoinGeckoSource = Literal["rest", "mcp"]
+COINGECKO_MCP = "https://mcp.api.coingecko.com/mcp"  # CoinGecko's remote MCP server
 PUBLIC_API = "https://api.coingecko.com/api/v3"
 PRO_API = "https://pro-api.coingecko.com/api/v3"
 # Conservative defaults under CoinGecko's published limits (errors count against them too).
@@ -88,6 +90,11 @@ class Settings(BaseSettings):
     # btc_price/eth_price (/simple/price) on every N-th price poll; 0 = never (they stay null);
     # unset = as often as the plan's calls allow (coingecko.poller.quotes_every).
     btc_eth_prices_every: int | None = Field(None, ge=0)
+    # Where CoinGecko is read (coingecko/mcp.py): its REST API, or its MCP server at
+    # COINGECKO_MCP_URL ("offline" = the bundled fake), or started by COINGECKO_MCP_COMMAND (stdio).
+    coingecko_source: CoinGeckoSource = "rest"
+    coingecko_mcp_url: str = COINGECKO_MCP
+    coingecko_mcp_command: str | None = None
 
     sink_batch_size: int = Field(5000, ge=1, le=100_000)
     # How long stored batches are collected before the live tables get them (agents/sink.py).
@@ -142,7 +149,7 @@ class Settings(BaseSettings):
     def _lower(cls, value: object) -> object:
         return value.lower() if isinstance(value, str) else value
 
-    @field_validator("coingecko_base_url")
+    @field_validator("coingecko_base_url", "coingecko_mcp_url")
     @classmethod
     def _check_coingecko(cls, value: str | None) -> str | None:
         if value not in (None, OFFLINE):

@@ -10,6 +10,11 @@
 - Any other 4xx (404 unknown coin, 401/403 wrong key, 400 10010/10011 wrong host) will not heal:
   it is logged once with CoinGecko's error code and message, raises `CoinGeckoRefused`, and later
   requests to the same path raise it again at once, without a call, until restart.
+
+The limits, retries and refusals above are the client's; how a request reaches CoinGecko is its
+`Transport`'s: `HttpTransport` (REST, COINGECKO_SOURCE=rest) or `coingecko.mcp.McpTransport`
+(CoinGecko's MCP server, COINGECKO_SOURCE=mcp), which hands back the same `Answer` (an HTTP status
+and body) so both are judged by the same rules.
 """
 
 from __future__ import annotations
@@ -21,8 +26,9 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import httpx
 
@@ -55,6 +61,70 @@ class CoinGeckoRefused(CoinGeckoError):
         self.status = status
         self.error_code = error_code
         self.message = message
+
+
+class TransportFailed(Exception):
+    """No answer came back (timeout, connection lost); the message says why, without the key."""
+
+
+@dataclass(frozen=True)
+class Answer:
+    """What a transport got back for one request: an HTTP status and the body it came with."""
+
+    status: int
+    content: bytes
+    content_type: str = "application/json"
+    retry_after: float | None = None  # seconds, when the server said
+
+    @property
+    def text(self) -> str:
+        return self.content.decode("utf-8", "replace")
+
+
+class Transport(Protocol):
+    """One way of asking CoinGecko `path` (as in its REST API, e.g. "/coins/markets")."""
+
+    base_url: str  # what a request's URL starts with (the poller sizes /simple/price ids by it)
+
+    async def start(self) -> None:
+        """Connect, where there is something to connect to; raise `CoinGeckoError` if unusable."""
+
+    async def fetch(self, path: str, params: Mapping[str, str | int] | None) -> Answer:
+        """The answer, or `TransportFailed`."""
+
+    async def aclose(self) -> None: ...
+
+
+class HttpTransport:
+    """CoinGecko's REST API over one keep-alive httpx client; the key travels in the plan's
+    header only."""
+
+    def __init__(self, settings: Settings, secret: str | None) -> None:
+        self.base_url = settings.coingecko_url
+        headers = {"accept": "application/json", "user-agent": USER_AGENT}
+        if settings.plan in KEY_HEADERS and secret:
+            headers[KEY_HEADERS[settings.plan]] = secret
+        self._http = httpx.AsyncClient(
+            headers=headers,
+            timeout=httpx.Timeout(settings.coingecko_timeout),
+            limits=httpx.Limits(max_keepalive_connections=4, keepalive_expiry=60.0),
+        )
+
+    async def start(self) -> None:
+        """Nothing to do: httpx connects on the first request."""
+
+    async def fetch(self, path: str, params: Mapping[str, str | int] | None) -> Answer:
+        try:
+            response = await self._http.get(self.base_url + path, params=params)
+        except httpx.TimeoutException as error:
+            raise TransportFailed(f"timed out ({type(error).__name__})") from error
+        except httpx.HTTPError as error:
+            raise TransportFailed(f"connection failed: {error or type(error).__name__}") from error
+        content_type = response.headers.get("content-type", "no content type").split(";")[0]
+        return Answer(response.status_code, response.content, content_type, _retry_after(response))
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
 
 
 class RateLimiter:
@@ -112,29 +182,30 @@ class CoinGeckoClient:
         settings: Settings,
         *,
         limiter: RateLimiter | None = None,
+        transport: Transport | None = None,
         max_attempts: int = 4,
         backoff_base: float = 1.0,
         backoff_cap: float = 60.0,
     ) -> None:
-        self.base_url = settings.coingecko_url
         self.limiter = limiter or RateLimiter(settings.calls_per_minute)
         self.max_attempts = max_attempts
         self.backoff_base = backoff_base
         self.backoff_cap = backoff_cap
         key = settings.coingecko_api_key
         self._secret = key.get_secret_value() if key is not None else None
-        headers = {"accept": "application/json", "user-agent": USER_AGENT}
-        if settings.plan in KEY_HEADERS and self._secret:
-            headers[KEY_HEADERS[settings.plan]] = self._secret
-        self._http = httpx.AsyncClient(
-            headers=headers,
-            timeout=httpx.Timeout(settings.coingecko_timeout),
-            limits=httpx.Limits(max_keepalive_connections=4, keepalive_expiry=60.0),
-        )
+        self.transport = transport or _transport_for(settings, self._secret)
         self._refused: dict[str, CoinGeckoRefused] = {}
 
+    @property
+    def base_url(self) -> str:
+        return self.transport.base_url
+
+    async def start(self) -> None:
+        """Connect (MCP: list the server's tools); a `CoinGeckoError` says why it cannot work."""
+        await self.transport.start()
+
     async def aclose(self) -> None:
-        await self._http.aclose()
+        await self.transport.aclose()
 
     async def __aenter__(self) -> CoinGeckoClient:
         return self
@@ -150,35 +221,30 @@ class CoinGeckoClient:
     async def get(self, path: str, params: Mapping[str, str | int] | None = None) -> Any:
         if path in self._refused:
             raise self._refused[path]
-        url = self.base_url + path
         reason = ""
         for attempt in range(1, self.max_attempts + 1):
             delay = self._backoff(attempt)
-            response: httpx.Response | None = None
+            answer: Answer | None = None
             async with self.limiter.slot():
                 try:
-                    response = await self._http.get(url, params=params)
-                except httpx.TimeoutException as error:
-                    reason = f"timed out ({type(error).__name__})"
-                except httpx.HTTPError as error:
-                    reason = (
-                        f"connection failed: {self._redact(str(error)) or type(error).__name__}"
-                    )
-            if response is not None:
-                status = response.status_code
+                    answer = await self.transport.fetch(path, params)
+                except TransportFailed as error:
+                    reason = self._redact(str(error))
+            if answer is not None:
+                status = answer.status
                 if status == 200:
                     try:
-                        return loads_exact(response.content)
+                        return loads_exact(answer.content)
                     except ValueError:
-                        reason = f"HTTP 200 with a non-JSON body ({_content_type(response)})"
+                        reason = f"HTTP 200 with a non-JSON body ({answer.content_type})"
                 elif status == 429:
-                    delay = _retry_after(response) or delay
+                    delay = answer.retry_after or delay
                     self.limiter.pause(delay)
                     reason = f"HTTP 429 rate limited, Retry-After {delay:g}s"
                 elif status == 408 or status >= 500 or status < 400:
-                    reason = f"HTTP {status} ({_content_type(response)})"
+                    reason = f"HTTP {status} ({answer.content_type})"
                 else:
-                    raise self._refuse(path, response)
+                    raise self._refuse(path, answer)
             if attempt == self.max_attempts:
                 break
             log.warning(
@@ -198,9 +264,9 @@ class CoinGeckoClient:
         ceiling = min(self.backoff_cap, self.backoff_base * 2 ** (attempt - 1))
         return ceiling / 2 + random.uniform(0, ceiling / 2)
 
-    def _refuse(self, path: str, response: httpx.Response) -> CoinGeckoRefused:
-        error_code, message = _error_details(response)
-        refused = CoinGeckoRefused(path, response.status_code, error_code, self._redact(message))
+    def _refuse(self, path: str, answer: Answer) -> CoinGeckoRefused:
+        error_code, message = _error_details(answer)
+        refused = CoinGeckoRefused(path, answer.status, error_code, self._redact(message))
         self._refused[path] = refused
         log.error(
             "coingecko %s refused (will not retry until restart): HTTP %d, error_code %s: %s",
@@ -215,8 +281,12 @@ class CoinGeckoClient:
         return text.replace(self._secret, "***") if self._secret else text
 
 
-def _content_type(response: httpx.Response) -> str:
-    return response.headers.get("content-type", "no content type").split(";")[0]
+def _transport_for(settings: Settings, secret: str | None) -> Transport:
+    if settings.coingecko_source == "mcp":
+        from coingecko.mcp import McpTransport  # the MCP SDK is loaded only when it is used
+
+        return McpTransport(settings, secret)
+    return HttpTransport(settings, secret)
 
 
 def _retry_after(response: httpx.Response) -> float | None:
@@ -232,16 +302,16 @@ def _retry_after(response: httpx.Response) -> float | None:
     return min(seconds, MAX_RETRY_AFTER) if seconds > 0 else None
 
 
-def _error_details(response: httpx.Response) -> tuple[object, str]:
+def _error_details(answer: Answer) -> tuple[object, str]:
     """CoinGecko's error code and message, from any of its error shapes (or the raw text).
 
     Shapes seen: `{"error": "coin not found"}`, `{"status": {"error_code", "error_message"}}`,
     and `{"error": {"status": {...}}}`.
     """
     try:
-        body = loads_exact(response.content)
+        body = loads_exact(answer.content)
     except ValueError:
-        return None, response.text[:200].strip() or "(empty body)"
+        return None, answer.text[:200].strip() or "(empty body)"
     if isinstance(body, dict) and isinstance(body.get("error"), dict):
         body = body["error"]
     if isinstance(body, dict) and isinstance(body.get("status"), dict):

@@ -390,6 +390,27 @@ def fake_coingecko_in_thread(
         loop.close()
 
 
+@asynccontextmanager
+async def serve_offline_coingecko(
+    *,
+    tick: int = 60,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    extra_coins: int = OFFLINE_EXTRA_COINS,
+) -> AsyncIterator[FakeCoinGecko]:
+    """Offline runs on this event loop: the fake moved to the present, a new snapshot with
+    wandering prices every `tick` seconds."""
+    fake = FakeCoinGecko(host=host, port=port, extra_coins=extra_coins)
+    fake.rebase(datetime.now(UTC))
+    await fake.start()
+    ticking = asyncio.create_task(_advance_forever(fake, tick))
+    try:
+        yield fake
+    finally:
+        ticking.cancel()
+        await fake.stop()
+
+
 async def _advance_forever(fake: FakeCoinGecko, tick: int) -> None:
     rng = random.Random(1)  # the same walk every run
     while True:
@@ -407,13 +428,11 @@ def main() -> None:
     args = parser.parse_args()
 
     async def serve() -> None:
-        fake = FakeCoinGecko(host=args.host, port=args.port, extra_coins=args.extra_coins)
-        fake.rebase(datetime.now(UTC))
-        print(f"fake CoinGecko serving {await fake.start()}", flush=True)
-        try:
-            await _advance_forever(fake, args.tick)
-        finally:
-            await fake.stop()
+        async with serve_offline_coingecko(
+            tick=args.tick, host=args.host, port=args.port, extra_coins=args.extra_coins
+        ) as fake:
+            print(f"fake CoinGecko serving {fake.base_url}", flush=True)
+            await asyncio.Event().wait()  # until interrupted
 
     try:
         asyncio.run(serve())
