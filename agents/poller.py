@@ -12,16 +12,19 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
 
 from app.main import app, settings, topics
-from coingecko.client import CoinGeckoClient
+from coingecko.client import CoinGeckoClient, CoinGeckoError, CoinGeckoUnusable
 from coingecko.poller import POLL_STATUS, Poller
 from models.codec import encode_record
 from models.dsl import StreamRecord
 
 __all__ = ["POLL_STATUS", "poll_global", "poll_ohlc", "poll_prices", "publish_to_topics"]
+
+log = logging.getLogger(__name__)
 
 LEADER_CHECK_SECONDS = 1.0  # how soon a new leader starts polling
 
@@ -40,6 +43,19 @@ def _poller() -> Poller:
     return Poller(settings, CoinGeckoClient(settings), publish_to_topics)
 
 
+async def start_client() -> None:
+    """Connect before the first poll. A source that can never serve the poller (an MCP server
+    without CoinGecko's tools) stops the worker with its one-line reason; one that is only down
+    now is left to the polls, which retry."""
+    try:
+        await _poller().client.start()
+    except CoinGeckoUnusable as error:
+        log.error("coingecko: %s", error)
+        await app.crash(error)
+    except CoinGeckoError as error:
+        log.warning("coingecko: not reachable at start, the polls will retry: %s", error)
+
+
 async def poll_while_leader(
     interval: float,
     poll: Callable[[], Awaitable[None]],
@@ -51,6 +67,8 @@ async def poll_while_leader(
     while not app.should_stop:
         now = time.monotonic()
         if now >= due and app.is_leader() and ready():
+            if not due:
+                await start_client()
             due = now + interval
             await poll()
         await app.sleep(LEADER_CHECK_SECONDS)

@@ -52,6 +52,10 @@ class CoinGeckoUnavailable(CoinGeckoError):
     """Retries exhausted on errors that may heal (5xx, 429, timeouts, non-JSON bodies)."""
 
 
+class CoinGeckoUnusable(CoinGeckoError):
+    """The source cannot serve the poller at all (an MCP server without CoinGecko's tools)."""
+
+
 class CoinGeckoRefused(CoinGeckoError):
     """A 4xx that will not heal by retrying; `path` stays refused until restart."""
 
@@ -201,8 +205,12 @@ class CoinGeckoClient:
         return self.transport.base_url
 
     async def start(self) -> None:
-        """Connect (MCP: list the server's tools); a `CoinGeckoError` says why it cannot work."""
-        await self.transport.start()
+        """Connect (MCP: list the server's tools). `CoinGeckoUnusable` if it can never work;
+        `CoinGeckoUnavailable` if it cannot now (the polls will try again)."""
+        try:
+            await self.transport.start()
+        except TransportFailed as error:
+            raise CoinGeckoUnavailable(self._redact(str(error))) from error
 
     async def aclose(self) -> None:
         await self.transport.aclose()

@@ -41,7 +41,7 @@ from mcp.shared.exceptions import MCPError
 from mcp_types import CallToolResult, TextContent, Tool
 
 from app.settings import OFFLINE
-from coingecko.client import KEY_HEADERS, Answer, CoinGeckoError, TransportFailed
+from coingecko.client import KEY_HEADERS, Answer, CoinGeckoUnusable, TransportFailed
 
 if TYPE_CHECKING:
     from app.settings import Settings
@@ -71,10 +71,6 @@ ENDPOINTS = (
     Endpoint(re.compile(r"/coins/(?P<id>[^/]+)/ohlc"), "get_coins_ohlc"),
     Endpoint(re.compile(r"/simple/price"), "get_simple_price"),
 )
-
-
-class McpServerUnusable(CoinGeckoError):
-    """The MCP server offers none of the tools the poller needs."""
 
 
 class McpTransport:
@@ -152,7 +148,7 @@ class McpTransport:
                 if not usable and DYNAMIC_TOOL not in self._tools:
                     found = ", ".join(sorted(self._tools)) or "none"
                     await self._disconnect()
-                    raise McpServerUnusable(
+                    raise CoinGeckoUnusable(
                         f"MCP server {self.server} has no CoinGecko tool the poller can use "
                         f"(needs {', '.join(e.tool for e in ENDPOINTS)} or {DYNAMIC_TOOL}); "
                         f"its tools: {found}"

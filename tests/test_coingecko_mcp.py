@@ -1,0 +1,171 @@
+"""The CoinGecko client with COINGECKO_SOURCE=mcp, over the real MCP protocol (the `mcp` SDK's
+client and server, stdio and Streamable HTTP) against `coingecko.fake_mcp_server`, which fronts
+the fake REST server: what the tests script there (faults, data) is what CoinGecko's MCP server
+would pass on."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AsyncExitStack, asynccontextmanager
+from typing import Any
+
+import pytest
+
+from app.settings import Settings
+from coingecko.client import (
+    CoinGeckoClient,
+    CoinGeckoRefused,
+    CoinGeckoUnavailable,
+    CoinGeckoUnusable,
+)
+from coingecko.fake_server import (
+    FakeCoinGecko,
+    body,
+    rate_limited,
+    serve_fake_coingecko,
+    server_error,
+    truncated_json,
+)
+
+SECRET = "CG-mcp-s3cr3t-never-logged"
+FAKE_MCP = f"{sys.executable} -m coingecko.fake_mcp_server"
+MARKETS = {"vs_currency": "usd", "per_page": 250, "page": 1, "price_change_percentage": "24h,7d"}
+Connect = Callable[..., Awaitable[CoinGeckoClient]]
+
+
+@pytest.fixture
+async def fake() -> AsyncIterator[FakeCoinGecko]:
+    async with serve_fake_coingecko() as server:
+        yield server
+
+
+@asynccontextmanager
+async def http_mcp_server(upstream: str, tools: str) -> AsyncIterator[str]:
+    """The fake MCP server as its own process on a loopback port; yields its /mcp URL."""
+    process = await asyncio.create_subprocess_exec(
+        *FAKE_MCP.split(), "--http", "--port", "0", "--upstream", upstream, "--tools", tools,
+        stdout=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        assert process.stdout is not None
+        line = (await asyncio.wait_for(process.stdout.readline(), 60)).decode()
+        assert line.startswith("fake CoinGecko MCP serving "), line
+        yield line.split()[-1]
+    finally:
+        process.kill()
+        await process.wait()
+
+
+@pytest.fixture(params=["stdio", "http"])
+async def connect(request: pytest.FixtureRequest, fake: FakeCoinGecko) -> AsyncIterator[Connect]:
+    """Starts a client on the MCP server in the test's transport with the given tool set."""
+    async with AsyncExitStack() as stack:
+
+        async def start(tools: str = "endpoints", **overrides: Any) -> CoinGeckoClient:
+            values: dict[str, Any] = {
+                "coingecko_source": "mcp",
+                "coingecko_calls_per_minute": 1000,
+                "coingecko_timeout": 10.0,
+                "coingecko_api_key": None,
+                "coingecko_plan": None,
+                **overrides,
+            }
+            if request.param == "stdio":
+                command = f"{FAKE_MCP} --upstream {fake.base_url} --tools {tools}"
+                values["coingecko_mcp_command"] = command
+            else:
+                url = await stack.enter_async_context(http_mcp_server(fake.base_url, tools))
+                values["coingecko_mcp_url"] = url
+            client = CoinGeckoClient(Settings(**values), backoff_base=0.01, max_attempts=3)
+            stack.push_async_callback(client.aclose)
+            return client
+
+        yield start
+
+
+async def rest(fake: FakeCoinGecko, path: str, params: dict[str, Any]) -> Any:
+    """What the fake serves over REST, read exactly, for comparison."""
+    settings = Settings(coingecko_base_url=fake.base_url, coingecko_calls_per_minute=1000)
+    async with CoinGeckoClient(settings) as client:
+        return await client.get(path, params)
+
+
+@pytest.mark.parametrize("tools", ["endpoints", "dynamic"])
+async def test_every_endpoint_comes_back_exactly_as_served(
+    fake: FakeCoinGecko, connect: Connect, tools: str
+) -> None:
+    client = await connect(tools)
+    await client.start()
+    asks = [
+        ("/coins/markets", MARKETS),
+        ("/global", {}),
+        ("/coins/bitcoin/ohlc", {"vs_currency": "usd", "days": 1}),  # days: int, the tool: str
+        ("/simple/price", {"ids": "bitcoin,ethereum,tether", "vs_currencies": "btc,eth"}),
+    ]
+    for path, params in asks:
+        got = await client.get(path, params)
+        # repr: the same Decimals, spelled the same (7.14159E-6 stays so, 1.0 is not 1)
+        assert repr(got) == repr(await rest(fake, path, params)), path
+    assert "E-" in repr(await client.get("/coins/markets", MARKETS))
+
+
+async def test_a_server_without_usable_tools_fails_at_start_naming_its_tools(
+    connect: Connect,
+) -> None:
+    client = await connect("code")
+    with pytest.raises(CoinGeckoUnusable) as failure:
+        await client.start()
+    message = str(failure.value)
+    assert "\n" not in message
+    assert "its tools: execute, search_docs" in message
+    assert "get_coins_markets" in message  # what it would have needed
+
+
+async def test_tool_errors_are_retried_or_refused_like_http_errors(
+    fake: FakeCoinGecko, connect: Connect
+) -> None:
+    client = await connect()
+    fake.fail("/global", rate_limited(retry_after=1), server_error(503))
+    assert (await client.get("/global", {}))["data"]["markets"] is not None
+    assert fake.count("/global") == 3  # 429, 503, then the answer
+
+    ohlc = {"vs_currency": "usd", "days": 1}
+    with pytest.raises(CoinGeckoRefused) as refused:
+        await client.get("/coins/no-such-coin/ohlc", ohlc)
+    assert (refused.value.status, refused.value.message) == (404, "coin not found")
+    with pytest.raises(CoinGeckoRefused):  # refused until restart: no second call upstream
+        await client.get("/coins/no-such-coin/ohlc", ohlc)
+    assert fake.count("/coins/no-such-coin/ohlc") == 1
+
+    fake.fail("/global", server_error(), server_error(), server_error())
+    with pytest.raises(CoinGeckoUnavailable, match="HTTP 500"):
+        await client.get("/global", {})
+
+
+async def test_malformed_results_are_retried_then_reported(
+    fake: FakeCoinGecko, connect: Connect
+) -> None:
+    client = await connect()
+    fake.fail("/global", body("<html>maintenance</html>"), truncated_json())
+    assert (await client.get("/global", {}))["data"]["markets"] is not None
+    fake.fail("/global", body("nope"), body(""), truncated_json())
+    with pytest.raises(CoinGeckoUnavailable, match="non-JSON body"):
+        await client.get("/global", {})
+
+
+async def test_the_key_reaches_coingecko_as_the_official_server_takes_it_and_is_never_logged(
+    fake: FakeCoinGecko, connect: Connect, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    client = await connect(coingecko_plan="demo", coingecko_api_key=SECRET)
+    fake.fail("/global", body(f'{{"error":"bad key {SECRET}"}}', status=401))
+    with pytest.raises(CoinGeckoRefused) as refused:
+        await client.get("/global", {})
+    assert SECRET not in str(refused.value)
+    await client.get("/coins/markets", MARKETS)
+    for request in fake.requests:
+        assert request.headers.get("x-cg-demo-api-key") == SECRET, request.path
+    assert SECRET not in caplog.text
