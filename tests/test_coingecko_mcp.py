@@ -32,7 +32,8 @@ from coingecko.fake_server import (
 
 SECRET = "CG-mcp-s3cr3t-never-logged"
 FAKE_MCP = f"{sys.executable} -m coingecko.fake_mcp_server"
-MARKETS = {"vs_currency": "usd", "per_page": 250, "page": 1, "price_change_percentage": "24h,7d"}
+Params = dict[str, str | int]
+MARKETS: Params = {"vs_currency": "usd", "per_page": 250, "page": 1, "price_change_percentage": "24h,7d"}
 Connect = Callable[..., Awaitable[CoinGeckoClient]]
 
 
@@ -86,7 +87,7 @@ async def connect(request: pytest.FixtureRequest, fake: FakeCoinGecko) -> AsyncI
         yield start
 
 
-async def rest(fake: FakeCoinGecko, path: str, params: dict[str, Any]) -> Any:
+async def rest(fake: FakeCoinGecko, path: str, params: Params) -> Any:
     """What the fake serves over REST, read exactly, for comparison."""
     settings = Settings(coingecko_base_url=fake.base_url, coingecko_calls_per_minute=1000)
     async with CoinGeckoClient(settings) as client:
@@ -99,7 +100,7 @@ async def test_every_endpoint_comes_back_exactly_as_served(
 ) -> None:
     client = await connect(tools)
     await client.start()
-    asks = [
+    asks: list[tuple[str, Params]] = [
         ("/coins/markets", MARKETS),
         ("/global", {}),
         ("/coins/bitcoin/ohlc", {"vs_currency": "usd", "days": 1}),  # days: int, the tool: str
