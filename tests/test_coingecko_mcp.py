@@ -33,7 +33,12 @@ from coingecko.fake_server import (
 SECRET = "CG-mcp-s3cr3t-never-logged"
 FAKE_MCP = f"{sys.executable} -m coingecko.fake_mcp_server"
 Params = dict[str, str | int]
-MARKETS: Params = {"vs_currency": "usd", "per_page": 250, "page": 1, "price_change_percentage": "24h,7d"}
+MARKETS: Params = {
+    "vs_currency": "usd",
+    "per_page": 250,
+    "page": 1,
+    "price_change_percentage": "24h,7d",
+}
 Connect = Callable[..., Awaitable[CoinGeckoClient]]
 
 
@@ -133,7 +138,7 @@ async def test_tool_errors_are_retried_or_refused_like_http_errors(
     assert (await client.get("/global", {}))["data"]["markets"] is not None
     assert fake.count("/global") == 3  # 429, 503, then the answer
 
-    ohlc = {"vs_currency": "usd", "days": 1}
+    ohlc: Params = {"vs_currency": "usd", "days": 1}
     with pytest.raises(CoinGeckoRefused) as refused:
         await client.get("/coins/no-such-coin/ohlc", ohlc)
     assert (refused.value.status, refused.value.message) == (404, "coin not found")
