@@ -34,7 +34,7 @@ from urllib.parse import unquote
 
 import httpx2
 from mcp import Client
-from mcp.client.stdio import StdioServerParameters
+from mcp.client.stdio import StdioServerParameters, stdio_client
 from mcp.client.streamable_http import streamable_http_client
 from mcp.shared._httpx_utils import create_mcp_http_client
 from mcp.shared.exceptions import MCPError
@@ -172,8 +172,9 @@ class McpTransport:
                     )
                     transport = streamable_http_client(self._target, http_client=http)
                     client = Client(transport, read_timeout_seconds=self._timeout)
-                else:
-                    client = Client(self._target, read_timeout_seconds=self._timeout)
+                else:  # the child's stderr: the real one (Faust's sys.stderr has no fileno)
+                    stdio = stdio_client(self._target, errlog=sys.__stderr__ or sys.stderr)
+                    client = Client(stdio, read_timeout_seconds=self._timeout)
                 ready.set_result(await stack.enter_async_context(client))
                 await asyncio.Event().wait()  # until cancelled
         except Exception as error:

@@ -13,6 +13,7 @@ from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
 
 import pytest
+from workers import Worker, assert_exactly, count_rows, eventually, stored
 
 from app.settings import Settings
 from coingecko.client import (
@@ -29,6 +30,8 @@ from coingecko.fake_server import (
     server_error,
     truncated_json,
 )
+from coingecko.parse import parse_global, parse_markets, parse_simple_prices
+from models import RECORDS, CryptoMarketAnalytics, CryptoPriceData
 
 SECRET = "CG-mcp-s3cr3t-never-logged"
 FAKE_MCP = f"{sys.executable} -m coingecko.fake_mcp_server"
@@ -175,3 +178,49 @@ async def test_the_key_reaches_coingecko_as_the_official_server_takes_it_and_is_
     for request in fake.requests:
         assert request.headers.get("x-cg-demo-api-key") == SECRET, request.path
     assert SECRET not in caplog.text
+
+
+def mcp_worker_env(fake: FakeCoinGecko, tools: str = "endpoints") -> dict[str, str]:
+    return {
+        "COINGECKO_SOURCE": "mcp",
+        "COINGECKO_MCP_COMMAND": f"{FAKE_MCP} --upstream {fake.base_url} --tools {tools}",
+        "COINGECKO_CALLS_PER_MINUTE": "1000",
+        "BTC_ETH_PRICES_EVERY": "1",
+    }
+
+
+@pytest.mark.slow
+async def test_a_worker_reading_coingecko_through_mcp_stores_exactly_what_was_served(
+    fake: FakeCoinGecko, migrated: str, workers: Callable[..., Worker]
+) -> None:
+    worker = workers(migrated, mcp_worker_env(fake))
+
+    async def every_table_filled() -> list[int] | None:
+        counts = [await count_rows(migrated, record) for record in RECORDS]
+        return counts if all(counts) else None
+
+    await eventually(every_table_filled, worker, "rows from every endpoint through MCP")
+    assert all(request.path != "/ping" for request in fake.requests)  # only the poller's calls
+
+    # The first price poll (intervals are an hour): the top 100 by market cap, with CoinGecko's
+    # own BTC/ETH quotes, read here over REST from the same fake and parsed the same way.
+    top = {**MARKETS, "order": "market_cap_desc", "per_page": 100}
+    markets = await rest(fake, "/coins/markets", top)
+    ids = ",".join(sorted(row["id"] for row in markets))
+    quotes, _ = parse_simple_prices(
+        await rest(fake, "/simple/price", {"ids": ids, "vs_currencies": "btc,eth"})
+    )
+    assert_exactly(await stored(migrated, CryptoPriceData), parse_markets(markets, quotes).records)
+    analytics = parse_global(await rest(fake, "/global", {})).records
+    assert_exactly(await stored(migrated, CryptoMarketAnalytics), analytics)
+
+
+@pytest.mark.slow
+async def test_a_worker_on_an_mcp_server_without_coingecko_tools_stops_with_the_reason(
+    fake: FakeCoinGecko, migrated: str, workers: Callable[..., Worker]
+) -> None:
+    worker = workers(migrated, mcp_worker_env(fake, tools="code"))
+    status = await asyncio.to_thread(worker.process.wait, 120)
+    assert status != 0
+    assert "its tools: execute, search_docs" in worker.output
+    assert not fake.requests  # it never called CoinGecko
