@@ -121,6 +121,8 @@ def _banner(
         host = "127.0.0.1" if settings.web_bind == "0.0.0.0" else settings.web_bind
         _say(f"web       http://{host}:{settings.web_listen_port}/")
     coingecko = embedded.get("COINGECKO_BASE_URL", settings.coingecko_url)
+    if settings.coingecko_source == "mcp":  # offline: the worker starts the fake MCP server
+        coingecko = f"MCP {settings.coingecko_mcp_command or settings.coingecko_mcp_url}"
     _say(f"coingecko {coingecko}{origin('COINGECKO_BASE_URL')} ({settings.plan} plan)")
     _say(f"data      {Path(settings.data_dir).resolve()}")
 

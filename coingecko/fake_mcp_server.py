@@ -21,11 +21,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import socket
 from collections.abc import AsyncIterator, Mapping
-from contextlib import asynccontextmanager
 from typing import Any, Literal
 
 import httpx
@@ -174,7 +174,7 @@ def _add_code_mode_tools(server: MCPServer) -> None:
         return _error("code mode is not available in the local fake")
 
 
-@asynccontextmanager
+@contextlib.asynccontextmanager
 async def _upstream(base_url: str | None, tick: int) -> AsyncIterator[Upstream]:
     """`base_url`, or the offline fake started on this event loop."""
     if base_url is None:
@@ -219,10 +219,8 @@ def main() -> None:
             else:
                 await server.run_stdio_async()
 
-    try:
+    with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C is how it is meant to stop
         asyncio.run(serve())
-    except KeyboardInterrupt:
-        pass
 
 
 if __name__ == "__main__":

@@ -23,6 +23,12 @@ INVALID = [
     ({"COINGECKO_PLAN": "pro"}, "COINGECKO_PLAN", "the pro plan needs COINGECKO_API_KEY"),
     # An empty variable counts as unset, so an empty key is no key.
     ({"COINGECKO_PLAN": "demo", "COINGECKO_API_KEY": ""}, "COINGECKO_PLAN", "needs"),
+    ({"COINGECKO_SOURCE": "graphql"}, "COINGECKO_SOURCE", "Input should be 'rest' or 'mcp'"),
+    (
+        {"COINGECKO_MCP_URL": "ws://h/mcp"},
+        "COINGECKO_MCP_URL",
+        "must be an http(s) URL or 'offline'",
+    ),
     (
         {"BROKER_HEARTBEAT_INTERVAL": "10"},
         "BROKER_HEARTBEAT_INTERVAL",
