@@ -32,7 +32,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote
 
-import httpx2
 from mcp import Client
 from mcp.client.stdio import StdioServerParameters, stdio_client
 from mcp.client.streamable_http import streamable_http_client
@@ -109,9 +108,7 @@ class McpTransport:
             raise TransportFailed(f"MCP {name}: error {error.code}: {error}") from error
         except Exception as error:  # timeouts and broken sessions: connect again next time
             await self._disconnect()
-            raise TransportFailed(
-                f"MCP {name} failed: {type(error).__name__}: {error}".rstrip(": ")
-            ) from error
+            raise TransportFailed(f"MCP {name} failed ({_why(error)})") from error
         return _answer(result)
 
     def _call_for(
@@ -141,8 +138,7 @@ class McpTransport:
                 except Exception as error:
                     await self._disconnect()
                     raise TransportFailed(
-                        f"MCP server {self.server}: could not connect "
-                        f"({type(error).__name__}: {error})".replace(": )", ")")
+                        f"MCP server {self.server}: could not connect ({_why(error)})"
                     ) from error
                 usable = [e.tool for e in ENDPOINTS if e.tool in self._tools]
                 if not usable and DYNAMIC_TOOL not in self._tools:
@@ -165,10 +161,10 @@ class McpTransport:
         try:
             async with contextlib.AsyncExitStack() as stack:
                 if isinstance(self._target, str):
+                    # The SDK's timeouts: its idle event stream must outlive COINGECKO_TIMEOUT,
+                    # which bounds each tool call instead (read_timeout_seconds).
                     http = await stack.enter_async_context(
-                        create_mcp_http_client(
-                            headers=self._http_headers, timeout=httpx2.Timeout(self._timeout)
-                        )
+                        create_mcp_http_client(headers=self._http_headers)
                     )
                     transport = streamable_http_client(self._target, http_client=http)
                     client = Client(transport, read_timeout_seconds=self._timeout)
@@ -200,6 +196,10 @@ async def _list_tools(client: Client, timeout: float) -> dict[str, Tool]:
         cursor = page.next_cursor
         if not cursor:
             return tools
+
+
+def _why(error: BaseException) -> str:
+    return f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
 
 
 def _answer(result: CallToolResult) -> Answer:

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 from workers import Worker, assert_exactly, count_rows, eventually, stored
 
+from app.embedded import free_port
 from app.settings import Settings
 from coingecko.client import (
     CoinGeckoClient,
@@ -28,6 +29,7 @@ from coingecko.fake_server import (
     rate_limited,
     serve_fake_coingecko,
     server_error,
+    slow,
     truncated_json,
 )
 from coingecko.parse import parse_global, parse_markets, parse_simple_prices
@@ -224,3 +226,30 @@ async def test_a_worker_on_an_mcp_server_without_coingecko_tools_stops_with_the_
     assert status != 0
     assert "its tools: execute, search_docs" in worker.output
     assert not fake.requests  # it never called CoinGecko
+
+
+async def test_a_slow_tool_call_times_out_and_is_retried(
+    fake: FakeCoinGecko, connect: Connect
+) -> None:
+    client = await connect(coingecko_timeout=1.0)
+    await client.start()
+    fake.fail("/global", slow(3))
+    assert (await client.get("/global", {}))["data"]["markets"] is not None
+    assert fake.count("/global") == 2
+
+
+@pytest.mark.parametrize(
+    "where",
+    [
+        {"coingecko_mcp_url": f"http://127.0.0.1:{free_port()}/mcp"},  # nothing listens
+        {"coingecko_mcp_command": "/no/such/mcp-server --stdio"},
+        {"coingecko_mcp_command": f"{sys.executable} -c 'import sys; sys.exit(3)'"},
+    ],
+)
+async def test_an_unreachable_server_is_unavailable_not_a_crash(where: dict[str, Any]) -> None:
+    settings = Settings(coingecko_source="mcp", coingecko_calls_per_minute=1000, **where)
+    async with CoinGeckoClient(settings, backoff_base=0.01, max_attempts=2) as client:
+        with pytest.raises(CoinGeckoUnavailable, match="could not connect"):
+            await client.start()
+        with pytest.raises(CoinGeckoUnavailable, match="gave up after 2 tries"):
+            await client.get("/global", {})
