@@ -81,6 +81,7 @@ class McpTransport:
         self.server = _describe(settings)
         self._target = _target(settings, secret)
         self._timeout = settings.coingecko_timeout
+        self._secret = secret  # only to keep it out of this module's own log line
         self._http_headers = (
             {KEY_HEADERS[settings.plan]: secret}
             if settings.plan in KEY_HEADERS and secret and isinstance(self._target, str)
@@ -177,7 +178,8 @@ class McpTransport:
             if not ready.done():
                 ready.set_exception(error)
             else:
-                log.warning("coingecko: MCP session to %s ended: %r", self.server, error)
+                why = _why(error).replace(self._secret, "***") if self._secret else _why(error)
+                log.warning("coingecko: MCP session to %s ended (%s)", self.server, why)
 
     async def _disconnect(self) -> None:
         holder, self._holder, self._client = self._holder, None, None
