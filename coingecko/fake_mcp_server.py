@@ -10,7 +10,8 @@ takes it (`x-cg-demo-api-key`/`x-cg-pro-api-key` headers over HTTP, `COINGECKO_D
 `--tools` picks one of the official server's three shapes: `endpoints` (one tool per endpoint:
 `get_coins_markets`, `get_global`, `get_coins_ohlc`, `get_simple_price`), `dynamic`
 (`list_api_endpoints`, `invoke_api_endpoint`) or `code` (`search_docs`, `execute`: nothing the
-poller can use).
+poller can use); `--tool NAME` (repeatable) keeps only those, as the official server's
+`--tool` filter does.
 
     python -m coingecko.fake_mcp_server                          # stdio, its own offline fake
     python -m coingecko.fake_mcp_server --upstream URL           # stdio, in front of URL
@@ -42,6 +43,11 @@ PATHS = {  # the official server's endpoint names, and the REST path each one ca
     "get_global": "/global",
     "get_coins_ohlc": "/coins/{id}/ohlc",
     "get_simple_price": "/simple/price",
+}
+TOOL_SETS: dict[ToolSet, tuple[str, ...]] = {
+    "endpoints": tuple(PATHS),
+    "dynamic": ("list_api_endpoints", "invoke_api_endpoint"),
+    "code": ("search_docs", "execute"),
 }
 KEY_VARIABLES = {
     "COINGECKO_DEMO_API_KEY": "x-cg-demo-api-key",
@@ -94,7 +100,9 @@ def _error(text: str) -> CallToolResult:
     return CallToolResult(content=[TextContent(type="text", text=text)], is_error=True)
 
 
-def build_server(upstream: Upstream, tools: ToolSet = "endpoints") -> MCPServer:
+def build_server(
+    upstream: Upstream, tools: ToolSet = "endpoints", only: list[str] | None = None
+) -> MCPServer:
     server = MCPServer(
         "fake-coingecko-mcp", instructions="CoinGecko's API v3 (local fake).", log_level="WARNING"
     )
@@ -104,6 +112,9 @@ def build_server(upstream: Upstream, tools: ToolSet = "endpoints") -> MCPServer:
         _add_dynamic_tools(server, upstream)
     else:
         _add_code_mode_tools(server)
+    for name in TOOL_SETS[tools]:
+        if only and name not in only:
+            server.remove_tool(name)
     return server
 
 
@@ -205,6 +216,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--upstream", help="CoinGecko-shaped base URL (default: offline fake)")
     parser.add_argument("--tools", choices=["endpoints", "dynamic", "code"], default="endpoints")
+    parser.add_argument("--tool", action="append", help="serve only this tool (repeatable)")
     parser.add_argument("--http", action="store_true", help="Streamable HTTP instead of stdio")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8766)
@@ -213,7 +225,7 @@ def main() -> None:
 
     async def serve() -> None:
         async with _upstream(args.upstream, args.tick) as upstream:
-            server = build_server(upstream, args.tools)
+            server = build_server(upstream, args.tools, args.tool)
             if args.http:
                 await _serve_http(server, args.host, args.port)
             else:

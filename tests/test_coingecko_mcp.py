@@ -56,10 +56,8 @@ async def fake() -> AsyncIterator[FakeCoinGecko]:
 @asynccontextmanager
 async def http_mcp_server(upstream: str, tools: str) -> AsyncIterator[str]:
     """The fake MCP server as its own process on a loopback port; yields its /mcp URL."""
-    process = await asyncio.create_subprocess_exec(
-        *FAKE_MCP.split(), "--http", "--port", "0", "--upstream", upstream, "--tools", tools,
-        stdout=asyncio.subprocess.PIPE,
-    )  # fmt: skip
+    command = f"{FAKE_MCP} --http --port 0 --upstream {upstream} --tools {tools}"
+    process = await asyncio.create_subprocess_exec(*command.split(), stdout=asyncio.subprocess.PIPE)
     try:
         assert process.stdout is not None
         line = (await asyncio.wait_for(process.stdout.readline(), 60)).decode()
@@ -253,3 +251,16 @@ async def test_an_unreachable_server_is_unavailable_not_a_crash(where: dict[str,
             await client.start()
         with pytest.raises(CoinGeckoUnavailable, match="gave up after 2 tries"):
             await client.get("/global", {})
+
+
+async def test_an_endpoint_the_server_has_no_tool_for_is_refused_without_a_call(
+    fake: FakeCoinGecko, connect: Connect
+) -> None:
+    client = await connect("endpoints --tool get_coins_markets --tool get_global")
+    await client.start()
+    assert await client.get("/global", {}) == await rest(fake, "/global", {})
+    with pytest.raises(CoinGeckoRefused, match="no tool for /coins/bitcoin/ohlc") as refused:
+        await client.get("/coins/bitcoin/ohlc", {"vs_currency": "usd", "days": 1})
+    assert "its tools: get_coins_markets, get_global" in str(refused.value)
+    assert "/coins/bitcoin/ohlc" in client.refused
+    assert fake.count("/coins/bitcoin/ohlc") == 0
