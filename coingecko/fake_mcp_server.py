@@ -7,6 +7,9 @@ text is the status and the body (`429 {"status":{...}}`). The key arrives as the
 takes it (`x-cg-demo-api-key`/`x-cg-pro-api-key` headers over HTTP, `COINGECKO_DEMO_API_KEY`/
 `COINGECKO_PRO_API_KEY` over stdio) and goes upstream in the plan's header.
 
+`--js-numbers` passes every body through JavaScript's number handling, as the official server
+(JavaScript) does: integers beyond 2^53 rounded, decimals in JS's shortest form (`6.31917e-7`).
+
 `--tools` picks one of the official server's three shapes: `endpoints` (one tool per endpoint:
 `get_coins_markets`, `get_global`, `get_coins_ohlc`, `get_simple_price`), `dynamic`
 (`list_api_endpoints`, `invoke_api_endpoint`) or `code` (`search_docs`, `execute`: nothing the
@@ -27,6 +30,7 @@ import json
 import os
 import socket
 from collections.abc import AsyncIterator, Mapping
+from decimal import Decimal
 from typing import Any, Literal
 
 import httpx
@@ -35,7 +39,7 @@ from mcp.server.mcpserver import Context, MCPServer
 from mcp_types import CallToolResult, TextContent
 
 from coingecko.client import KEY_HEADERS
-from coingecko.fake_server import serve_offline_coingecko
+from coingecko.fake_server import RawNumber, dump_raw, serve_offline_coingecko
 
 ToolSet = Literal["endpoints", "dynamic", "code"]
 PATHS = {  # the official server's endpoint names, and the REST path each one calls
@@ -58,8 +62,9 @@ KEY_VARIABLES = {
 class Upstream:
     """GETs against the CoinGecko-shaped REST API, answered as CoinGecko's MCP server does."""
 
-    def __init__(self, base_url: str) -> None:
+    def __init__(self, base_url: str, js_numbers: bool = False) -> None:
         self.base_url = base_url
+        self.js_numbers = js_numbers
         self._http = httpx.AsyncClient(timeout=30.0)
         # stdio: the key comes from the environment, once; HTTP: from each request's headers
         self._env_headers = {
@@ -86,10 +91,49 @@ class Upstream:
             return _error("Connection error.")
         if response.status_code != 200:
             return _error(f"{response.status_code} {response.text}")
-        return CallToolResult(content=[TextContent(type="text", text=response.text)])
+        text = response.text
+        if self.js_numbers:
+            try:
+                text = dump_raw(_as_javascript_reads_it(json.loads(text)))
+            except ValueError:
+                pass  # not JSON: JavaScript would not have read it either; passed on as is
+        return CallToolResult(content=[TextContent(type="text", text=text)])
 
     async def aclose(self) -> None:
         await self._http.aclose()
+
+
+def _as_javascript_reads_it(value: Any) -> Any:
+    """Every number as a JavaScript double, printed back as JavaScript prints it."""
+    if isinstance(value, dict):
+        return {key: _as_javascript_reads_it(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_as_javascript_reads_it(item) for item in value]
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return RawNumber(js_number(float(value)))
+    return value
+
+
+def js_number(number: float) -> str:
+    """JavaScript's `String(number)`: shortest round-trip digits; plain notation from 1e-7 up
+    to 1e21, exponent notation (`6.31917e-7`, `1e+21`) outside."""
+    if number == 0:
+        return "0"  # -0 too
+    sign, digit_tuple, exponent = Decimal(repr(number)).normalize().as_tuple()
+    assert isinstance(exponent, int)  # finite: JSON has no NaN or Infinity
+    digits = "".join(map(str, digit_tuple))
+    point = exponent + len(digits)  # the value is 0.DIGITS x 10^point
+    if len(digits) <= point <= 21:  # an integer: its shortest digits, then zeros
+        text = digits + "0" * (point - len(digits))
+    elif 0 < point <= 21:
+        text = digits[:point] + "." + digits[point:]
+    elif -6 < point <= 0:
+        text = "0." + "0" * -point + digits
+    else:
+        shown = point - 1
+        mantissa = digits[0] + ("." + digits[1:] if len(digits) > 1 else "")
+        text = f"{mantissa}e{'+' if shown > 0 else '-'}{abs(shown)}"
+    return ("-" if sign else "") + text
 
 
 def _query_value(value: Any) -> str:
@@ -186,14 +230,14 @@ def _add_code_mode_tools(server: MCPServer) -> None:
 
 
 @contextlib.asynccontextmanager
-async def _upstream(base_url: str | None, tick: int) -> AsyncIterator[Upstream]:
+async def _upstream(base_url: str | None, tick: int, js_numbers: bool) -> AsyncIterator[Upstream]:
     """`base_url`, or the offline fake started on this event loop."""
     if base_url is None:
         async with serve_offline_coingecko(tick=tick) as fake:
-            async with _upstream(fake.base_url, tick) as upstream:
+            async with _upstream(fake.base_url, tick, js_numbers) as upstream:
                 yield upstream
         return
-    upstream = Upstream(base_url)
+    upstream = Upstream(base_url, js_numbers)
     try:
         yield upstream
     finally:
@@ -217,6 +261,7 @@ def main() -> None:
     parser.add_argument("--upstream", help="CoinGecko-shaped base URL (default: offline fake)")
     parser.add_argument("--tools", choices=["endpoints", "dynamic", "code"], default="endpoints")
     parser.add_argument("--tool", action="append", help="serve only this tool (repeatable)")
+    parser.add_argument("--js-numbers", action="store_true", help="numbers as JavaScript's")
     parser.add_argument("--http", action="store_true", help="Streamable HTTP instead of stdio")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8766)
@@ -224,7 +269,7 @@ def main() -> None:
     args = parser.parse_args()
 
     async def serve() -> None:
-        async with _upstream(args.upstream, args.tick) as upstream:
+        async with _upstream(args.upstream, args.tick, args.js_numbers) as upstream:
             server = build_server(upstream, args.tools, args.tool)
             if args.http:
                 await _serve_http(server, args.host, args.port)

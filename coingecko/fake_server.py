@@ -76,14 +76,14 @@ def _load(text: str) -> Any:
     return json.loads(text, parse_float=RawNumber)
 
 
-def _dump(value: Any) -> str:
+def dump_raw(value: Any) -> str:
     """JSON text in which `RawNumber`s appear verbatim (json.dumps would quote them)."""
     if isinstance(value, RawNumber):
         return str(value)
     if isinstance(value, dict):
-        return "{" + ",".join(f"{json.dumps(k)}:{_dump(v)}" for k, v in value.items()) + "}"
+        return "{" + ",".join(f"{json.dumps(k)}:{dump_raw(v)}" for k, v in value.items()) + "}"
     if isinstance(value, list):
-        return "[" + ",".join(_dump(item) for item in value) + "]"
+        return "[" + ",".join(dump_raw(item) for item in value) + "]"
     return json.dumps(value)
 
 
@@ -251,7 +251,7 @@ class FakeCoinGecko:
 
     @staticmethod
     def _json(value: Any, status: int = 200) -> web.Response:
-        return web.Response(status=status, text=_dump(value), content_type="application/json")
+        return web.Response(status=status, text=dump_raw(value), content_type="application/json")
 
     async def _ping(self, request: web.Request) -> web.Response:
         return self._json({"gecko_says": "(V3) To the Moon!"})

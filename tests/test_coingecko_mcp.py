@@ -10,6 +10,7 @@ import logging
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
+from decimal import Decimal
 from typing import Any
 
 import pytest
@@ -23,6 +24,7 @@ from coingecko.client import (
     CoinGeckoUnavailable,
     CoinGeckoUnusable,
 )
+from coingecko.fake_mcp_server import js_number
 from coingecko.fake_server import (
     FakeCoinGecko,
     body,
@@ -264,3 +266,35 @@ async def test_an_endpoint_the_server_has_no_tool_for_is_refused_without_a_call(
     assert "its tools: get_coins_markets, get_global" in str(refused.value)
     assert "/coins/bitcoin/ohlc" in client.refused
     assert fake.count("/coins/bitcoin/ohlc") == 0
+
+
+@pytest.mark.parametrize(
+    ("number", "javascript"),  # String(number) in node 20
+    [
+        (6.31917e-7, "6.31917e-7"),
+        (1.5e-6, "0.0000015"),
+        (1e21, "1e+21"),
+        (1e20, "100000000000000000000"),
+        (2.70016521312815e15, "2700165213128150"),
+        (float(12345678901234567891), "12345678901234567000"),
+        (19990746.0, "19990746"),
+        (-2.5e22, "-2.5e+22"),
+        (-0.0, "0"),
+    ],
+)
+def test_the_fake_prints_numbers_as_javascript_does(number: float, javascript: str) -> None:
+    assert js_number(number) == javascript
+
+
+async def test_through_a_javascript_server_big_integers_arrive_rounded_as_it_sent_them(
+    fake: FakeCoinGecko, connect: Connect
+) -> None:
+    """What the README warns of: REST is exact, the official (JavaScript) server is not."""
+    served = '[{"id":"big","market_cap":12345678901234567891,"current_price":6.31917e-07}]'
+    fake.fail("/coins/markets", body(served), body(served))
+    client = await connect("endpoints --js-numbers")
+    (row,) = await client.get("/coins/markets", MARKETS)
+    (exact,) = await rest(fake, "/coins/markets", MARKETS)
+    assert exact["market_cap"] == Decimal("12345678901234567891")
+    assert row["market_cap"] == Decimal("12345678901234567000")  # the double JavaScript held
+    assert row["current_price"] == exact["current_price"] == Decimal("6.31917e-7")
