@@ -34,8 +34,8 @@ from coingecko.fake_server import (
     slow,
     truncated_json,
 )
-from coingecko.parse import parse_global, parse_markets, parse_simple_prices
-from models import RECORDS, CryptoMarketAnalytics, CryptoPriceData
+from coingecko.parse import parse_global, parse_markets, parse_ohlc, parse_simple_prices
+from models import RECORDS, CryptoMarketAnalytics, CryptoOHLCVData, CryptoPriceData
 
 SECRET = "CG-mcp-s3cr3t-never-logged"
 FAKE_MCP = f"{sys.executable} -m coingecko.fake_mcp_server"
@@ -192,28 +192,50 @@ def mcp_worker_env(fake: FakeCoinGecko, tools: str = "endpoints") -> dict[str, s
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("transport", ["stdio", "http"])
 async def test_a_worker_reading_coingecko_through_mcp_stores_exactly_what_was_served(
-    fake: FakeCoinGecko, migrated: str, workers: Callable[..., Worker]
+    fake: FakeCoinGecko, migrated: str, workers: Callable[..., Worker], transport: str
 ) -> None:
-    worker = workers(migrated, mcp_worker_env(fake))
-
-    async def every_table_filled() -> list[int] | None:
-        counts = [await count_rows(migrated, record) for record in RECORDS]
-        return counts if all(counts) else None
-
-    await eventually(every_table_filled, worker, "rows from every endpoint through MCP")
-    assert all(request.path != "/ping" for request in fake.requests)  # only the poller's calls
-
-    # The first price poll (intervals are an hour): the top 100 by market cap, with CoinGecko's
-    # own BTC/ETH quotes, read here over REST from the same fake and parsed the same way.
-    top = {**MARKETS, "order": "market_cap_desc", "per_page": 100}
+    # What the first polls get (the workers' intervals are an hour): the top 100 by market cap
+    # with CoinGecko's own BTC/ETH quotes, /global, and every coin's candles, read here over REST
+    # from the same fake and parsed the same way.
+    top: Params = {**MARKETS, "order": "market_cap_desc", "per_page": 100}
     markets = await rest(fake, "/coins/markets", top)
     ids = ",".join(sorted(row["id"] for row in markets))
     quotes, _ = parse_simple_prices(
         await rest(fake, "/simple/price", {"ids": ids, "vs_currencies": "btc,eth"})
     )
-    assert_exactly(await stored(migrated, CryptoPriceData), parse_markets(markets, quotes).records)
+    prices = parse_markets(markets, quotes).records
     analytics = parse_global(await rest(fake, "/global", {})).records
+    candles = [
+        candle
+        for price in prices
+        for candle in parse_ohlc(
+            await rest(fake, f"/coins/{price.coin_id}/ohlc", {"vs_currency": "usd", "days": 1}),
+            price.coin_id,
+            price.symbol,
+            1,
+        ).records
+    ]
+    fake.requests.clear()
+
+    async with AsyncExitStack() as stack:
+        env = mcp_worker_env(fake)
+        if transport == "http":
+            del env["COINGECKO_MCP_COMMAND"]
+            server = http_mcp_server(fake.base_url, "endpoints")
+            env["COINGECKO_MCP_URL"] = await stack.enter_async_context(server)
+        worker = workers(migrated, env)
+
+        async def all_stored() -> bool | None:
+            want = [len(prices), len(candles), len(analytics)]
+            have = [await count_rows(migrated, record) for record in RECORDS]
+            return True if have == want else None
+
+        await eventually(all_stored, worker, "every served row stored, through MCP")
+    assert fake.count("/coins/markets") >= 1  # the worker's own calls, through the MCP server
+    assert_exactly(await stored(migrated, CryptoPriceData), prices)
+    assert_exactly(await stored(migrated, CryptoOHLCVData), candles)
     assert_exactly(await stored(migrated, CryptoMarketAnalytics), analytics)
 
 
