@@ -3,9 +3,10 @@
 Only the leader polls, so scaling out does not multiply API calls. Each endpoint is polled as soon
 as a process becomes the leader (a fresh start fills /analytics and the candles at once, instead
 of one full interval later, which Faust's own `app.timer` would wait), then every interval; OHLC
-waits for the first price poll, which tells it the coins. `POLL_STATUS` (what /health shows) is
-re-exported from `coingecko.poller`, which does not import the app; import it from there in
-modules the app itself imports.
+waits for the first price poll, which tells it the coins. Before its first poll each task
+connects the client (`start_client`: for COINGECKO_SOURCE=mcp, the MCP session and its tool
+list). `POLL_STATUS` (what /health shows) is re-exported from `coingecko.poller`, which does not
+import the app; import it from there in modules the app itself imports.
 """
 
 from __future__ import annotations
@@ -43,17 +44,19 @@ def _poller() -> Poller:
     return Poller(settings, CoinGeckoClient(settings), publish_to_topics)
 
 
-async def start_client() -> None:
+async def start_client() -> bool:
     """Connect before the first poll. A source that can never serve the poller (an MCP server
-    without CoinGecko's tools) stops the worker with its one-line reason; one that is only down
-    now is left to the polls, which retry."""
+    without CoinGecko's tools) stops the worker with its one-line reason (False); one that is
+    only down now is left to the polls, which retry."""
     try:
         await _poller().client.start()
     except CoinGeckoUnusable as error:
         log.error("coingecko: %s", error)
         await app.crash(error)
+        return False
     except CoinGeckoError as error:
         log.warning("coingecko: not reachable at start, the polls will retry: %s", error)
+    return True
 
 
 async def poll_while_leader(
@@ -67,8 +70,8 @@ async def poll_while_leader(
     while not app.should_stop:
         now = time.monotonic()
         if now >= due and app.is_leader() and ready():
-            if not due:
-                await start_client()
+            if not due and not await start_client():
+                return
             due = now + interval
             await poll()
         await app.sleep(LEADER_CHECK_SECONDS)
