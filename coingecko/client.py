@@ -186,7 +186,6 @@ class CoinGeckoClient:
         settings: Settings,
         *,
         limiter: RateLimiter | None = None,
-        transport: Transport | None = None,
         max_attempts: int = 4,
         backoff_base: float = 1.0,
         backoff_cap: float = 60.0,
@@ -197,7 +196,7 @@ class CoinGeckoClient:
         self.backoff_cap = backoff_cap
         key = settings.coingecko_api_key
         self._secret = key.get_secret_value() if key is not None else None
-        self.transport = transport or _transport_for(settings, self._secret)
+        self.transport = _transport_for(settings, self._secret)
         self._refused: dict[str, CoinGeckoRefused] = {}
 
     @property
