@@ -7,12 +7,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
+import subprocess
 import sys
+import time
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 from workers import Worker, assert_exactly, count_rows, eventually, stored
 
@@ -320,3 +326,54 @@ async def test_through_a_javascript_server_big_integers_arrive_rounded_as_it_sen
     assert exact["market_cap"] == Decimal("12345678901234567891")
     assert row["market_cap"] == Decimal("12345678901234567000")  # the double JavaScript held
     assert row["current_price"] == exact["current_price"] == Decimal("6.31917e-7")
+
+
+@pytest.mark.slow
+async def test_up_reads_the_offline_fake_through_mcp_and_stops_it(
+    bare_env: dict[str, str], tmp_path: Path
+) -> None:
+    """`faust -A app up` with COINGECKO_SOURCE=mcp COINGECKO_MCP_URL=offline: the worker starts
+    the fake MCP server over stdio, prices are stored, and Ctrl-C stops the fake too."""
+    env = {
+        **bare_env,
+        "APP_ID": f"qicore-mcp-{uuid.uuid4().hex[:8]}",
+        "COINGECKO_SOURCE": "mcp",
+        "COINGECKO_MCP_URL": "offline",
+        "WEB_PORT": str(free_port()),
+        "DATA_DIR": str(tmp_path / "data"),
+    }
+    log_path = tmp_path / "up.log"
+    with log_path.open("wb") as log:
+        up = subprocess.Popen(
+            [sys.executable, "-m", "faust", "-A", "app", "up"],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        deadline = time.monotonic() + 120
+        dsn = None
+        while dsn is None or not await count_rows(dsn, CryptoPriceData):
+            output = log_path.read_text(errors="replace")
+            assert up.poll() is None and time.monotonic() < deadline, output[-5000:]
+            banner = [line.split()[2] for line in output.splitlines() if "qicore: database" in line]
+            dsn = banner[0] if banner and "qicore: worker" in output else None
+            await asyncio.sleep(0.5)
+        output = log_path.read_text(errors="replace")
+        assert "qicore: coingecko MCP offline" in output
+        assert "tools get_coins_markets, get_global, get_coins_ohlc, get_simple_price" in output
+        fakes = [
+            child
+            for child in psutil.Process(up.pid).children(recursive=True)
+            if "coingecko.fake_mcp_server" in " ".join(child.cmdline())
+        ]
+        assert len(fakes) == 1
+        up.send_signal(signal.SIGINT)
+        assert await asyncio.to_thread(up.wait, 90) == 0
+        assert not any(
+            fake.is_running() and fake.status() != psutil.STATUS_ZOMBIE for fake in fakes
+        )
+    finally:
+        if up.poll() is None:
+            up.kill()
+            up.wait()
