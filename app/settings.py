@@ -149,13 +149,21 @@ class Settings(BaseSettings):
     def _lower(cls, value: object) -> object:
         return value.lower() if isinstance(value, str) else value
 
-    @field_validator("coingecko_base_url", "coingecko_mcp_url")
+    @field_validator("coingecko_base_url")
     @classmethod
     def _check_coingecko(cls, value: str | None) -> str | None:
         if value not in (None, OFFLINE):
             parts = urlsplit(value)
             if parts.scheme not in {"http", "https"} or not parts.hostname:
                 raise ValueError(f"must be an http(s) URL (or {OFFLINE!r} under `faust -A app up`)")
+        return value
+
+    @field_validator("coingecko_mcp_url")
+    @classmethod
+    def _check_coingecko_mcp(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if value != OFFLINE and (parts.scheme not in {"http", "https"} or not parts.hostname):
+            raise ValueError(f"must be an http(s) URL (Streamable HTTP) or {OFFLINE!r}")
         return value
 
     @field_validator("database_url")
