@@ -27,7 +27,7 @@ INVALID = [
     (
         {"COINGECKO_MCP_URL": "ws://h/mcp"},
         "COINGECKO_MCP_URL",
-        "must be an http(s) URL or 'offline'",
+        "must be an http(s) URL (Streamable HTTP) or 'offline'",
     ),
     (
         {"BROKER_HEARTBEAT_INTERVAL": "10"},
