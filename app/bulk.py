@@ -29,20 +29,158 @@ topics not registered here flow through the conductor to agents and tables as us
 from __future__ import annotations
 
 import asyncio
-import itertools
+import hashlib
+import importlib
+import importlib.metadata
+import inspect
 import logging
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, cast
 
 import faust
 from aiokafka import TopicPartition
+from faust.exceptions import ConsumerNotStarted
 from faust.transport import consumer as faust_consumer
 from faust.transport.drivers import aiokafka as faust_aiokafka
 from faust.types import TP, AppT, Message
+from faust.utils.urls import urllist
 from mode import Service, ServiceT
 from mode.utils.queues import FlowControlQueue
 
 log = logging.getLogger(__name__)
+
+# ---------------------------------------------------------------------------------------------
+# The seam: every private name of Faust, mode and aiokafka the project uses, and why.
+#
+# Nothing outside this module may use one (docs/architecture.md). Each entry names the upstream
+# function this module copies, overrides, mirrors or calls, the private names that come with it,
+# and a hash of that function's source in the versions below. tests/test_faust_seam.py fails,
+# naming the function and what to re-check, when an installed version's source differs, and
+# when this module uses a private name that no entry lists.
+# ---------------------------------------------------------------------------------------------
+
+WRITTEN_AGAINST = {"faust-streaming": "0.15.3", "mode-streaming": "0.7.1", "aiokafka": "0.14.0"}
+
+
+@dataclass(frozen=True)
+class Upstream:
+    """One upstream function this module depends on beyond its public API."""
+
+    function: str  # "module:Qualified.name"
+    sha256: str  # first 16 hex digits of the sha256 of its source, as written against
+    names: tuple[str, ...]  # the private names this module uses because of it
+    why: str
+    recheck: str  # what to re-check in this module when its source changed
+
+    def resolve(self) -> Any:
+        module, qualified = self.function.split(":")
+        found: Any = importlib.import_module(module)
+        for part in qualified.split("."):
+            found = getattr(found, part)
+        return found
+
+    def installed_sha256(self) -> str:
+        source = inspect.getsource(self.resolve())
+        return hashlib.sha256(source.encode()).hexdigest()[:16]
+
+
+UPSTREAM = (
+    Upstream(
+        "faust.transport.consumer:Consumer._drain_messages",
+        "44a2500309e83c63",
+        ("_drain_messages", "_read_offset", "_commit_every", "_n_acked", "_stopped"),
+        "copied into Consumer._drain_messages: Faust's fetch loop, which has no hook between a "
+        "fetch and its per-message delivery; the copy delivers bulk topics after each fetch",
+        "port the upstream change into the copy (it is unchanged except where it says bulk)",
+    ),
+    Upstream(
+        "faust.transport.consumer:Consumer._wait_next_records",
+        "6218e1969a636b3f",
+        ("_wait_next_records",),
+        "overridden: the one place that sees a whole fetch before getmany() iterates it record "
+        "by record; the override takes the bulk topics' records out of it",
+        "that it still returns (records per partition, active partitions or None)",
+    ),
+    Upstream(
+        "faust.transport.consumer:Consumer.getmany",
+        "4b168d84882a70d6",
+        ("_buffered_partitions",),
+        "mirrored by Consumer._wait_next_records: the checks getmany() makes before it turns a "
+        "record into a message (flow suspended: nothing; partition not active and not buffered: "
+        "skipped; the high-water mark tracked per partition)",
+        "that _wait_next_records makes the same checks as getmany() does now",
+    ),
+    Upstream(
+        "faust.transport.drivers.aiokafka:Consumer._to_message",
+        "7c24f6511b2fcef7",
+        ("_to_message",),
+        "called: the message Faust makes of an aiokafka record (with the consumer generation)",
+        "its arguments, and that it still stamps the current generation",
+    ),
+    Upstream(
+        "faust.transport.consumer:Consumer._add_gap",
+        "4df2573ded7c1c2c",
+        ("_add_gap",),
+        "called by Consumer._deliver_bulk, as the fetch loop calls it per message: commits can "
+        "pass offsets missing from a topic (compaction, transactions)",
+        "its arguments (first missing offset, next offset present)",
+    ),
+    Upstream(
+        "faust.transport.drivers.aiokafka:Consumer._new_consumer_thread",
+        "0870ec53dea75083",
+        ("_new_consumer_thread", "_thread"),
+        "overridden to make our ConsumerThread, which the consumer then holds as _thread",
+        "that it is still the only place the consumer thread is made, kept as _thread",
+    ),
+    Upstream(
+        "faust.transport.drivers.aiokafka:AIOKafkaConsumerThread._create_worker_consumer",
+        "c2701bfc3e6f6cad",
+        ("_create_worker_consumer",),
+        "overridden: it hard-codes fetch_max_wait_ms=1500 and Faust has no setting for it",
+        "whether Faust now has a fetch wait setting (then use it and drop the override)",
+    ),
+    Upstream(
+        "aiokafka.consumer.consumer:AIOKafkaConsumer.start",
+        "2f1ba70443327538",
+        ("_fetch_max_wait_ms",),
+        "start() hands the consumer's _fetch_max_wait_ms to its fetcher: setting it on the "
+        "consumer made (not yet started) by _create_worker_consumer sets the fetch wait",
+        "that start() still reads _fetch_max_wait_ms",
+    ),
+    Upstream(
+        "faust.transport.drivers.aiokafka:AIOKafkaConsumerThread._commit",
+        "932852ce7a23f658",
+        ("_commit",),
+        "wrapped: a commit of partitions a rebalance took away in between raises ValueError in "
+        "aiokafka, and Faust crashes the worker on it (docs/reliability.md)",
+        "whether Faust now skips such a commit itself (then drop the wrapper)",
+    ),
+    Upstream(
+        "faust.transport.drivers.aiokafka:AIOKafkaConsumerThread._ensure_consumer",
+        "ff4a4c693b7ec63f",
+        ("_ensure_consumer",),
+        "called: the thread's aiokafka consumer, to pause/resume partitions in aiokafka itself "
+        "and to read which ones it pauses; Faust offers neither",
+        "that it still returns the started consumer or raises ConsumerNotStarted",
+    ),
+    Upstream(
+        "faust.transport.drivers.aiokafka:Producer._ensure_producer",
+        "5592a4bbdf251325",
+        ("_ensure_producer",),
+        "called by broker_client(): /health asks the broker for metadata on the producer's own "
+        "connection, in the app's event loop; Faust has no public accessor for it",
+        "that it still returns the started aiokafka producer",
+    ),
+    Upstream(
+        "mode.utils.queues:FlowControlQueue.clear",
+        "fa9a86f6b097c90f",
+        (),
+        "overridden by Batches.clear: flow control calls it on a rebalance, at the end of table "
+        "recovery and at shutdown, the moments the queued fetches must be given up",
+        "that flow control still clears its queues through clear()",
+    ),
+)
 
 # Fetches a topic's queue holds before the fetch loop waits for its sink. A fetch holds at most
 # `broker_max_poll_records` messages (app/main.py sets it to SINK_BATCH_SIZE).
@@ -75,8 +213,11 @@ class Batches(FlowControlQueue[list[Message]]):
         With the flow suspended (a rebalance or shutdown, which next wait for every taken message
         to be acknowledged), an empty fetch wakes a sink waiting in `take()`, which then returns.
         """
+        dropped = list(self.carry)
+        while not self.empty():
+            dropped.extend(self.get_nowait())
         first: dict[TP, int] = {}
-        for message in itertools.chain(self.carry, *self._queue):  # type: ignore[attr-defined]
+        for message in dropped:
             first[message.tp] = min(first.get(message.tp, message.offset), message.offset)
         super().clear()
         self.carry = []
@@ -191,8 +332,9 @@ class ConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
             self.thread_loop.call_soon_threadsafe(self._set_fetching, tps, fetching)
 
     def _set_fetching(self, tps: set[TP], fetching: bool) -> None:
-        consumer = self._consumer
-        if consumer is None:  # not started: nothing is fetched yet
+        try:
+            consumer = self._ensure_consumer()
+        except ConsumerNotStarted:  # nothing is fetched yet
             return
         assigned = consumer.assignment()  # a rebalance may have moved some away meanwhile
         partitions = [TopicPartition(tp.topic, tp.partition) for tp in tps if tp in assigned]
@@ -367,17 +509,47 @@ class Consumer(faust_aiokafka.Consumer):
 
 
 class Transport(faust_aiokafka.Transport):
-    """Faust's aiokafka transport with the bulk-delivering consumer."""
+    """Faust's aiokafka transport with the bulk-delivering consumer.
+
+    Registered as Faust registers transports, in the `faust.transports` entry-point group
+    (pyproject.toml): a consumer broker URL with the scheme `TRANSPORT_SCHEME` selects it.
+    """
 
     Consumer = Consumer
 
 
-class App(faust.App):
-    """A Faust app whose sinks can take their topics in bulk (`App.bulk`)."""
+TRANSPORT_SCHEME = "kafka-bulk"
 
-    def __init__(self, *args: Any, fetch_max_wait_ms: int = 1500, **kwargs: Any) -> None:
+
+def broker_client(app: AppT) -> Any:
+    """The aiokafka client of the app's producer (a started worker's), for metadata requests in
+    the app's own event loop."""
+    return cast(faust_aiokafka.Producer, app.producer)._ensure_producer().client
+
+
+class App(faust.App):
+    """A Faust app whose sinks can take their topics in bulk (`App.bulk`): it consumes through
+    `Transport`, at the addresses of its `broker` setting; it produces through Faust's own."""
+
+    def __init__(
+        self,
+        *args: Any,
+        broker: str = "kafka://localhost:9092",
+        fetch_max_wait_ms: int = 1500,
+        **kwargs: Any,
+    ) -> None:
         """`fetch_max_wait_ms`: the worker consumer's fetch wait (Faust's own value: 1500)."""
-        super().__init__(*args, **kwargs)
+        if not any(
+            entry.name == TRANSPORT_SCHEME
+            for entry in importlib.metadata.entry_points(group="faust.transports")
+        ):
+            raise RuntimeError(
+                f"transport {TRANSPORT_SCHEME!r} is not registered: install the project "
+                "(pip install -e .; ./dev does it whenever pyproject.toml changes)"
+            )
+        urls = urllist(broker, default_scheme="kafka")
+        consumer = [url.with_scheme(TRANSPORT_SCHEME) for url in urls]
+        super().__init__(*args, broker=broker, broker_consumer=consumer, **kwargs)
         self.fetch_max_wait_ms = fetch_max_wait_ms
         self.bulk: dict[str, Batches] = {}
 
@@ -385,6 +557,3 @@ class App(faust.App):
         """The queue `topic` is delivered on from now on, instead of to its agent's stream."""
         batches = self.bulk[topic] = Batches(self, topic)
         return batches
-
-    def _new_transport(self) -> Transport:
-        return Transport(self.conf.broker_consumer, self)

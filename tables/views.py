@@ -25,13 +25,12 @@ from typing import Any, TypeVar, cast
 
 import asyncpg
 from faust.exceptions import ConsumerNotStarted
-from faust.transport.drivers.aiokafka import Producer
 from faust.types import TableT
 from faust.web import Request, Response, View
 from faust.web.exceptions import NotFound, ServiceUnavailable, ValidationError
 
 from agents.sink import SINK_STATUS
-from app.bulk import Consumer
+from app.bulk import Consumer, broker_client
 from app.main import app, settings
 from coingecko.poller import POLL_STATUS
 from models import RECORDS
@@ -221,8 +220,7 @@ class Analytics(View):
 async def _broker_status() -> dict[str, Any]:
     """Whether the broker answers a metadata request on the app's own producer connection."""
     try:
-        # Faust has no public accessor for its aiokafka producer's client.
-        client = cast(Producer, app.producer)._ensure_producer().client
+        client = broker_client(app)
         async with asyncio.timeout(BROKER_TIMEOUT):
             await client.fetch_all_metadata()
         connected = True
