@@ -1,12 +1,23 @@
 """QiCore Streams: `faust -A app worker` finds the Faust application here.
 
-Importing the package registers everything on the app: the commands (`faust -A app <command>`),
-the agents (poller, sinks) and the live tables with their web views.
+The app is assembled here: importing the package registers the commands (`faust -A app
+<command>`), the agents (poller, sinks) and the live tables with their web views; a worker makes
+the live tables observers of the sinks that feed them when it starts.
 """
 
 import agents
 import tables
 from app import commands
 from app.main import app, settings, topics
+
+
+@app.on_worker_init.connect
+def _observe_sinks(sender: object, /, *args: object, signal: object, **kwargs: object) -> None:
+    """The live tables follow what the sinks store, not the topics (tables/live.py). Done when
+    the worker starts, not at import: `tables` may be imported first, while this package is
+    still importing it."""
+    for topic, observer in tables.live.OBSERVERS.items():
+        agents.sink.SINKS[topic].observers.append(observer)
+
 
 __all__ = ["agents", "app", "commands", "settings", "tables", "topics"]

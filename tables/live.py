@@ -23,8 +23,8 @@ same rows `store.queries` reads for the views, so the two sources agree.
 
 Values are JSON (decimals as strings), so the changelog round-trips exactly. Tables are keyed like
 their topics, with the same partition count, and every write goes to the changelog partition of
-the message it came from (Faust takes it from the current event, which `_on_behalf_of` sets), so
-each changelog partition matches its source partition. A worker holds only its assigned
+the message it came from (`LiveTable.routed_to`), so each changelog partition matches its source
+partition, the one Faust assigns together with it. A worker holds only its assigned
 partitions, and table recovery is unreliable on brokers with wrong high-water marks, so the views
 treat these tables as a freshness layer over the database, never as the only source (see
 `tables.views`).
@@ -33,24 +33,25 @@ treat these tables as a freshness layer over the database, never as the only sou
 from __future__ import annotations
 
 import asyncio
-import weakref
 from collections import Counter
-from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from operator import attrgetter
-from typing import Any, TypeVar, cast
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
-from faust import Event
-from faust.streams import _current_event
+import faust
+from faust.exceptions import PartitionsMismatch
 from faust.tables.wrappers import WindowWrapper
-from faust.types import Message, TableT
+from faust.types import Message
 
-from agents.sink import SINKS, Stored
 from app.main import app
 from models.dsl import StreamRecord
 from models.market import AGGREGATE_EXCHANGE, CryptoMarketAnalytics, CryptoPriceData
+
+if TYPE_CHECKING:
+    from agents.sink import Stored
 
 R = TypeVar("R", bound=StreamRecord)
 T = TypeVar("T")
@@ -65,9 +66,55 @@ WRITES_PER_SLICE = 20  # table writes between two turns of the event loop (~2 ms
 UNDECODABLE: Counter[str] = Counter()
 
 
-def _table(name: str, record: type[StreamRecord], **options: Any) -> TableT:
+class LiveTable(faust.Table):
+    """A table written outside any stream: each write names the message it comes from.
+
+    Faust takes a write's changelog partition from the current stream event
+    (`partition_for_key`); the sinks take their messages in bulk, without events, so a write is
+    made inside `routed_to(message)` instead, and goes to that message's partition, checked
+    once per source topic as Faust checks it. (`use_partitioner=True` would not do: the producer
+    would hash the table's JSON key, and a window's key with its time range, onto other
+    partitions than the record's own.)"""
+
+    partition: int | None = None
+    verified: frozenset[str] = frozenset()  # source topics whose partition count matches
+
+    @contextmanager
+    def routed_to(self, message: Message) -> Iterator[None]:
+        if message.topic not in self.verified:
+            self.check_partition_count(message.topic)
+        self.partition = message.partition
+        try:
+            yield
+        finally:
+            self.partition = None
+
+    def check_partition_count(self, source_topic: str) -> None:
+        """The changelog has as many partitions as the source topic (or a write would land on
+        another key's partition, or on none). Unknown counts are checked at the next write."""
+        source = self.app.consumer.topic_partitions(source_topic)
+        changelog = self.app.consumer.topic_partitions(self.changelog_topic_name)
+        if source is None or changelog is None:
+            return
+        if source != changelog:
+            raise PartitionsMismatch(
+                f"table {self.name}: source topic {source_topic} has {source} partitions, its "
+                f"changelog {self.changelog_topic_name} {changelog}"
+            )
+        self.verified |= {source_topic}
+
+    def partition_for_key(self, key: Any) -> int | None:
+        if self.partition is None:
+            raise TypeError(f"table {self.name}: written outside routed_to(message)")
+        return self.partition
+
+
+def _table(name: str, record: type[StreamRecord], **options: Any) -> LiveTable:
     """A table with JSON keys and values (Faust's default codec when no type is given)."""
-    return app.Table(name, partitions=record.topic.partitions, **options)
+    table = LiveTable(
+        app, name=name, beacon=app.tables.beacon, partitions=record.topic.partitions, **options
+    )
+    return cast(LiveTable, app.tables.add(table))
 
 
 latest_prices = _table(
@@ -84,17 +131,15 @@ latest_analytics = _table(
     help="Newest CryptoMarketAnalytics per source, fed by the market-analytics sink once stored; "
     "/analytics merges it with the database.",
 )
-# `tumbling()` is typed as the abstract wrapper, which lacks the `relative_to()` used below.
-price_ranges = cast(
-    WindowWrapper,
-    _table(
-        "price-ranges",
-        CryptoPriceData,
-        default=dict,
-        help="USD high/low per coin id and hour of last_updated (1 h tumbling windows, kept "
-        "25 h); /prices/{coin_id} merges 24 of them into its 24 h range.",
-    ).tumbling(RANGE_STEP, expires=RANGE_EXPIRES),
+price_ranges_table = _table(
+    "price-ranges",
+    CryptoPriceData,
+    default=dict,
+    help="USD high/low per coin id and hour of last_updated (1 h tumbling windows, kept "
+    "25 h); /prices/{coin_id} merges 24 of them into its 24 h range.",
 )
+# `tumbling()` is typed as the abstract wrapper, which lacks the `relative_to()` used below.
+price_ranges = cast(WindowWrapper, price_ranges_table.tumbling(RANGE_STEP, expires=RANGE_EXPIRES))
 
 
 def _time_of(record: StreamRecord) -> datetime:
@@ -157,19 +202,6 @@ def local_range(coin_id: str, window_start: datetime) -> dict[str, str]:
     return bounds
 
 
-@contextmanager
-def _on_behalf_of(message: Message) -> Iterator[None]:
-    """Make `message` Faust's current event: a table write goes to the changelog partition of the
-    current event's message (`Collection.partition_for_key`), the co-partitioned one. The sinks
-    take messages in bulk, without events, so the event is made here, once per write."""
-    event = Event(app, message.key, message.value, message.headers, message)
-    token = _current_event.set(weakref.ref(event))
-    try:
-        yield
-    finally:
-        _current_event.reset(token)
-
-
 async def _yielding(items: Iterable[T]) -> AsyncIterator[T]:
     """`items`, letting the event loop run between slices of them: a publication's table writes
     (a changelog message each) then never hold up the sink and the fetch loop for long."""
@@ -180,7 +212,7 @@ async def _yielding(items: Iterable[T]) -> AsyncIterator[T]:
 
 
 async def _newest_per_key(
-    table: TableT, record_type: type[R], key: str, batch: Iterable[tuple[Message, R]]
+    table: LiveTable, record_type: type[R], key: str, batch: Iterable[tuple[Message, R]]
 ) -> None:
     """Write each key's newest record of the batch, if it is newer than the table's."""
     key_of, time_of = attrgetter(key), attrgetter(record_type.table.time_column)
@@ -197,7 +229,7 @@ async def _newest_per_key(
             stored_at = datetime.fromisoformat(current[record_type.table.time_column])
             if stored_at >= at:  # a tie keeps the stored one, as the sink's does
                 continue
-        with _on_behalf_of(message):
+        with table.routed_to(message):
             table[name] = record.model_dump(mode="json")
 
 
@@ -222,7 +254,7 @@ async def _ranges(batch: Iterable[tuple[Message, CryptoPriceData]]) -> None:
         held = window[coin_id].value()
         bounds = merge_bounds(held, {"high": str(high), "low": str(low)})
         if bounds != held:
-            with _on_behalf_of(message):
+            with price_ranges_table.routed_to(message):
                 window[coin_id] = bounds
 
 
@@ -252,5 +284,8 @@ async def track_analytics(batch: Sequence[Stored]) -> None:
     )
 
 
-SINKS[CryptoPriceData.topic.name].observers.append(track_prices)
-SINKS[CryptoMarketAnalytics.topic.name].observers.append(track_analytics)
+# What each sink hands its stored batches to; the app wires them up (app/__init__.py).
+OBSERVERS: dict[str, Callable[[Sequence[Stored]], Awaitable[None]]] = {
+    CryptoPriceData.topic.name: track_prices,
+    CryptoMarketAnalytics.topic.name: track_analytics,
+}
