@@ -1,7 +1,7 @@
 """Sink throughput, worker peak RSS and scale-out, against two baselines measured in the same run.
 
     .venv/bin/python -m bench.sink_throughput [--rows 200000] [--naive-rows 20000]
-                                              [--only bare,naive,worker,two-workers]
+                                              [--only bare,naive,worker,two-workers,public]
                                               [--rounds 1]
 
 One embedded broker and one embedded PostgreSQL; `crypto-prices` is created with its generated 6
@@ -12,7 +12,9 @@ the table to the last by their commit timestamps, so start-up and group joining 
 - bare:        baseline (a), `bench.bare_sink` (aiokafka + the app's decode and COPY-upsert);
 - naive:       baseline (b), `bench.naive_agent`, one INSERT per event, timed on `--naive-rows`;
 - worker:      ours, `faust -A app worker` exactly as deployed (sinks, live tables, views);
-- two-workers: two `faust -A app worker` processes of one group, started together.
+- two-workers: two `faust -A app worker` processes of one group, started together;
+- public:      the public-route prototype, `faust -A bench.public_sink worker` (a plain aiokafka
+               consumer seeking to the stored offsets, inside a Faust worker); not run by default.
 
 Peak RSS is sampled (psutil) every 50 ms over each worker process. `--rounds N` runs the
 contenders N times in turn (fresh database and group each time) and prints every round and the
@@ -43,7 +45,7 @@ from bench.common import (
 )
 from models.market import CryptoPriceData
 
-CONTENDERS = ("bare", "naive", "worker", "two-workers")
+CONTENDERS = ("bare", "naive", "worker", "two-workers")  # the default; also: public
 
 
 async def bare(s: Stack, rows: int) -> Run:
@@ -87,6 +89,8 @@ async def main(rows: int, naive_rows: int, only: set[str], rounds: int) -> None:
                 results["naive"] = (await workers(s, "bench.naive_agent", naive_rows))[0]
             if "worker" in only:
                 results["worker"], _ = await workers(s, "app", rows)
+            if "public" in only:
+                results["public"], _ = await workers(s, "bench.public_sink", rows)
             if "two-workers" in only:
                 results["two-workers"], statuses = await workers(s, "app", rows, count=2)
                 notes["two-workers"] = " + ".join(
