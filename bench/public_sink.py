@@ -62,6 +62,7 @@ class PublicSink(mode.Service):
     async def on_start(self) -> None:
         self.writer = RecordWriter(CryptoPriceData)
         self.offsets = SinkOffsets(app.conf.id, TOPIC)
+        self.known: set[int] = set()  # partitions whose stored offset exists
         self.pool = await asyncpg.create_pool(settings.database_dsn, min_size=1, max_size=2)
         self.consumer = AIOKafkaConsumer(
             bootstrap_servers=[f"{url.host}:{url.port}" for url in app.conf.broker],
@@ -77,12 +78,20 @@ class PublicSink(mode.Service):
         await self.consumer.stop()
         await self.pool.close()
 
-    async def seek_stored(self, assigned: list[TopicPartition]) -> None:
-        partitions = [tp.partition for tp in assigned]
-        earliest = await self.consumer.beginning_offsets(assigned)
+    async def lock_stored(
+        self, connection: asyncpg.Connection, partitions: list[int]
+    ) -> dict[int, int]:
+        """The stored offsets, locked; a partition never stored starts at its earliest offset."""
+        new = [TopicPartition(TOPIC, p) for p in partitions if p not in self.known]
+        earliest = await self.consumer.beginning_offsets(new) if new else {}
         starts = {tp.partition: offset for tp, offset in earliest.items()}
+        stored = await self.offsets.lock(connection, partitions, starts, {})
+        self.known.update(partitions)
+        return stored
+
+    async def seek_stored(self, assigned: list[TopicPartition]) -> None:
         async with self.pool.acquire() as connection, connection.transaction():
-            stored = await self.offsets.lock(connection, partitions, starts, {})
+            stored = await self.lock_stored(connection, [tp.partition for tp in assigned])
         for tp in assigned:
             self.consumer.seek(tp, stored[tp.partition])
 
@@ -102,7 +111,7 @@ class PublicSink(mode.Service):
                 continue
             partitions = sorted({item.partition for item in delivered})
             async with self.pool.acquire() as connection, connection.transaction():
-                stored = await self.offsets.lock(connection, partitions, {}, {})
+                stored = await self.lock_stored(connection, partitions)
                 continuation = continue_sequences(delivered, stored)
                 await self.writer.insert(connection, continuation.accepted)
                 await self.offsets.advance(connection, continuation.next_offsets)
