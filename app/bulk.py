@@ -24,6 +24,10 @@ decodes and writes whole batches. It does need Faust's bookkeeping, and keeps al
 
 Everything else is Faust's: topics stay subscribed through their agents (with acks enabled), and
 topics not registered here flow through the conductor to agents and tables as usual.
+
+This is the project's only module that uses private names of Faust, mode or aiokafka: each comes
+with an entry in `UPSTREAM` (why, what to re-check, a hash of the upstream source), checked by
+tests/test_faust_seam.py. Why not a plain consumer instead: docs/performance.md, section 6.
 """
 
 from __future__ import annotations
