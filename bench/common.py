@@ -25,13 +25,14 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
+import faust
 import httpx
 import psutil
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from app.embedded import EmbeddedBroker, embedded_postgres, free_port
 from app.memory import GC_THRESHOLDS
-from app.settings import Settings
+from app.settings import Settings, load_settings
 from models.codec import encode_record
 from models.dsl import quote_ident
 from models.market import CryptoPriceData
@@ -365,3 +366,20 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
 
 def mean(values: Sequence[float]) -> float:
     return statistics.fmean(values) if values else float("nan")
+
+
+def plain_app() -> tuple[faust.App, Settings]:
+    """A plain Faust app (Faust's own consumer) for the benchmark's own workers
+    (`faust -A bench.<module> worker`), from the environment `faust_worker` gives them."""
+    settings = load_settings()
+    app = faust.App(
+        settings.app_id,
+        broker=settings.broker_url,
+        store="memory://",
+        autodiscover=False,
+        topic_partitions=CryptoPriceData.topic.partitions,
+        broker_session_timeout=settings.broker_session_timeout,
+        broker_heartbeat_interval=settings.broker_heartbeat_interval,
+        web_port=settings.web_listen_port,
+    )
+    return app, settings

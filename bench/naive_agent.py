@@ -10,22 +10,12 @@ from __future__ import annotations
 import asyncpg
 import faust
 
-from app.settings import load_settings
+from bench.common import plain_app
 from models.codec import decode_record
 from models.dsl import quote_ident
 from models.market import CryptoPriceData
 
-settings = load_settings()
-app = faust.App(
-    settings.app_id,
-    broker=settings.broker_url,
-    store="memory://",
-    autodiscover=False,
-    topic_partitions=CryptoPriceData.topic.partitions,
-    broker_session_timeout=settings.broker_session_timeout,
-    broker_heartbeat_interval=settings.broker_heartbeat_interval,
-    web_port=settings.web_listen_port,
-)
+app, settings = plain_app()
 topic = app.topic(CryptoPriceData.topic.name, key_serializer="raw", value_serializer="raw")
 COLUMNS = tuple(shape.name for shape in CryptoPriceData.shapes())
 INSERT = (

@@ -18,24 +18,16 @@ import time
 from collections.abc import Sequence
 
 import asyncpg
-import faust
 import mode
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 
-from app.settings import load_settings
+from bench.common import plain_app
 from models.codec import decode_record
 from models.market import CryptoPriceData
 from store.offsets import Delivered, SinkOffsets, continue_sequences
 from store.writer import RecordWriter
 
-settings = load_settings()
-app = faust.App(
-    settings.app_id,
-    broker=settings.broker_url,
-    store="memory://",
-    autodiscover=False,
-    web_port=settings.web_listen_port,
-)
+app, settings = plain_app()
 TOPIC = CryptoPriceData.topic.name
 
 
