@@ -31,7 +31,7 @@ app, settings = plain_app()
 TOPIC = CryptoPriceData.topic.name
 
 
-class SeekToStored(ConsumerRebalanceListener):  # type: ignore[misc]
+class SeekToStored(ConsumerRebalanceListener):
     """On every assignment, continue each partition where the database says."""
 
     def __init__(self, sink: PublicSink) -> None:
