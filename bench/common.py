@@ -372,11 +372,13 @@ def plain_app() -> tuple[faust.App, Settings]:
     """A plain Faust app (Faust's own consumer) for the benchmark's own workers
     (`faust -A bench.<module> worker`), from the environment `faust_worker` gives them."""
     settings = load_settings()
+    Path(settings.data_dir).mkdir(parents=True, exist_ok=True)  # Faust makes only the last level
     app = faust.App(
         settings.app_id,
         broker=settings.broker_url,
         store="memory://",
         autodiscover=False,
+        datadir=str(Path(settings.data_dir) / "faust"),  # not `<app id>-data` in the cwd
         topic_partitions=CryptoPriceData.topic.partitions,
         broker_session_timeout=settings.broker_session_timeout,
         broker_heartbeat_interval=settings.broker_heartbeat_interval,

@@ -24,7 +24,7 @@ from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from bench.common import plain_app
 from models.codec import decode_record
 from models.market import CryptoPriceData
-from store.offsets import Delivered, SinkOffsets, continue_sequences
+from store.offsets import Delivered, Mark, SinkOffsets, continue_sequences, fingerprint
 from store.writer import RecordWriter
 
 app, settings = plain_app()
@@ -106,7 +106,13 @@ class PublicSink(mode.Service):
                 stored = await self.lock_stored(connection, partitions)
                 continuation = continue_sequences(delivered, stored)
                 await self.writer.insert(connection, continuation.accepted)
-                await self.offsets.advance(connection, continuation.next_offsets)
+                last = {
+                    r.partition: Mark(r.offset, fingerprint(r.timestamp, r.key, r.value))
+                    for records in fetched.values()
+                    for r in records
+                    if continuation.next_offsets.get(r.partition) == r.offset + 1
+                }
+                await self.offsets.advance(connection, continuation.next_offsets, last)
             for partition, offset in continuation.holes.items():
                 self.consumer.seek(TopicPartition(TOPIC, partition), offset)
             to_commit.update(continuation.next_offsets)
