@@ -11,6 +11,10 @@ COMMAND_TIMEOUT = 60.0
 # UTC keeps any server-side rendering of timestamps (logs, partition names) independent of
 # the server's configured zone; asyncpg's own timestamptz values are UTC-aware regardless.
 SERVER_SETTINGS = {"application_name": "qicore-streams", "TimeZone": "UTC"}
+# Reads answer people and agents: one that runs longer than this is cancelled by the server
+# itself (a client-side timeout alone would leave the query running).
+READ_STATEMENT_TIMEOUT_MS = 5000
+READ_SETTINGS = {**SERVER_SETTINGS, "statement_timeout": str(READ_STATEMENT_TIMEOUT_MS)}
 
 
 async def connect(
@@ -22,13 +26,16 @@ async def connect(
     )
 
 
-async def create_pool(dsn: str, *, min_size: int = 1, max_size: int = 4) -> asyncpg.Pool:
+async def create_pool(
+    dsn: str, *, min_size: int = 1, max_size: int = 4, reads: bool = False
+) -> asyncpg.Pool:
+    """A pool; `reads=True` for read-only callers: statements get READ_STATEMENT_TIMEOUT_MS."""
     pool = await asyncpg.create_pool(
         dsn,
         min_size=min_size,
         max_size=max_size,
         command_timeout=COMMAND_TIMEOUT,
-        server_settings=SERVER_SETTINGS,
+        server_settings=READ_SETTINGS if reads else SERVER_SETTINGS,
     )
     assert pool is not None  # asyncpg types it Optional; it only returns None if not awaited
     return pool
@@ -41,16 +48,19 @@ class LazyPool:
     or a 503 (the views) instead of a worker that does not start.
     """
 
-    def __init__(self, dsn: str, max_size: int) -> None:
+    def __init__(self, dsn: str, max_size: int, *, reads: bool = False) -> None:
         self._dsn = dsn
         self._max_size = max_size
+        self._reads = reads
         self._pool: asyncpg.Pool | None = None
         self._lock = asyncio.Lock()
 
     async def get(self) -> asyncpg.Pool:
         async with self._lock:
             if self._pool is None:
-                self._pool = await create_pool(self._dsn, min_size=1, max_size=self._max_size)
+                self._pool = await create_pool(
+                    self._dsn, min_size=1, max_size=self._max_size, reads=self._reads
+                )
             return self._pool
 
     async def close(self) -> None:

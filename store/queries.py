@@ -1,5 +1,8 @@
 """Read-side SQL over the record hypertables, shared by the web views (and any dashboard/MCP tool).
 
+Every query is bounded: a row cap (a LIMIT) and the read pools' statement timeout
+(`store.db.READ_STATEMENT_TIMEOUT_MS`).
+
 Plain async functions: each takes an asyncpg pool or connection and a DSL record type and returns
 DSL records (or a small dict). Identifiers come only from the record's declaration and are
 validated against its fields and quoted; every value is a bound parameter. Each query is shaped
@@ -11,21 +14,25 @@ hypertable and on the plain-PostgreSQL partitioned fallback alike.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable, Mapping
-from datetime import datetime
+from collections.abc import Iterable, Mapping, Sequence
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any, TypeAlias, TypedDict, TypeVar
 
 import asyncpg
 
 from models.dsl import StreamRecord, quote_ident
-from schema.sql import SINK_OFFSETS_TABLE
+from models.types import TYPE_MAP
+from schema.sql import SINK_OFFSETS_TABLE, TIME_BUCKET_ORIGIN, CandleAggregate
 
 R = TypeVar("R", bound=StreamRecord)
 Executor: TypeAlias = asyncpg.Pool | asyncpg.Connection
 
 HISTORY_LIMIT_DEFAULT = 100
 HISTORY_LIMIT_MAX = 1000
+LATEST_LIMIT_MAX = 5000  # groups (coins) in one answer: TOP_N's own maximum
+CANDLES_MAX = 1000
+CANDLE_ORIGIN = datetime(2000, 1, 3, tzinfo=UTC)  # schema.sql.TIME_BUCKET_ORIGIN
 
 
 class ValueRange(TypedDict):
@@ -68,9 +75,15 @@ def _record(record: type[R], row: asyncpg.Record) -> R:
 
 
 async def latest_per_group(
-    db: Executor, record: type[R], group_by: str, filters: Mapping[str, object] | None = None
+    db: Executor,
+    record: type[R],
+    group_by: str,
+    filters: Mapping[str, object] | None = None,
+    *,
+    among: Sequence[object] | None = None,
 ) -> list[R]:
-    """The newest row (by the time column) of every distinct `group_by` value, ordered by it.
+    """The newest row (by the time column) of every distinct `group_by` value, ordered by it;
+    only the values in `among` when given. At most LATEST_LIMIT_MAX rows.
 
     A recursive "loose index scan" walks the distinct leading key values through the primary
     key index (one probe per group) instead of reading the whole table as DISTINCT ON would
@@ -81,19 +94,28 @@ async def latest_per_group(
     time = _column(record, record.table.time_column)
     conditions, args = _where(record, filters or {})
     matches = " AND ".join([f"t.{group} = groups.value", *conditions])
-    sql = f"""
+    if among is None:
+        groups = f"""
         WITH RECURSIVE groups(value) AS (
             (SELECT {group} FROM {table} ORDER BY {group} LIMIT 1)
             UNION ALL
             SELECT (SELECT {group} FROM {table} WHERE {group} > groups.value
                     ORDER BY {group} LIMIT 1)
             FROM groups WHERE groups.value IS NOT NULL
-        )
+        )"""  # noqa: S608 (identifiers from the DSL, quoted)
+    else:
+        if len(among) > LATEST_LIMIT_MAX:
+            raise ValueError(f"at most {LATEST_LIMIT_MAX} values at once, not {len(among)}")
+        args.append(list(among))
+        values = f"${len(args)}::{_sql_type(record, group_by)}[]"
+        groups = f"WITH groups(value) AS (SELECT DISTINCT unnest({values}))"
+    args.append(LATEST_LIMIT_MAX)
+    sql = f"""{groups}
         SELECT latest.* FROM groups CROSS JOIN LATERAL (
             SELECT {_columns(record)} FROM {table} AS t
             WHERE {matches} ORDER BY {time} DESC LIMIT 1
         ) AS latest
-        ORDER BY latest.{group}
+        ORDER BY latest.{group} LIMIT ${len(args)}
     """  # noqa: S608 (identifiers from the DSL, quoted; values bound)
     return [_record(record, row) for row in await db.fetch(sql, *args)]
 
@@ -111,23 +133,37 @@ async def history(
     *,
     limit: int = HISTORY_LIMIT_DEFAULT,
     since: datetime | None = None,
+    until: datetime | None = None,
+    oldest_first: bool = False,
 ) -> list[R]:
-    """Rows matching `filters`, newest first, at most `limit` (1..HISTORY_LIMIT_MAX), since
-    `since` (inclusive) when given."""
+    """Rows matching `filters` with time in [since, until) (either bound optional), newest first
+    (or oldest first), at most `limit` (1..HISTORY_LIMIT_MAX)."""
     if not 1 <= limit <= HISTORY_LIMIT_MAX:
         raise ValueError(f"limit must be between 1 and {HISTORY_LIMIT_MAX}, not {limit}")
+    _check_window(since, until)
     time = _column(record, record.table.time_column)
     conditions, args = _where(record, filters)
-    if since is not None:
-        args.append(since)
-        conditions.append(f"{time} >= ${len(args)}")
+    for bound, operator in ((since, ">="), (until, "<")):
+        if bound is not None:
+            args.append(bound)
+            conditions.append(f"{time} {operator} ${len(args)}")
     args.append(limit)
     where = " AND ".join(conditions) or "TRUE"
     sql = (
         f"SELECT {_columns(record)} FROM {quote_ident(record.table.name)} "  # noqa: S608
-        f"WHERE {where} ORDER BY {time} DESC LIMIT ${len(args)}"
+        f"WHERE {where} ORDER BY {time} {'ASC' if oldest_first else 'DESC'} LIMIT ${len(args)}"
     )
     return [_record(record, row) for row in await db.fetch(sql, *args)]
+
+
+def _check_window(since: datetime | None, until: datetime | None) -> None:
+    if since is not None and until is not None and since >= until:
+        raise ValueError(f"since ({since.isoformat()}) must be before until ({until.isoformat()})")
+
+
+def _sql_type(record: type[StreamRecord], name: str) -> str:
+    """The SQL type of a field, from the DSL's one type table (for casting bound arrays)."""
+    return TYPE_MAP[next(s for s in record.shapes() if s.name == name).kind].sql
 
 
 async def value_range(
@@ -140,21 +176,128 @@ async def value_range(
 ) -> ValueRange | None:
     """Max and min of `column` over rows matching `filters` with time in [since, until), or None
     when there are no such rows (or all their values are null)."""
+    return (await value_ranges(db, record, column, None, filters, since, until)).get(None)
+
+
+async def value_ranges(
+    db: Executor,
+    record: type[StreamRecord],
+    column: str,
+    group_by: str | None,
+    filters: Mapping[str, object],
+    since: datetime,
+    until: datetime,
+    *,
+    among: Sequence[object] | None = None,
+) -> dict[Any, ValueRange]:
+    """Max and min of `column` per `group_by` value (only those in `among` when given; the key
+    is None without `group_by`) over rows matching `filters` with time in [since, until).
+    Groups without a non-null value are left out."""
+    _check_window(since, until)
     time = _column(record, record.table.time_column)
     value = _column(record, column)
-    if next(s for s in record.shapes() if s.name == column).kind != "decimal":
+    if _sql_type(record, column) != "numeric":
         raise ValueError(f"{record.__name__}.{column} is not a decimal field")
     conditions, args = _where(record, filters)
-    conditions += [f"{time} >= ${len(args) + 1}", f"{time} < ${len(args) + 2}"]
+    args += [since, until]
+    conditions += [f"{time} >= ${len(args) - 1}", f"{time} < ${len(args)}"]
+    group = "NULL" if group_by is None else _column(record, group_by)
+    if among is not None:
+        args.append(list(among))
+        conditions.append(f"{group} = ANY(${len(args)}::{_sql_type(record, str(group_by))}[])")
+    args.append(LATEST_LIMIT_MAX)
     sql = (
-        f"SELECT max({value})::text AS high, min({value})::text AS low, "  # noqa: S608
-        f"count({value}) AS samples "
-        f"FROM {quote_ident(record.table.name)} WHERE {' AND '.join(conditions)}"
+        f"SELECT {group} AS grp, max({value})::text AS high, "  # noqa: S608
+        f"min({value})::text AS low, count({value}) AS samples "
+        f"FROM {quote_ident(record.table.name)} WHERE {' AND '.join(conditions)} "
+        f"GROUP BY 1 HAVING count({value}) > 0 LIMIT ${len(args)}"
     )
-    row: Any = await db.fetchrow(sql, *args, since, until)
-    if row["samples"] == 0:
-        return None
-    return ValueRange(high=Decimal(row["high"]), low=Decimal(row["low"]), samples=row["samples"])
+    return {
+        row["grp"]: ValueRange(
+            high=Decimal(row["high"]), low=Decimal(row["low"]), samples=row["samples"]
+        )
+        for row in await db.fetch(sql, *args)
+    }
+
+
+class Candle(TypedDict):
+    """One OHLC candle: `bucket` is its start; `snapshots` how many price rows it summarises."""
+
+    bucket: datetime
+    open: Decimal
+    high: Decimal
+    low: Decimal
+    close: Decimal
+    snapshots: int
+
+
+def align(moment: datetime, interval: timedelta) -> datetime:
+    """The start of the `interval` bucket holding `moment`: the origin TimescaleDB's
+    `time_bucket` uses by default, and the generated `date_bin` views use too."""
+    return CANDLE_ORIGIN + ((moment - CANDLE_ORIGIN) // interval) * interval
+
+
+async def has_timescaledb(db: Executor) -> bool:
+    found: bool = await db.fetchval(
+        "SELECT EXISTS (SELECT FROM pg_extension WHERE extname = 'timescaledb')"
+    )
+    return found
+
+
+async def candles(
+    db: Executor,
+    candle: CandleAggregate,
+    filters: Mapping[str, object],
+    interval: timedelta,
+    since: datetime,
+    until: datetime,
+) -> list[Candle]:
+    """Candles of `interval` (a whole multiple of the aggregate's bucket) covering [since,
+    until), oldest first, rolled up in the database from the 1-bucket aggregate (TimescaleDB's
+    continuous aggregate with `time_bucket`, or the plain view with `date_bin`). Each candle is
+    whole: the first starts at or before `since`. At most CANDLES_MAX of them."""
+    _check_window(since, until)
+    if interval <= timedelta(0) or interval % candle.bucket:
+        raise ValueError(f"interval must be a whole multiple of {candle.bucket}")
+    start, end = align(since, interval), align(until - timedelta.resolution, interval) + interval
+    if (end - start) // interval > CANDLES_MAX:
+        raise ValueError(
+            f"{(end - start) // interval} candles of {interval} asked for; at most {CANDLES_MAX}"
+        )
+    conditions, args = [], []
+    for name, value in filters.items():
+        if name not in candle.group_by:
+            raise ValueError(f"candles {candle.name!r} are not grouped by {name!r}")
+        args.append(value)
+        conditions.append(f"{quote_ident(name)} = ${len(args)}")
+    args += [interval, start, end, CANDLES_MAX]
+    n = len(args)
+    bucket = quote_ident("bucket")
+    if await has_timescaledb(db):
+        binned = f"time_bucket(${n - 3}::interval, {bucket})"
+    else:
+        binned = f"date_bin(${n - 3}::interval, {bucket}, {TIME_BUCKET_ORIGIN})"
+    conditions += [f"{bucket} >= ${n - 2}", f"{bucket} < ${n - 1}"]
+    sql = f"""
+        SELECT {binned} AS bucket,
+            (array_agg("open" ORDER BY {bucket}))[1]::text AS open,
+            max("high")::text AS high, min("low")::text AS low,
+            (array_agg("close" ORDER BY {bucket} DESC))[1]::text AS close,
+            sum("snapshots")::bigint AS snapshots
+        FROM {quote_ident(candle.name)} WHERE {" AND ".join(conditions)}
+        GROUP BY 1 ORDER BY 1 LIMIT ${n}
+    """  # noqa: S608 (identifiers from the DSL, quoted; values bound)
+    return [
+        Candle(
+            bucket=row["bucket"],
+            open=Decimal(row["open"]),
+            high=Decimal(row["high"]),
+            low=Decimal(row["low"]),
+            close=Decimal(row["close"]),
+            snapshots=row["snapshots"],
+        )
+        for row in await db.fetch(sql, *args)
+    ]
 
 
 class Freshness(TypedDict):

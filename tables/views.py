@@ -53,7 +53,7 @@ R = TypeVar("R", bound=StreamRecord)
 
 
 # One pool for every view's reads, apart from the sinks' writes.
-read_pool = LazyPool(settings.database_dsn, settings.database_pool_size)
+read_pool = LazyPool(settings.database_dsn, settings.database_pool_size, reads=True)
 
 
 @app.on_before_shutdown.connect
