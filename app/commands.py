@@ -91,3 +91,16 @@ class up(AppCommand):  # the class name is the command name: `faust -A app up`
         from app.dev import up
 
         raise SystemExit(up(settings, run_worker=not self.kwargs["no_worker"]))
+
+
+class mcp(AppCommand):  # `faust -A app mcp`
+    """Serve the MCP tools on stdin/stdout (for desktop assistants); needs only the database."""
+
+    def __call__(self, *args: object, **kwargs: object) -> NoReturn:
+        """Not async: no Faust worker (and no broker connection) runs around the server."""
+        import anyio
+
+        from mcpserver.server import serve_stdio
+
+        anyio.run(serve_stdio, settings)
+        raise SystemExit(0)

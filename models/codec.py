@@ -6,7 +6,8 @@ carries, so a consumer can dead-letter any bad message without guessing at excep
 
 from __future__ import annotations
 
-from typing import TypeVar
+from decimal import Decimal
+from typing import Any, TypeVar
 
 from pydantic import ValidationError
 
@@ -26,6 +27,22 @@ class RecordRejected(ValueError):
 
 def encode_record(record: StreamRecord) -> bytes:
     return record.__pydantic_serializer__.to_json(record)
+
+
+def plain_decimal(value: Decimal) -> str:
+    """Plain notation ('2500000000000', '0.00000001'; not '2.5E+12', '1E-8'): exact, and the same
+    whichever source (the wire's JSON or PostgreSQL's text) the value came from."""
+    return format(value, "f")
+
+
+def plain_json(record: StreamRecord) -> dict[str, Any]:
+    """The record's JSON form (RFC 3339 times, decimal strings), decimals in plain notation."""
+    shown = record.model_dump(mode="json")
+    for shape in record.shapes():
+        value = getattr(record, shape.name)
+        if shape.kind == "decimal" and value is not None:
+            shown[shape.name] = plain_decimal(value)
+    return shown
 
 
 def decode_record(record_type: type[R], raw: bytes | None) -> R:

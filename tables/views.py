@@ -34,6 +34,7 @@ from app.bulk import Consumer, broker_client
 from app.main import app, settings
 from coingecko.poller import POLL_STATUS
 from models import RECORDS
+from models.codec import plain_decimal, plain_json
 from models.dsl import StreamRecord
 from models.market import AGGREGATE_EXCHANGE, CryptoMarketAnalytics, CryptoPriceData
 from store import queries
@@ -111,19 +112,8 @@ def parse_since(raw: str) -> datetime:
     )
 
 
-def _decimal(value: Decimal) -> str:
-    """Plain notation ('2500000000000', not '2.5E+12'): exact, and the same whichever source
-    (the wire's JSON or PostgreSQL) the value came from."""
-    return format(value, "f")
-
-
-def _json(record: StreamRecord) -> dict[str, Any]:
-    shown = record.model_dump(mode="json")
-    for shape in record.shapes():
-        value = getattr(record, shape.name)
-        if shape.kind == "decimal" and value is not None:
-            shown[shape.name] = _decimal(value)
-    return shown
+_decimal = plain_decimal
+_json = plain_json
 
 
 def _merge_newest(record: type[R], stored: list[R], key: str, table: TableT) -> dict[str, R]:

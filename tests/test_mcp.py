@@ -1,0 +1,327 @@
+"""The MCP server through the SDK's own client, against `faust -A app mcp` on stdio and a real,
+migrated PostgreSQL: every tool's answer equals the database's rows exactly, every schema is
+valid JSON Schema and every answer validates against its tool's output schema, and bad
+arguments are tool errors that leave the server up."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Mapping
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from typing import Any
+
+import asyncpg
+import jsonschema
+import pytest
+from mcp import Client
+from mcp.client.stdio import StdioServerParameters
+from mcp_types import CallToolResult, Tool
+
+from models import RECORDS, StreamRecord
+from models.market import CryptoMarketAnalytics, CryptoOHLCVData, CryptoPriceData
+from store.db import create_pool
+from store.writer import RecordWriter
+
+NOW = datetime.now(UTC).replace(second=0, microsecond=0)
+T1 = NOW - timedelta(hours=3)
+
+
+def price(coin: str, symbol: str, usd: str, at: datetime, **extra: Any) -> CryptoPriceData:
+    return CryptoPriceData.model_validate(
+        {
+            "coin_id": coin,
+            "symbol": symbol,
+            "name": coin.title(),
+            "usd_price": usd,
+            "last_updated": at,
+            **extra,
+        }
+    )
+
+
+PRICES = [
+    price("bitcoin", "btc", "61000.123456789012345678901234567890", T1),
+    price("bitcoin", "btc", "0.00000001", T1 + timedelta(minutes=7)),
+    price("bitcoin", "btc", "2500000000000", T1 + timedelta(minutes=75), market_cap="1E+3"),
+    price("bitcoin", "btc", "1", T1 + timedelta(hours=2), exchange_id="binance"),
+    price("ethereum", "eth", "3000.5", T1 + timedelta(minutes=1), change_24h="-1.25"),
+    price("tether", "usdt", "1.0001", T1),
+    price("bridged-tether", "usdt", "0.9998", T1),
+]
+OHLCV = [
+    CryptoOHLCVData(
+        coin_id="bitcoin",
+        symbol="btc",
+        timestamp=T1 + timedelta(minutes=30 * i),
+        open=Decimal("1.5") + i,
+        high=Decimal("2E+1"),
+        low=Decimal("0.1"),
+        close=Decimal(i),
+        timeframe="30m",
+    )
+    for i in range(3)
+]
+ANALYTICS = [
+    CryptoMarketAnalytics(timestamp=T1, total_market_cap=Decimal("2.5E12"), markets=900),
+    CryptoMarketAnalytics(timestamp=T1 + timedelta(minutes=10), btc_dominance=Decimal("-0.5")),
+]
+
+
+@pytest.fixture
+async def stocked(migrated: str) -> str:
+    """The migrated database with the rows above, written as the sink writes them."""
+    pool = await create_pool(migrated)
+    try:
+        for records in (PRICES, OHLCV, ANALYTICS):
+            await RecordWriter(type(records[0])).write(pool, records)
+    finally:
+        await pool.close()
+    return migrated
+
+
+def stdio_server(dsn: str, env: Mapping[str, str]) -> StdioServerParameters:
+    """`faust -A app mcp`, as a desktop assistant starts it. (Entered in the test itself: the
+    SDK's client must be left in the task that entered it, which a fixture's teardown is not.)"""
+    return StdioServerParameters(
+        command=sys.executable,
+        args=["-m", "faust", "-A", "app", "mcp"],
+        env={**env, "DATABASE_URL": dsn, "APP_ID": "mcp-test"},
+    )
+
+
+async def fetch(dsn: str, sql: str, *args: object) -> list[dict[str, Any]]:
+    connection = await asyncpg.connect(dsn)
+    try:
+        return [dict(row) for row in await connection.fetch(sql, *args)]
+    finally:
+        await connection.close()
+
+
+def parsed(record: type[StreamRecord], row: Mapping[str, Any]) -> dict[str, Any]:
+    """An answer's row with its decimal strings and RFC 3339 times read back, to compare with
+    the database's values exactly (Decimal and datetime equality)."""
+    shown = dict(row)
+    for shape in record.shapes():
+        value = shown[shape.name]
+        if value is not None and shape.kind == "decimal":
+            assert "E" not in value.upper(), f"{shape.name}: {value} is not plain notation"
+            shown[shape.name] = Decimal(value)
+        elif value is not None and shape.kind == "timestamp":
+            shown[shape.name] = datetime.fromisoformat(value)
+    return shown
+
+
+async def call(client: Client, tools: dict[str, Tool], name: str, **arguments: Any) -> Any:
+    """A successful call's structured content, validated against the tool's output schema."""
+    result = await client.call_tool(name, arguments)
+    assert not result.is_error, result.content
+    assert result.structured_content is not None
+    jsonschema.validate(
+        result.structured_content,
+        tools[name].output_schema or {},
+        cls=jsonschema.Draft202012Validator,
+        format_checker=jsonschema.Draft202012Validator.FORMAT_CHECKER,
+    )
+    return result.structured_content
+
+
+async def test_stdio_tools_answer_exactly_and_refuse_bad_arguments(
+    stocked: str, bare_env: dict[str, str]
+) -> None:
+    async with Client(stdio_server(stocked, bare_env)) as client:
+        await check_answers(client, stocked)
+        await check_refusals(client, stocked)
+
+
+async def check_answers(client: Client, stocked: str) -> None:
+    tools = {tool.name: tool for tool in (await client.list_tools()).tools}
+    per_record = {f"{kind}_{r.table.name}" for r in RECORDS for kind in ("latest", "history")}
+    assert per_record | {"candles_crypto_prices", "search_coins", "pipeline_status"} == set(tools)
+    for tool in tools.values():
+        jsonschema.Draft202012Validator.check_schema(tool.input_schema)
+        jsonschema.Draft202012Validator.check_schema(tool.output_schema or {})
+        assert tool.annotations is not None and tool.annotations.read_only_hint
+
+    # Latest of every coin (the aggregate quotes), with the 24 h range of each.
+    latest = await fetch(
+        stocked,
+        "SELECT DISTINCT ON (coin_id) * FROM crypto_prices WHERE exchange_id = 'aggregate' "
+        "ORDER BY coin_id, last_updated DESC",
+    )
+    answer = await call(client, tools, "latest_crypto_prices")
+    assert [parsed(CryptoPriceData, row) for row in answer["rows"]] == latest
+    assert answer["rows"][0]["usd_price"] == "2500000000000"  # bitcoin first, by id; plain
+    ranges = await fetch(
+        stocked,
+        "SELECT coin_id, max(usd_price) AS high, min(usd_price) AS low, count(*) AS samples "
+        "FROM crypto_prices WHERE exchange_id = 'aggregate' GROUP BY coin_id",
+    )
+    assert {
+        coin: {"high": Decimal(r["high"]), "low": Decimal(r["low"]), "samples": r["samples"]}
+        for coin, r in answer["range_24h"]["ranges"].items()
+    } == {r.pop("coin_id"): r for r in ranges}
+    some = await call(client, tools, "latest_crypto_prices", coin_id=["ethereum", "bitcoin"])
+    assert [row["coin_id"] for row in some["rows"]] == ["bitcoin", "ethereum"]
+    assert some["rows"][0]["usd_price"] == "2500000000000"
+    assert set(some["range_24h"]["ranges"]) == {"bitcoin", "ethereum"}
+    binance = await call(client, tools, "latest_crypto_prices", exchange_id="binance")
+    assert [(row["coin_id"], row["usd_price"]) for row in binance["rows"]] == [("bitcoin", "1")]
+
+    # History: paged newest first, then oldest first.
+    stored = await fetch(
+        stocked,
+        "SELECT * FROM crypto_prices WHERE coin_id = 'bitcoin' AND exchange_id = 'aggregate' "
+        "ORDER BY last_updated DESC",
+    )
+    since = (T1 - timedelta(days=1)).isoformat()
+    page = await call(
+        client, tools, "history_crypto_prices", coin_id="bitcoin", since=since, limit=2
+    )
+    assert [parsed(CryptoPriceData, row) for row in page["rows"]] == stored[:2]
+    rest = await call(
+        client, tools, "history_crypto_prices", coin_id="bitcoin", limit=2, **page["next_page"]
+    )
+    assert [parsed(CryptoPriceData, row) for row in rest["rows"]] == stored[2:]
+    assert rest["next_page"] is None
+    oldest = await call(
+        client, tools, "history_crypto_prices", coin_id="bitcoin", since=since, order="oldest_first"
+    )
+    assert [parsed(CryptoPriceData, row) for row in oldest["rows"]] == stored[::-1]
+
+    # Candles built in the database: 1 h candles over the bitcoin snapshots.
+    hourly = await call(
+        client,
+        tools,
+        "candles_crypto_prices",
+        coin_id="bitcoin",
+        interval="1h",
+        since=T1.isoformat(),
+        until=(T1 + timedelta(hours=3)).isoformat(),
+    )
+    by_hour: dict[datetime, list[dict[str, Any]]] = {}
+    for row in sorted(stored, key=lambda row: row["last_updated"]):
+        hour = row["last_updated"].replace(minute=0, second=0, microsecond=0)
+        by_hour.setdefault(hour, []).append(row)
+    assert [
+        (
+            datetime.fromisoformat(c["start"]),
+            Decimal(c["open"]),
+            Decimal(c["high"]),
+            Decimal(c["low"]),
+            Decimal(c["close"]),
+            c["snapshots"],
+        )
+        for c in hourly["candles"]
+    ] == [
+        (
+            hour,
+            rows[0]["usd_price"],
+            max(r["usd_price"] for r in rows),
+            min(r["usd_price"] for r in rows),
+            rows[-1]["usd_price"],
+            len(rows),
+        )
+        for hour, rows in sorted(by_hour.items())
+    ]
+
+    # CoinGecko's OHLC candles and the market analytics, latest and over a range.
+    ohlc = await fetch(
+        stocked, "SELECT * FROM crypto_ohlcv WHERE timeframe = '30m' ORDER BY timestamp"
+    )
+    stored_ohlc = await call(
+        client,
+        tools,
+        "history_crypto_ohlcv",
+        coin_id="bitcoin",
+        timeframe="30m",
+        since=since,
+        order="oldest_first",
+    )
+    assert [parsed(CryptoOHLCVData, row) for row in stored_ohlc["rows"]] == ohlc
+    analytics = await fetch(stocked, "SELECT * FROM market_analytics ORDER BY timestamp DESC")
+    newest = await call(client, tools, "latest_market_analytics")
+    assert [parsed(CryptoMarketAnalytics, row) for row in newest["rows"]] == analytics[:1]
+    window = await call(client, tools, "history_market_analytics", source="coingecko", since=since)
+    assert [parsed(CryptoMarketAnalytics, row) for row in window["rows"]] == analytics
+
+    # Search: by symbol finds both coins that share it; by name, case-insensitively.
+    usdt = await call(client, tools, "search_coins", query="USDT")
+    assert [coin["coin_id"] for coin in usdt["coins"]] == ["bridged-tether", "tether"]
+    assert "not unique" in usdt["note"]
+    assert [
+        c["coin_id"] for c in (await call(client, tools, "search_coins", query="ereum"))["coins"]
+    ] == ["ethereum"]
+
+    status = await call(client, tools, "pipeline_status")
+    assert status["database"] == {"reachable": True}
+    newest_price = max(
+        row["last_updated"] for row in await fetch(stocked, "SELECT * FROM crypto_prices")
+    )
+    assert datetime.fromisoformat(status["tables"]["crypto_prices"]["newest"]) == newest_price
+
+
+BAD_CALLS: list[tuple[str, dict[str, Any], str]] = [
+    (
+        "history_crypto_prices",
+        {"coin_id": "dogecoin", "since": "2024-01-01T00:00:00Z"},
+        "unknown coin_id",
+    ),
+    ("latest_crypto_prices", {"coin_id": ["bitcoin", "nope"]}, "unknown coin_id: 'nope'"),
+    (
+        "history_crypto_prices",
+        {"coin_id": "bitcoin' OR '1'='1", "since": "2024-01-01T00:00:00Z"},
+        "unknown coin_id",
+    ),
+    (
+        "latest_crypto_prices",
+        {"coin_id": ['bitcoin"; DROP TABLE crypto_prices; --']},
+        "unknown coin_id",
+    ),
+    (
+        "candles_crypto_prices",
+        {"coin_id": "bitcoin", "interval": "2m", "since": "2024-01-01T00:00:00Z"},
+        "interval",
+    ),
+    (
+        "candles_crypto_prices",
+        {"coin_id": "bitcoin", "interval": "1m", "since": "2020-01-01T00:00:00Z"},
+        "at most 1000",
+    ),
+    (
+        "history_crypto_prices",
+        {"coin_id": "bitcoin", "since": "2024-02-01T00:00:00Z", "until": "2024-01-01T00:00:00Z"},
+        "must be before until",
+    ),
+    (
+        "history_crypto_prices",
+        {"coin_id": "bitcoin", "since": "2024-01-01T00:00:00Z", "limit": 10**9},
+        "limit",
+    ),
+    (
+        "history_crypto_prices",
+        {"coin_id": "bitcoin", "since": "2024-01-01T00:00:00Z", "limit": 0},
+        "limit",
+    ),
+    ("history_crypto_prices", {"coin_id": "bitcoin", "since": "2024-01-01T00:00:00"}, "timezone"),
+    ("history_crypto_prices", {"coin_id": "bitcoin", "since": "yesterday"}, "since"),
+    ("history_crypto_ohlcv", {"coin_id": "bitcoin", "since": "2024-01-01T00:00:00Z"}, "timeframe"),
+    ("search_coins", {"query": ""}, "query"),
+    ("latest_crypto_prices", {"coin_id": []}, "coin_id"),
+    ("latest_crypto_prices", {"coin_id": ["bit\x00coin"]}, "coin_id"),
+    ("no_such_tool", {}, "no_such_tool"),
+]
+
+
+async def check_refusals(client: Client, stocked: str) -> None:
+    """Each bad argument is a tool error naming the problem; nothing changes, the server stays."""
+    before = await fetch(stocked, "SELECT count(*) AS n FROM crypto_prices")
+    for name, arguments, reason in BAD_CALLS:
+        result: CallToolResult = await client.call_tool(name, arguments)
+        assert result.is_error, (name, arguments, result.structured_content)
+        text = " ".join(getattr(block, "text", "") for block in result.content)
+        assert reason in text, (name, arguments, text)
+        assert "\n" not in text or "validation error" in text  # the SDK's own multi-line report
+    status = await client.call_tool("pipeline_status", {})
+    assert not status.is_error
+    assert await fetch(stocked, "SELECT count(*) AS n FROM crypto_prices") == before
