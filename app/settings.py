@@ -7,6 +7,7 @@ exits, so a typo stops start-up instead of surfacing as a stack trace minutes la
 
 from __future__ import annotations
 
+import ipaddress
 import sys
 from pathlib import Path
 from typing import Annotated, Literal
@@ -34,6 +35,17 @@ SaslMechanism = Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"]
 # asyncpg reads these from DATABASE_URL's query string (libpq's names and values).
 SSL_MODES = frozenset({"disable", "allow", "prefer", "require", "verify-ca", "verify-full"})
 SSL_FILE_PARAMS = ("sslrootcert", "sslcert", "sslkey", "sslcrl")
+MCP_TOKEN_MIN_LENGTH = 16
+
+
+def is_loopback(host: str) -> bool:
+    """Whether a bind address is reachable only from this machine."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: it may resolve beyond loopback
+        return False
 
 
 def redact_url(url: str) -> str:
@@ -110,6 +122,33 @@ class Settings(BaseSettings):
     # The names `faust worker -l` accepts (it rejects "warning"), so LOG_LEVEL can be passed on.
     log_level: Literal["debug", "info", "warn", "error", "crit"] = "info"
     data_dir: str = ".data"
+    # The MCP server at /mcp on the web server (mcpserver/web.py). Its bearer token is required
+    # whenever the web server listens beyond loopback; allowed hosts are the Host header values
+    # its DNS-rebinding protection accepts besides loopback ones (e.g. myapp.herokuapp.com).
+    mcp_http_enabled: bool = True
+    mcp_allowed_hosts: Annotated[tuple[str, ...], NoDecode] = ()
+    mcp_token: SecretStr | None = Field(None, validate_default=True)
+
+    @field_validator("mcp_allowed_hosts", mode="before")
+    @classmethod
+    def _split_hosts(cls, value: object) -> object:
+        if isinstance(value, str):
+            value = tuple(part.strip() for part in value.split(",") if part.strip())
+        return value
+
+    @field_validator("mcp_token")
+    @classmethod
+    def _check_mcp_token(cls, value: SecretStr | None, info: ValidationInfo) -> SecretStr | None:
+        if value is not None and len(value.get_secret_value()) < MCP_TOKEN_MIN_LENGTH:
+            raise ValueError(f"must be at least {MCP_TOKEN_MIN_LENGTH} characters")
+        served = info.data.get("web_enabled") and info.data.get("mcp_http_enabled")
+        host = "0.0.0.0" if info.data.get("port") is not None else info.data.get("web_host")
+        if value is None and served and host is not None and not is_loopback(host):
+            raise ValueError(
+                f"is required: the web server listens on {host}, beyond loopback, and serves MCP "
+                "at /mcp (set MCP_TOKEN, or MCP_HTTP_ENABLED=false)"
+            )
+        return value
 
     @field_validator("coins", mode="before")
     @classmethod
@@ -262,11 +301,12 @@ class Settings(BaseSettings):
 
     def public_view(self) -> dict[str, object]:
         """Settings safe to show: secrets replaced, the database password hidden."""
-        secrets = {"database_url", "coingecko_api_key", "broker_sasl_password"}
+        secrets = {"database_url", "coingecko_api_key", "broker_sasl_password", "mcp_token"}
         shown = self.model_dump(exclude=secrets)
         shown["database_url"] = redact_url(self.database_dsn)
         shown["coingecko_api_key"] = "***" if self.coingecko_api_key else None
         shown["broker_sasl_password"] = "***" if self.broker_sasl_password else None
+        shown["mcp_token"] = "***" if self.mcp_token else None
         return shown
 
 

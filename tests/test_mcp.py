@@ -6,18 +6,23 @@ arguments are tool errors that leave the server up."""
 from __future__ import annotations
 
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
 import asyncpg
+import httpx
+import httpx2
 import jsonschema
 import pytest
 from mcp import Client
 from mcp.client.stdio import StdioServerParameters
+from mcp.client.streamable_http import streamable_http_client
 from mcp_types import CallToolResult, Tool
+from workers import Worker, eventually
 
+from app.settings import load_settings
 from models import RECORDS, StreamRecord
 from models.market import CryptoMarketAnalytics, CryptoOHLCVData, CryptoPriceData
 from store.db import create_pool
@@ -325,3 +330,88 @@ async def check_refusals(client: Client, stocked: str) -> None:
     status = await client.call_tool("pipeline_status", {})
     assert not status.is_error
     assert await fetch(stocked, "SELECT count(*) AS n FROM crypto_prices") == before
+
+
+TOKEN = "test-token-" + "x" * 20
+INITIALIZE = {
+    "jsonrpc": "2.0",
+    "id": 1,
+    "method": "initialize",
+    "params": {
+        "protocolVersion": "2025-06-18",
+        "capabilities": {},
+        "clientInfo": {"name": "test", "version": "0"},
+    },
+}
+MCP_HEADERS = {"Accept": "application/json, text/event-stream"}
+
+
+async def started(worker: Worker) -> Worker:
+    async def healthy() -> bool | None:
+        try:
+            return (await worker.health()).code == 200 or None
+        except httpx.TransportError:
+            return None
+
+    await eventually(healthy, worker, "a healthy worker")
+    return worker
+
+
+@pytest.mark.slow
+async def test_http_on_the_workers_port_with_a_token(
+    stocked: str, workers: Callable[..., Worker]
+) -> None:
+    worker = await started(workers(stocked, {"MCP_TOKEN": TOKEN}))
+    url = f"{worker.url}/mcp"
+    async with (
+        httpx2.AsyncClient(headers={"Authorization": f"Bearer {TOKEN}"}) as http,
+        Client(streamable_http_client(url, http_client=http)) as client,
+    ):
+        await check_answers(client, stocked)
+        await check_refusals(client, stocked)
+
+    async with httpx.AsyncClient(timeout=10) as plain:
+        for headers in ({}, {"Authorization": "Bearer wrong-token-of-some-length"}):
+            refused = await plain.post(url, json=INITIALIZE, headers={**MCP_HEADERS, **headers})
+            assert refused.status_code == 401, refused.text
+            assert refused.headers["WWW-Authenticate"].startswith("Bearer")
+        authorized = {**MCP_HEADERS, "Authorization": f"Bearer {TOKEN}"}
+        # DNS rebinding: a page on another name that resolves to this host is refused.
+        rebound = await plain.post(
+            url, json=INITIALIZE, headers={**authorized, "Host": "evil.test"}
+        )
+        assert rebound.status_code == 421, rebound.text
+        foreign = {**authorized, "Origin": "http://evil.test"}
+        assert (await plain.post(url, json=INITIALIZE, headers=foreign)).status_code == 403
+        accepted = await plain.post(url, json=INITIALIZE, headers=authorized)
+        assert accepted.status_code == 200, accepted.text
+    worker.assert_alive()
+
+
+def test_a_token_is_required_beyond_loopback(
+    environ: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for host in ("127.0.0.1", "::1", "localhost"):
+        environ.setenv("WEB_HOST", host)
+        assert load_settings().mcp_token is None
+    environ.setenv("WEB_HOST", "0.0.0.0")
+    with pytest.raises(SystemExit) as exited:
+        load_settings()
+    assert exited.value.code == 2
+    assert capsys.readouterr().err == (
+        "qicore: invalid setting MCP_TOKEN: is required: the web server listens on 0.0.0.0, "
+        "beyond loopback, and serves MCP at /mcp (set MCP_TOKEN, or MCP_HTTP_ENABLED=false)\n"
+    )
+    environ.setenv("WEB_HOST", "127.0.0.1")
+    environ.setenv("PORT", "5000")  # Heroku: 0.0.0.0 whatever WEB_HOST says
+    with pytest.raises(SystemExit):
+        load_settings()
+    environ.setenv("MCP_TOKEN", "too-short")
+    with pytest.raises(SystemExit):
+        load_settings()
+    assert "at least 16 characters" in capsys.readouterr().err
+    environ.setenv("MCP_TOKEN", TOKEN)
+    assert load_settings().public_view()["mcp_token"] == "***"
+    environ.delenv("MCP_TOKEN")
+    environ.setenv("MCP_HTTP_ENABLED", "false")
+    assert load_settings().mcp_token is None

@@ -41,7 +41,8 @@ PACKAGES = ("app", "agents", "models", "tables", "schema", "store", "coingecko")
 API_KEY = "cg-sekrit-api-key-1"
 DB_PASSWORD = "pg-sekrit-pw-2"
 SASL_PASSWORD = "sasl-sekrit-pw-3"
-SECRETS = (API_KEY, DB_PASSWORD, SASL_PASSWORD)
+MCP_TOKEN = "mcp-sekrit-token-4"
+SECRETS = (API_KEY, DB_PASSWORD, SASL_PASSWORD, MCP_TOKEN)
 START_TIMEOUT = 90.0
 
 # --- 1. no SQL is built from values ------------------------------------------------------------
@@ -608,6 +609,7 @@ async def test_a_worker_with_every_secret_set_never_prints_one(
         "DATABASE_URL": f"postgresql://qi:{DB_PASSWORD}@127.0.0.1:{free_port()}/qi",
         "COINGECKO_API_KEY": API_KEY,
         "COINGECKO_BASE_URL": f"http://127.0.0.1:{free_port()}/api/v3",
+        "MCP_TOKEN": MCP_TOKEN,
         "WEB_PORT": str(free_port()),
         "DATA_DIR": str(tmp_path / "data"),
     }
@@ -842,6 +844,7 @@ def test_web_bind_is_loopback_unless_port_is_set(environ: pytest.MonkeyPatch) ->
     assert (Settings().web_bind, Settings().web_listen_port) == ("127.0.0.1", 6066)
     environ.setenv("PORT", "5123")
     environ.setenv("WEB_HOST", "10.0.0.1")
+    environ.setenv("MCP_TOKEN", "a-token-of-sixteen-characters")
     assert (Settings().web_bind, Settings().web_listen_port) == ("0.0.0.0", 5123)
 
 
@@ -885,6 +888,7 @@ def heroku_worker(
         "BROKER_SESSION_TIMEOUT": "4",
         "BROKER_HEARTBEAT_INTERVAL": "1",
         "PORT": str(port),
+        "MCP_TOKEN": "a-token-of-sixteen-characters",
         "DATA_DIR": str(tmp_path / "data"),
     }
     log_path = tmp_path / "worker.log"

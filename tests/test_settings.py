@@ -173,6 +173,7 @@ def test_up_banner_hides_the_database_password(
 ) -> None:
     environ.setenv("DATABASE_URL", DSN)
     environ.setenv("PORT", "5000")
+    environ.setenv("MCP_TOKEN", "a-token-of-sixteen-characters")
     settings = Settings()
     _banner(settings, "kafka://127.0.0.1:9092", settings.database_dsn, {"BROKER_URL": "x"})
     out = capsys.readouterr().out
