@@ -129,13 +129,6 @@ class Settings(BaseSettings):
     mcp_allowed_hosts: Annotated[tuple[str, ...], NoDecode] = ()
     mcp_token: SecretStr | None = Field(None, validate_default=True)
 
-    @field_validator("mcp_allowed_hosts", mode="before")
-    @classmethod
-    def _split_hosts(cls, value: object) -> object:
-        if isinstance(value, str):
-            value = tuple(part.strip() for part in value.split(",") if part.strip())
-        return value
-
     @field_validator("mcp_token")
     @classmethod
     def _check_mcp_token(cls, value: SecretStr | None, info: ValidationInfo) -> SecretStr | None:
@@ -150,9 +143,9 @@ class Settings(BaseSettings):
             )
         return value
 
-    @field_validator("coins", mode="before")
+    @field_validator("coins", "mcp_allowed_hosts", mode="before")
     @classmethod
-    def _split_coins(cls, value: object) -> object:
+    def _split_list(cls, value: object) -> object:
         if isinstance(value, str):
             value = tuple(part.strip() for part in value.split(",") if part.strip())
         return value
