@@ -6,9 +6,12 @@ it starts no Faust worker, joins no consumer group and opens no broker connectio
 
 from __future__ import annotations
 
+import anyio
 from mcp.server.mcpserver import MCPServer
+from mcp.server.subscriptions import InMemorySubscriptionBus, SubscriptionBus
 
 from app.settings import Settings
+from mcpserver.feeds import add_price_feeds, relay_stored_prices
 from mcpserver.tools import read_tools
 from models.market import COINGECKO_ATTRIBUTION
 from store.db import LazyPool
@@ -22,14 +25,27 @@ INSTRUCTIONS = (
 )
 
 
-def build_server(database: LazyPool, settings: Settings) -> MCPServer:
-    return MCPServer(NAME, instructions=INSTRUCTIONS, tools=read_tools(database, settings.app_id))
+def build_server(database: LazyPool, settings: Settings, bus: SubscriptionBus) -> MCPServer:
+    """The tools and the price feeds; `bus` carries the feeds' change events to subscribers
+    (`relay_stored_prices` fills it)."""
+    server = MCPServer(
+        NAME,
+        instructions=INSTRUCTIONS,
+        tools=read_tools(database, settings.app_id),
+        subscriptions=bus,
+    )
+    add_price_feeds(server, database)
+    return server
 
 
 async def serve_stdio(settings: Settings) -> None:
-    """Serve on stdin/stdout until the client closes them."""
+    """Serve on stdin/stdout until the client closes them, relaying stored-price notices."""
     database = LazyPool(settings.database_dsn, settings.database_pool_size, reads=True)
+    bus = InMemorySubscriptionBus()
     try:
-        await build_server(database, settings).run_stdio_async()
+        async with anyio.create_task_group() as tasks:
+            await tasks.start(relay_stored_prices, settings.database_dsn, bus)
+            await build_server(database, settings, bus).run_stdio_async()
+            tasks.cancel_scope.cancel()
     finally:
         await database.close()

@@ -74,17 +74,20 @@ DECIMAL = json_schema(CryptoPriceData)["properties"]["usd_price"]
 
 
 @asynccontextmanager
-async def reading(database: LazyPool) -> AsyncIterator[asyncpg.Pool]:
-    """The read pool, with the tool's database work bounded; failures become tool errors."""
+async def reading(
+    database: LazyPool, failure: type[Exception] = ToolError
+) -> AsyncIterator[asyncpg.Pool]:
+    """The read pool, with the work bounded; failures become `failure` (a tool's or a
+    resource's error, which the client gets as a one-line message)."""
     try:
         async with asyncio.timeout(READ_TIMEOUT):
             yield await database.get()
     except asyncpg.QueryCanceledError:
-        raise ToolError("the query ran past its statement timeout; ask for less") from None
+        raise failure("the query ran past its statement timeout; ask for less") from None
     except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as error:
-        raise ToolError(f"database unavailable ({type(error).__name__})") from None
+        raise failure(f"database unavailable ({type(error).__name__})") from None
     except ValueError as error:  # store.queries refusing an argument
-        raise ToolError(str(error)) from None
+        raise failure(str(error)) from None
 
 
 def answer(payload: dict[str, Any]) -> CallToolResult:

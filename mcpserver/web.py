@@ -19,13 +19,16 @@ import asyncio
 import hmac
 from typing import Any
 
+import anyio
 from aiohttp import web
 from faust.web import Request, View
+from mcp.server.subscriptions import InMemorySubscriptionBus
 from mcp.server.transport_security import TransportSecuritySettings
 
 from app.main import app, settings
 from app.settings import Settings
 from app.web import json_error
+from mcpserver.feeds import relay_stored_prices
 from mcpserver.server import build_server
 from tables.views import read_pool
 
@@ -116,7 +119,8 @@ async def serve_asgi(asgi: Any, request: web.Request) -> web.StreamResponse:
     return response
 
 
-mcp_server = build_server(read_pool, settings)
+bus = InMemorySubscriptionBus()
+mcp_server = build_server(read_pool, settings, bus)
 mcp_server.streamable_http_app(
     transport_security=transport_security(settings), host=settings.web_bind
 )
@@ -141,10 +145,11 @@ if settings.web_enabled and settings.mcp_http_enabled:
 
     @app.task
     async def run_mcp_sessions() -> None:
-        """The session manager's task group lives as long as the worker (cancelled at stop)."""
-        async with sessions.run():
+        """The session manager's task group and the stored-price relay live as long as the
+        worker (cancelled at stop)."""
+        async with sessions.run(), anyio.create_task_group() as tasks:
+            await tasks.start(relay_stored_prices, settings.database_dsn, bus)
             sessions_running.set()
-            await asyncio.Event().wait()
 
     @app.page(PATH)
     class MCPEndpoint(View):

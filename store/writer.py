@@ -10,6 +10,7 @@ and quoted. Decimals stay `Decimal` (asyncpg's numeric codec is exact).
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from operator import attrgetter, itemgetter
@@ -20,6 +21,11 @@ import asyncpg
 from models.dsl import StreamRecord, check_sql_identifier, quote_ident
 
 STAGING_SUFFIX = "_staging"
+# Every transaction that stores rows tells listeners (the MCP servers' live feeds) which keys it
+# stored, with pg_notify in the same transaction: PostgreSQL delivers it at commit, exactly
+# when the rows become durable, and never for a rolled-back batch.
+STORED_CHANNEL = "qicore_stored"
+NOTIFY_PAYLOAD_BYTES = 7000  # PostgreSQL's limit is 8000; a larger batch sends several
 
 
 @dataclass(frozen=True)
@@ -48,6 +54,7 @@ class RecordWriter:
             read_columns if len(self.columns) > 1 else lambda record: (read_columns(record),)
         )
         self._key_of = itemgetter(*(self.columns.index(column) for column in spec.primary_key))
+        self._topic_key_of = itemgetter(self.columns.index(record.topic.key_field))
         # A session-level temp table, created once per connection and emptied at every commit:
         # unlike `ON COMMIT DROP` it does not create and drop catalog rows for every batch.
         # Creating it (IF NOT EXISTS) inside each batch's transaction keeps that working behind a
@@ -99,4 +106,23 @@ class RecordWriter:
         await connection.copy_records_to_table(self.staging, records=rows, columns=self.columns)
         status = await connection.execute(self._move)
         inserted = int(status.rsplit(" ", 1)[1])  # "INSERT 0 <rows>"
+        if inserted:
+            for notice in self.notices(rows):
+                await connection.execute("SELECT pg_notify($1, $2)", STORED_CHANNEL, notice)
         return WriteResult(inserted, len(rows) - inserted, repeated)
+
+    def notices(self, rows: Sequence[tuple[Any, ...]]) -> list[str]:
+        """`{"table": ..., "keys": [...]}` payloads naming the batch's topic keys (e.g. coin
+        ids), each under NOTIFY_PAYLOAD_BYTES."""
+        keys = sorted({str(self._topic_key_of(row)) for row in rows})
+        notices: list[str] = []
+        chunk: list[str] = []
+        for key in keys:
+            if chunk and len(self._notice([*chunk, key]).encode()) > NOTIFY_PAYLOAD_BYTES:
+                notices.append(self._notice(chunk))
+                chunk = []
+            chunk.append(key)
+        return [*notices, self._notice(chunk)]
+
+    def _notice(self, keys: list[str]) -> str:
+        return json.dumps({"table": self.record.table.name, "keys": keys}, separators=(",", ":"))

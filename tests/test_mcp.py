@@ -5,12 +5,15 @@ arguments are tool errors that leave the server up."""
 
 from __future__ import annotations
 
+import asyncio
+import json
 import sys
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
+import anyio
 import asyncpg
 import httpx
 import httpx2
@@ -19,14 +22,17 @@ import pytest
 from mcp import Client
 from mcp.client.stdio import StdioServerParameters
 from mcp.client.streamable_http import streamable_http_client
-from mcp_types import CallToolResult, Tool
-from workers import Worker, eventually
+from mcp.client.subscriptions import ResourceUpdated, Subscription
+from mcp.shared.exceptions import MCPError
+from mcp_types import CallToolResult, TextResourceContents, Tool
+from workers import TIMEOUT, Kafka, Worker, eventually
 
 from app.settings import load_settings
 from models import RECORDS, StreamRecord
+from models.codec import plain_json
 from models.market import CryptoMarketAnalytics, CryptoOHLCVData, CryptoPriceData
 from store.db import create_pool
-from store.writer import RecordWriter
+from store.writer import NOTIFY_PAYLOAD_BYTES, STORED_CHANNEL, RecordWriter
 
 NOW = datetime.now(UTC).replace(second=0, microsecond=0)
 T1 = NOW - timedelta(hours=3)
@@ -415,3 +421,84 @@ def test_a_token_is_required_beyond_loopback(
     environ.delenv("MCP_TOKEN")
     environ.setenv("MCP_HTTP_ENABLED", "false")
     assert load_settings().mcp_token is None
+
+
+async def test_stored_rows_are_notified_at_commit_once_per_new_batch(migrated: str) -> None:
+    """pg_notify inside the write transaction: a notice per batch that stored rows, naming its
+    coins, delivered at commit; nothing for a replayed batch or a rolled-back one."""
+    listener = await asyncpg.connect(migrated)
+    notices: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+    await listener.add_listener(
+        STORED_CHANNEL, lambda *args: notices.put_nowait(json.loads(args[-1]))
+    )
+    pool = await create_pool(migrated)
+    writer = RecordWriter(CryptoPriceData)
+    try:
+        first = [price("bitcoin", "btc", "1.5", T1), price("aave", "aave", "2", T1)]
+        await writer.write(pool, first)
+        async with asyncio.timeout(TIMEOUT):
+            notice = await notices.get()
+        assert notice == {"table": "crypto_prices", "keys": ["aave", "bitcoin"]}
+        await writer.write(pool, first)  # a replay stores nothing
+        async with pool.acquire() as connection:
+            transaction = connection.transaction()
+            await transaction.start()
+            await writer.insert(connection, [price("rolled-back", "rb", "3", T1)])
+            await transaction.rollback()
+        await writer.write(pool, [price("ethereum", "eth", "3", T1)])
+        async with asyncio.timeout(TIMEOUT):  # the next notice: none came in between
+            notice = await notices.get()
+        assert notice == {"table": "crypto_prices", "keys": ["ethereum"]}
+        many = [price(f"coin-{'x' * 200}-{i}", "c", "1", T1) for i in range(100)]
+        chunks = writer.notices(writer.rows(many)[0])
+        assert len(chunks) > 1
+        assert all(len(chunk.encode()) <= NOTIFY_PAYLOAD_BYTES for chunk in chunks)
+        sent = [key for chunk in chunks for key in json.loads(chunk)["keys"]]
+        assert sent == sorted(p.coin_id for p in many)
+    finally:
+        await pool.close()
+        await listener.close()
+
+
+async def wait_for_updates(subscription: Subscription, uris: set[str]) -> None:
+    """Until every one of `uris` has been reported updated."""
+    waiting = set(uris)
+    with anyio.fail_after(TIMEOUT):
+        async for event in subscription:
+            if isinstance(event, ResourceUpdated):
+                waiting.discard(event.uri)
+            if not waiting:
+                return
+    raise AssertionError(f"the subscription ended before {waiting} were updated")
+
+
+@pytest.mark.slow
+async def test_subscribed_clients_are_told_when_a_price_is_stored(
+    stocked: str, workers: Callable[..., Worker], kafka: Kafka, bare_env: dict[str, str]
+) -> None:
+    worker = await started(workers(stocked, {"MCP_TOKEN": TOKEN}))
+    uri = "prices://solana"
+    new = price("solana", "sol", "142.000000000000000000000000000001", NOW)
+    async with (
+        Client(stdio_server(stocked, bare_env)) as local,
+        httpx2.AsyncClient(headers={"Authorization": f"Bearer {TOKEN}"}) as http,
+        Client(streamable_http_client(f"{worker.url}/mcp", http_client=http)) as remote,
+        local.listen(resource_subscriptions=[uri, "prices://latest"]) as over_stdio,
+        remote.listen(resource_subscriptions=[uri]) as over_http,
+    ):
+        with pytest.raises(MCPError, match="unknown coin_id 'solana'"):
+            await local.read_resource(uri)  # not stored yet
+        await kafka.send_records([new])
+        await wait_for_updates(over_stdio, {uri, "prices://latest"})
+        await wait_for_updates(over_http, {uri})
+        # Notified at commit: the row is there by the time the client hears of it.
+        stored = await fetch(stocked, "SELECT * FROM crypto_prices WHERE coin_id = 'solana'")
+        assert [row["usd_price"] for row in stored] == [new.usd_price]
+        for client in (local, remote):
+            read = await client.read_resource(uri)
+            content = read.contents[0]
+            assert isinstance(content, TextResourceContents)
+            assert json.loads(content.text) == plain_json(new)
+        latest = (await local.read_resource("prices://latest")).contents[0]
+        assert isinstance(latest, TextResourceContents)
+        assert json.loads(latest.text)["prices"]["solana"]["usd_price"] == str(new.usd_price)
