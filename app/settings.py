@@ -128,6 +128,9 @@ class Settings(BaseSettings):
     mcp_http_enabled: bool = True
     mcp_allowed_hosts: Annotated[tuple[str, ...], NoDecode] = ()
     mcp_token: SecretStr | None = Field(None, validate_default=True)
+    # The one write tool (store_price, on the worker's /mcp only): off unless set, and only
+    # with MCP_TOKEN, since it publishes to the price topic.
+    mcp_write_enabled: bool = Field(False, validate_default=True)
 
     @field_validator("mcp_token")
     @classmethod
@@ -141,6 +144,14 @@ class Settings(BaseSettings):
                 f"is required: the web server listens on {host}, beyond loopback, and serves MCP "
                 "at /mcp (set MCP_TOKEN, or MCP_HTTP_ENABLED=false)"
             )
+        return value
+
+    @field_validator("mcp_write_enabled")
+    @classmethod
+    def _check_mcp_write(cls, value: bool, info: ValidationInfo) -> bool:
+        # An invalid token is missing from info.data (and reported); a valid unset one is None.
+        if value and "mcp_token" in info.data and info.data["mcp_token"] is None:
+            raise ValueError("needs MCP_TOKEN: the write tool is served on /mcp only with a token")
         return value
 
     @field_validator("coins", "mcp_allowed_hosts", mode="before")

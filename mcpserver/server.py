@@ -12,8 +12,8 @@ from mcp.server.subscriptions import InMemorySubscriptionBus, SubscriptionBus
 
 from app.settings import Settings
 from mcpserver.feeds import add_price_feeds, relay_stored_prices
-from mcpserver.tools import read_tools
-from models.market import COINGECKO_ATTRIBUTION
+from mcpserver.tools import Publish, publish_tool, read_tools
+from models.market import COINGECKO_ATTRIBUTION, CryptoPriceData
 from store.db import LazyPool
 
 NAME = "qicore-streams"
@@ -25,15 +25,15 @@ INSTRUCTIONS = (
 )
 
 
-def build_server(database: LazyPool, settings: Settings, bus: SubscriptionBus) -> MCPServer:
+def build_server(
+    database: LazyPool, settings: Settings, bus: SubscriptionBus, publish: Publish | None = None
+) -> MCPServer:
     """The tools and the price feeds; `bus` carries the feeds' change events to subscribers
-    (`relay_stored_prices` fills it)."""
-    server = MCPServer(
-        NAME,
-        instructions=INSTRUCTIONS,
-        tools=read_tools(database, settings.app_id),
-        subscriptions=bus,
-    )
+    (`relay_stored_prices` fills it). With `publish`, also the write tool `store_price`."""
+    tools = read_tools(database, settings.app_id)
+    if publish is not None:
+        tools.append(publish_tool(CryptoPriceData, "store_price", publish))
+    server = MCPServer(NAME, instructions=INSTRUCTIONS, tools=tools, subscriptions=bus)
     add_price_feeds(server, database)
     return server
 

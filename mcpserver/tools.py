@@ -28,10 +28,10 @@ import asyncpg
 from mcp.server.mcpserver.exceptions import ToolError
 from mcp.server.mcpserver.tools import Tool
 from mcp_types import CallToolResult, TextContent, ToolAnnotations
-from pydantic import AwareDatetime, Field
+from pydantic import AwareDatetime, Field, ValidationError
 
 from models import RECORDS
-from models.codec import plain_decimal, plain_json
+from models.codec import describe_validation_error, plain_decimal, plain_json
 from models.dsl import StreamRecord
 from models.market import AGGREGATE_EXCHANGE, CryptoPriceData
 from schema.jsonschema import json_schema
@@ -443,6 +443,41 @@ def status_tool(database: LazyPool, consumer_group: str) -> Tool:
         "/health."
     )
     return make_tool(run, "pipeline_status", description, [], output_schema(properties))
+
+
+Publish = Callable[[StreamRecord], Awaitable[None]]
+
+
+def publish_tool(record: type[StreamRecord], name: str, publish: Publish) -> Tool:
+    """A write tool: its arguments are the record's fields (validated by the record class, as
+    the sink's decoder validates them) and it publishes the record to its topic, where the sink
+    stores it like any other. It never writes to the database itself."""
+
+    async def run(**fields: Any) -> CallToolResult:
+        try:
+            published = record.model_validate(fields)
+        except ValidationError as error:
+            raise ToolError(describe_validation_error(error)) from None
+        await publish(published)
+        return answer({"topic": record.topic.name, "record": plain_json(published)})
+
+    parameters = [
+        parameter(field, field_type(record, field), info.default)
+        if not info.is_required()
+        else parameter(field, field_type(record, field))
+        for field, info in record.model_fields.items()
+    ]
+    description = (
+        f"Publish one {record.__name__} to the {record.topic.name} topic; the sink stores it in "
+        f"{record.table.name} (a repeat of the same key and time is stored once). Decimals as "
+        "strings, times RFC 3339 with an offset."
+    )
+    properties = {"topic": {"type": "string"}, "record": row_schema(record)}
+    tool = make_tool(run, name, description, parameters, output_schema(properties))
+    tool.annotations = ToolAnnotations(
+        read_only_hint=False, destructive_hint=False, idempotent_hint=True, open_world_hint=False
+    )
+    return tool
 
 
 def read_tools(database: LazyPool, consumer_group: str) -> list[Tool]:

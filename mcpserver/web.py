@@ -25,11 +25,13 @@ from faust.web import Request, View
 from mcp.server.subscriptions import InMemorySubscriptionBus
 from mcp.server.transport_security import TransportSecuritySettings
 
-from app.main import app, settings
+from app.main import app, settings, topics
 from app.settings import Settings
 from app.web import json_error
 from mcpserver.feeds import relay_stored_prices
 from mcpserver.server import build_server
+from models.codec import encode_record
+from models.dsl import StreamRecord
 from tables.views import read_pool
 
 PATH = "/mcp"
@@ -119,8 +121,17 @@ async def serve_asgi(asgi: Any, request: web.Request) -> web.StreamResponse:
     return response
 
 
+async def publish(record: StreamRecord) -> None:
+    """Send a record to its topic on the worker's own producer and wait for the broker's ack."""
+    delivered = await topics[record.topic.name].send(key=record.key(), value=encode_record(record))
+    await delivered
+
+
 bus = InMemorySubscriptionBus()
-mcp_server = build_server(read_pool, settings, bus)
+# The write tool only with a token: the settings refuse MCP_WRITE_ENABLED without one.
+mcp_server = build_server(
+    read_pool, settings, bus, publish if settings.mcp_write_enabled and settings.mcp_token else None
+)
 mcp_server.streamable_http_app(
     transport_security=transport_security(settings), host=settings.web_bind
 )

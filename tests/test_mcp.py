@@ -123,7 +123,7 @@ def parsed(record: type[StreamRecord], row: Mapping[str, Any]) -> dict[str, Any]
     return shown
 
 
-async def call(client: Client, tools: dict[str, Tool], name: str, **arguments: Any) -> Any:
+async def call(client: Client, tools: dict[str, Tool], name: str, /, **arguments: Any) -> Any:
     """A successful call's structured content, validated against the tool's output schema."""
     result = await client.call_tool(name, arguments)
     assert not result.is_error, result.content
@@ -421,6 +421,10 @@ def test_a_token_is_required_beyond_loopback(
     environ.delenv("MCP_TOKEN")
     environ.setenv("MCP_HTTP_ENABLED", "false")
     assert load_settings().mcp_token is None
+    environ.setenv("MCP_WRITE_ENABLED", "true")  # the write tool: never without a token
+    with pytest.raises(SystemExit):
+        load_settings()
+    assert "MCP_WRITE_ENABLED: needs MCP_TOKEN" in capsys.readouterr().err
 
 
 async def test_stored_rows_are_notified_at_commit_once_per_new_batch(migrated: str) -> None:
@@ -502,3 +506,46 @@ async def test_subscribed_clients_are_told_when_a_price_is_stored(
         latest = (await local.read_resource("prices://latest")).contents[0]
         assert isinstance(latest, TextResourceContents)
         assert json.loads(latest.text)["prices"]["solana"]["usd_price"] == str(new.usd_price)
+
+
+@pytest.mark.slow
+async def test_the_write_tool_publishes_a_price_that_the_sink_stores_once(
+    stocked: str, workers: Callable[..., Worker], kafka: Kafka
+) -> None:
+    worker = await started(workers(stocked, {"MCP_TOKEN": TOKEN, "MCP_WRITE_ENABLED": "true"}))
+    fields = {
+        "coin_id": "written-coin",
+        "symbol": "wc",
+        "name": "Written Coin",
+        "usd_price": "0.000000000000000000000000000000000001",
+        "market_cap": "123456789012345678901234567890",
+        "last_updated": "2024-06-01T12:00:00.123456+02:00",
+    }
+    async with (
+        httpx2.AsyncClient(headers={"Authorization": f"Bearer {TOKEN}"}) as http,
+        Client(streamable_http_client(f"{worker.url}/mcp", http_client=http)) as client,
+    ):
+        tools = {tool.name: tool for tool in (await client.list_tools()).tools}
+        assert tools["store_price"].annotations is not None
+        assert tools["store_price"].annotations.read_only_hint is False
+        for bad, reason in (
+            ({**fields, "usd_price": 1.5}, "not a float"),
+            ({**fields, "usd_price": "-1"}, "must not be negative"),
+            ({**fields, "last_updated": "2024-06-01T12:00:00"}, "timezone"),
+            ({**fields, "coin_id": ""}, "coin_id"),
+        ):
+            refused = await client.call_tool("store_price", bad)
+            assert refused.is_error
+            assert reason in " ".join(getattr(block, "text", "") for block in refused.content)
+        answer = await call(client, tools, "store_price", **fields)
+    expected = CryptoPriceData.model_validate(fields)
+    assert answer["record"] == plain_json(expected)
+
+    async def landed() -> list[dict[str, Any]] | None:
+        rows = await fetch(stocked, "SELECT * FROM crypto_prices WHERE coin_id = 'written-coin'")
+        return rows or None
+
+    rows = await eventually(landed, worker, "the written price in crypto_prices")
+    assert rows == [expected.model_dump()]
+    messages = await kafka.read_all(CryptoPriceData.topic.name)
+    assert [m[2] for m in messages if m[2] == b"written-coin"] == [b"written-coin"]
