@@ -143,10 +143,12 @@ async def history(
     _check_window(since, until)
     time = _column(record, record.table.time_column)
     conditions, args = _where(record, filters)
-    for bound, operator in ((since, ">="), (until, "<")):
-        if bound is not None:
-            args.append(bound)
-            conditions.append(f"{time} {operator} ${len(args)}")
+    if since is not None:
+        args.append(since)
+        conditions.append(f"{time} >= ${len(args)}")
+    if until is not None:
+        args.append(until)
+        conditions.append(f"{time} < ${len(args)}")
     args.append(limit)
     where = " AND ".join(conditions) or "TRUE"
     sql = (
