@@ -93,9 +93,12 @@ async def serve_asgi(asgi: Any, request: web.Request) -> web.StreamResponse:
                 response.headers.add(name.decode("latin-1"), value.decode("latin-1"))
             await response.prepare(request)
         elif message["type"] == "http.response.body" and response is not None:
-            await response.write(message.get("body", b""))
-            if not message.get("more_body", False):
-                await response.write_eof()
+            try:
+                await response.write(message.get("body", b""))
+                if not message.get("more_body", False):
+                    await response.write_eof()
+                    finished.set()
+            except ConnectionResetError:  # the client left; `receive` tells the SDK so
                 finished.set()
 
     scope = {
