@@ -128,8 +128,8 @@ class Settings(BaseSettings):
     mcp_http_enabled: bool = True
     mcp_allowed_hosts: Annotated[tuple[str, ...], NoDecode] = ()
     mcp_token: SecretStr | None = Field(None, validate_default=True)
-    # The one write tool (store_price, on the worker's /mcp only): off unless set, and only
-    # with MCP_TOKEN, since it publishes to the price topic.
+    # The one write tool (store_price): off unless set; on /mcp only with MCP_TOKEN, since it
+    # publishes to the price topic (on stdio it needs BROKER_URL too).
     mcp_write_enabled: bool = Field(False, validate_default=True)
 
     @field_validator("mcp_token")
@@ -150,8 +150,12 @@ class Settings(BaseSettings):
     @classmethod
     def _check_mcp_write(cls, value: bool, info: ValidationInfo) -> bool:
         # An invalid token is missing from info.data (and reported); a valid unset one is None.
-        if value and "mcp_token" in info.data and info.data["mcp_token"] is None:
-            raise ValueError("needs MCP_TOKEN: the write tool is served on /mcp only with a token")
+        served = info.data.get("web_enabled") and info.data.get("mcp_http_enabled")
+        if value and served and "mcp_token" in info.data and info.data["mcp_token"] is None:
+            raise ValueError(
+                "needs MCP_TOKEN: the write tool is served on /mcp only with a token "
+                "(or MCP_HTTP_ENABLED=false for stdio alone)"
+            )
         return value
 
     @field_validator("coins", "mcp_allowed_hosts", mode="before")

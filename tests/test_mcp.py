@@ -421,7 +421,10 @@ def test_a_token_is_required_beyond_loopback(
     environ.delenv("MCP_TOKEN")
     environ.setenv("MCP_HTTP_ENABLED", "false")
     assert load_settings().mcp_token is None
-    environ.setenv("MCP_WRITE_ENABLED", "true")  # the write tool: never without a token
+    environ.setenv("MCP_WRITE_ENABLED", "true")  # stdio alone: no token needed
+    assert load_settings().mcp_write_enabled
+    environ.delenv("PORT")
+    environ.delenv("MCP_HTTP_ENABLED")  # the write tool on /mcp: never without a token
     with pytest.raises(SystemExit):
         load_settings()
     assert "MCP_WRITE_ENABLED: needs MCP_TOKEN" in capsys.readouterr().err
@@ -510,7 +513,7 @@ async def test_subscribed_clients_are_told_when_a_price_is_stored(
 
 @pytest.mark.slow
 async def test_the_write_tool_publishes_a_price_that_the_sink_stores_once(
-    stocked: str, workers: Callable[..., Worker], kafka: Kafka
+    stocked: str, workers: Callable[..., Worker], kafka: Kafka, bare_env: dict[str, str]
 ) -> None:
     worker = await started(workers(stocked, {"MCP_TOKEN": TOKEN, "MCP_WRITE_ENABLED": "true"}))
     fields = {
@@ -547,5 +550,20 @@ async def test_the_write_tool_publishes_a_price_that_the_sink_stores_once(
 
     rows = await eventually(landed, worker, "the written price in crypto_prices")
     assert rows == [expected.model_dump()]
-    messages = await kafka.read_all(CryptoPriceData.topic.name)
-    assert [m[2] for m in messages if m[2] == b"written-coin"] == [b"written-coin"]
+
+    # On stdio too, with its own producer (the setting without a token: HTTP is off there).
+    local_env = {**bare_env, "MCP_WRITE_ENABLED": "true", "MCP_HTTP_ENABLED": "false"}
+    local_env["BROKER_URL"] = worker.env["BROKER_URL"]
+    from_stdio = {**fields, "coin_id": "written-on-stdio"}
+    async with Client(stdio_server(stocked, local_env)) as local:
+        local_tools = {tool.name: tool for tool in (await local.list_tools()).tools}
+        await call(local, local_tools, "store_price", **from_stdio)
+
+    async def landed_too() -> list[dict[str, Any]] | None:
+        sql = "SELECT * FROM crypto_prices WHERE coin_id = 'written-on-stdio'"
+        return await fetch(stocked, sql) or None
+
+    rows = await eventually(landed_too, worker, "the price written on stdio")
+    assert rows == [CryptoPriceData.model_validate(from_stdio).model_dump()]
+    keys = [m[2] or b"" for m in await kafka.read_all(CryptoPriceData.topic.name)]
+    assert sorted(keys) == [b"written-coin", b"written-on-stdio"]  # one message each
