@@ -369,8 +369,8 @@ def search_tool(database: LazyPool) -> Tool:
             {"coin_id": row.coin_id, "symbol": row.symbol, "name": row.name}
             for row in rows
             if any(needle in value.casefold() for value in (row.coin_id, row.symbol, row.name))
-        ]
-        return answer({"count": len(coins[:limit]), "coins": coins[:limit], "note": SYMBOLS_NOTE})
+        ][:limit]
+        return answer({"count": len(coins), "coins": coins, "note": SYMBOLS_NOTE})
 
     text = {"type": "string"}
     coin = output_schema({"coin_id": text, "symbol": text, "name": text})
