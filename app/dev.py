@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import secrets
 import shlex
 import signal
 import subprocess
@@ -161,10 +162,15 @@ def _serve_stand_ins(path: Path, embedded: Mapping[str, str], stops: _StopReques
     """`--no-worker`: keep the stand-ins up for workers started elsewhere (the Procfile under
     honcho) until a stop signal; their environment goes to `path`, in honcho's .env format."""
     lines = [f"{name}={shlex.quote(value)}" for name, value in embedded.items()]
-    path.write_text("".join(f"{line}\n" for line in lines))
+    # honcho's PORT makes `web` listen beyond loopback, where /mcp needs a token: one of its own
+    # for this run, kept in the file (a secret: not printed).
+    token = [] if is_set("MCP_TOKEN") else [f"MCP_TOKEN={secrets.token_urlsafe(24)}"]
+    path.write_text("".join(f"{line}\n" for line in lines + token))
     _say(f"no worker (--no-worker): the stand-ins' environment, also in {path}:")
     for line in lines:
         print(f"export {line}", flush=True)
+    if token:
+        _say(f"MCP_TOKEN for /mcp: generated for this run, in {path} only")
     _say(f"run the Procfile on them: .venv/bin/honcho start -e {path} web worker")
     _say("Ctrl-C stops the stand-ins")
     try:
