@@ -93,7 +93,7 @@ class Transport(Protocol):
     async def start(self) -> None:
         """Connect, where there is something to connect to; raise `CoinGeckoError` if unusable."""
 
-    async def fetch(self, path: str, params: Mapping[str, str | int] | None) -> Answer:
+    async def request(self, path: str, params: Mapping[str, str | int] | None) -> Answer:
         """The answer, or `TransportFailed`."""
 
     async def aclose(self) -> None: ...
@@ -117,7 +117,7 @@ class HttpTransport:
     async def start(self) -> None:
         """Nothing to do: httpx connects on the first request."""
 
-    async def fetch(self, path: str, params: Mapping[str, str | int] | None) -> Answer:
+    async def request(self, path: str, params: Mapping[str, str | int] | None) -> Answer:
         try:
             response = await self._http.get(self.base_url + path, params=params)
         except httpx.TimeoutException as error:
@@ -234,7 +234,7 @@ class CoinGeckoClient:
             answer: Answer | None = None
             async with self.limiter.slot():
                 try:
-                    answer = await self.transport.fetch(path, params)
+                    answer = await self.transport.request(path, params)
                 except TransportFailed as error:
                     reason = self._redact(str(error))
             if answer is not None:

@@ -98,7 +98,7 @@ class McpTransport:
     async def aclose(self) -> None:
         await self._disconnect()
 
-    async def fetch(self, path: str, params: Mapping[str, str | int] | None) -> Answer:
+    async def request(self, path: str, params: Mapping[str, str | int] | None) -> Answer:
         client = await self._connected()
         name, arguments = self._call_for(path, dict(params or {}))
         if name is None:

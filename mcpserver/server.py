@@ -7,8 +7,9 @@ MCP_WRITE_ENABLED, whose write tool publishes to the broker).
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from contextlib import AsyncExitStack, asynccontextmanager
+import logging
+from collections.abc import AsyncIterator, Iterator
+from contextlib import AsyncExitStack, asynccontextmanager, contextmanager
 
 import anyio
 from aiokafka import AIOKafkaProducer
@@ -43,9 +44,24 @@ def build_server(
     tools = read_tools(database, settings.app_id)
     if publish is not None:
         tools.append(publish_tool(CryptoPriceData, "store_price", publish))
-    server = MCPServer(NAME, instructions=INSTRUCTIONS, tools=tools, subscriptions=bus)
+    with _root_logging_kept():
+        server = MCPServer(NAME, instructions=INSTRUCTIONS, tools=tools, subscriptions=bus)
     add_price_feeds(server, database)
     return server
+
+
+@contextmanager
+def _root_logging_kept() -> Iterator[None]:
+    """`MCPServer()` calls `logging.basicConfig` (the SDK's `configure_logging`): built at import
+    by the web process, it would print every INFO line of every `faust -A app` command, such as
+    `up`'s and `migrate`'s, whose failures are one line. The app's logging stays Faust's."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    try:
+        yield
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
 
 
 @asynccontextmanager
