@@ -38,20 +38,20 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from functools import partial
 from typing import Any, TypeVar
-from urllib.parse import urlsplit
 
 from faust.exceptions import ConsumerNotStarted
 from faust.types import TP, Message, StreamT
 
 from app.broker_logs import BrokerLogs
 from app.main import app, settings, topics
+from common.backoff import jittered_backoff
+from common.redaction import redact_password
 from models import RECORDS, StreamRecord
 from models.codec import RecordRejected, decode_record
 from store.db import LazyPool
@@ -125,15 +125,12 @@ BROKER_LOGS = BrokerLogs.of(app)
 
 def describe_error(error: BaseException, dsn: str = settings.database_dsn) -> str:
     """`Type: message`, with the database password blanked should a driver ever echo it."""
-    text = f"{type(error).__name__}: {error}"
-    password = urlsplit(dsn).password
-    return text.replace(password, "***") if password else text
+    return redact_password(f"{type(error).__name__}: {error}", dsn)
 
 
-def backoff(failures: int) -> float:
-    """Seconds before retry number `failures`: doubling up to the cap, with jitter (50-100%) so
-    that sinks (and workers) hammering a database that just came back do not retry in step."""
-    return min(BACKOFF_CAP, BACKOFF_FIRST * 2 ** (failures - 1)) * random.uniform(0.5, 1.0)
+# Seconds before retry number `failures`: sinks (and workers) hammering a database that just came
+# back do not retry in step.
+backoff = partial(jittered_backoff, first=BACKOFF_FIRST, cap=BACKOFF_CAP)
 
 
 class Sink:

@@ -20,7 +20,8 @@ from aiokafka import AIOKafkaClient
 from faust.transport.drivers.aiokafka import credentials_to_aiokafka_auth
 from faust.types.auth import CredentialsT
 
-from app.settings import OFFLINE, Settings, redact_url
+from app.settings import OFFLINE, Settings
+from common.redaction import redact_password, redact_url
 from schema.migrate import MigrationRefused, TimescaleUnavailable, migrate_database
 from schema.sql import TimescaleMode
 from store.db import connect
@@ -64,10 +65,7 @@ def describe_database_error(error: BaseException, dsn: str) -> str:
         reason = _network_failure(error)
     else:
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-    password = urlsplit(dsn).password
-    if password:  # should a driver ever echo it
-        reason = reason.replace(password, "***")
-    return f"DATABASE_URL={redact_url(dsn)}: {reason}"
+    return f"DATABASE_URL={redact_url(dsn)}: {redact_password(reason, dsn)}"
 
 
 async def database_error(dsn: str) -> BaseException | None:

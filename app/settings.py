@@ -11,11 +11,12 @@ import ipaddress
 import sys
 from pathlib import Path
 from typing import Annotated, Literal
-from urllib.parse import parse_qs, urlsplit, urlunsplit
+from urllib.parse import parse_qs, urlsplit
 
 from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from common.redaction import HIDDEN, redact_url
 from schema.sql import TimescaleMode
 
 CoinGeckoPlan = Literal["keyless", "demo", "pro"]
@@ -46,16 +47,6 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:  # a host name: it may resolve beyond loopback
         return False
-
-
-def redact_url(url: str) -> str:
-    """Hide the password of a URL (`postgresql://user:secret@host` -> `user:***@host`)."""
-    parts = urlsplit(url)
-    if not parts.password:  # none, or empty (`user:@host`): nothing to hide
-        return url
-    netloc = parts.netloc.rsplit("@", 1)
-    user = (parts.username or "") + ":***"
-    return urlunsplit(parts._replace(netloc=f"{user}@{netloc[-1]}"))
 
 
 class Settings(BaseSettings):
@@ -312,9 +303,9 @@ class Settings(BaseSettings):
         secrets = {"database_url", "coingecko_api_key", "broker_sasl_password", "mcp_token"}
         shown = self.model_dump(exclude=secrets)
         shown["database_url"] = redact_url(self.database_dsn)
-        shown["coingecko_api_key"] = "***" if self.coingecko_api_key else None
-        shown["broker_sasl_password"] = "***" if self.broker_sasl_password else None
-        shown["mcp_token"] = "***" if self.mcp_token else None
+        shown["coingecko_api_key"] = HIDDEN if self.coingecko_api_key else None
+        shown["broker_sasl_password"] = HIDDEN if self.broker_sasl_password else None
+        shown["mcp_token"] = HIDDEN if self.mcp_token else None
         return shown
 
 

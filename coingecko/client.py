@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Mapping
@@ -33,6 +32,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 import httpx
 
 from coingecko.parse import loads_exact
+from common.backoff import jittered_backoff
+from common.redaction import redact
 
 if TYPE_CHECKING:  # importing app.* at run time would build the whole Faust app
     from app.settings import Settings
@@ -209,7 +210,7 @@ class CoinGeckoClient:
         try:
             await self.transport.start()
         except TransportFailed as error:
-            raise CoinGeckoUnavailable(self._redact(str(error))) from error
+            raise CoinGeckoUnavailable(redact(str(error), self._secret)) from error
 
     async def aclose(self) -> None:
         await self.transport.aclose()
@@ -230,13 +231,13 @@ class CoinGeckoClient:
             raise self._refused[path]
         reason = ""
         for attempt in range(1, self.max_attempts + 1):
-            delay = self._backoff(attempt)
+            delay = jittered_backoff(attempt, self.backoff_base, self.backoff_cap)
             answer: Answer | None = None
             async with self.limiter.slot():
                 try:
                     answer = await self.transport.request(path, params)
                 except TransportFailed as error:
-                    reason = self._redact(str(error))
+                    reason = redact(str(error), self._secret)
             if answer is not None:
                 status = answer.status
                 if status == 200:
@@ -266,14 +267,9 @@ class CoinGeckoClient:
                 await asyncio.sleep(delay)
         raise CoinGeckoUnavailable(f"{path}: {reason} (gave up after {self.max_attempts} tries)")
 
-    def _backoff(self, attempt: int) -> float:
-        """Exponential with 'equal jitter': half fixed, half random, so workers do not align."""
-        ceiling = min(self.backoff_cap, self.backoff_base * 2 ** (attempt - 1))
-        return ceiling / 2 + random.uniform(0, ceiling / 2)
-
     def _refuse(self, path: str, answer: Answer) -> CoinGeckoRefused:
         error_code, message = _error_details(answer)
-        refused = CoinGeckoRefused(path, answer.status, error_code, self._redact(message))
+        refused = CoinGeckoRefused(path, answer.status, error_code, redact(message, self._secret))
         self._refused[path] = refused
         log.error(
             "coingecko %s refused (will not retry until restart): HTTP %d, error_code %s: %s",
@@ -283,9 +279,6 @@ class CoinGeckoClient:
             refused.message,
         )
         return refused
-
-    def _redact(self, text: str) -> str:
-        return text.replace(self._secret, "***") if self._secret else text
 
 
 def _transport_for(settings: Settings, secret: str | None) -> Transport:

@@ -41,6 +41,7 @@ from mcp_types import CallToolResult, TextContent, Tool
 
 from app.settings import OFFLINE
 from coingecko.client import KEY_HEADERS, Answer, CoinGeckoUnusable, TransportFailed
+from common.redaction import redact
 
 if TYPE_CHECKING:
     from app.settings import Settings
@@ -178,7 +179,7 @@ class McpTransport:
             if not ready.done():
                 ready.set_exception(error)
             else:
-                why = _why(error).replace(self._secret, "***") if self._secret else _why(error)
+                why = redact(_why(error), self._secret)
                 log.warning("coingecko: MCP session to %s ended (%s)", self.server, why)
 
     async def _disconnect(self) -> None:

@@ -309,12 +309,12 @@ class Poller:
         cycle.status.skipped += parsed.skipped
         if parsed.problems and not parsed.records:
             cycle.fail(f"no usable data: {parsed.problems[0]}")
-        new = [r for r in parsed.records if seen.is_new(key(r), _time_of(r))]
+        new = [r for r in parsed.records if seen.is_new(key(r), r.event_time())]
         cycle.status.unchanged += len(parsed.records) - len(new)
         if new:
             await self.publish(new)
             for record in new:
-                seen.remember(key(record), _time_of(record))
+                seen.remember(key(record), record.event_time())
             cycle.status.published += len(new)
 
     def _report_missing(self, wanted: set[str], body: object) -> None:
@@ -352,10 +352,3 @@ class Poller:
             status.last_error_at = now
         else:
             status.last_success = now
-
-
-def _time_of(record: StreamRecord) -> datetime:
-    """The record's own timestamp (its table's time column): what dedupe compares."""
-    moment = getattr(record, record.table.time_column)
-    assert isinstance(moment, datetime)  # the DSL checks the time column is a timestamp
-    return moment

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict
 
-from models.types import FieldShape, shape_of
+from models.types import DSLError, FieldShape, shape_of
 
 # PostgreSQL's reserved key words (SQL Key Words appendix, "reserved" and "reserved (can be
 # function or type)"). A column named like one of these only works quoted, which every user's
@@ -38,10 +38,6 @@ SQL_SYSTEM_COLUMNS = frozenset({"tableoid", "xmin", "cmin", "xmax", "cmax", "cti
 _SQL_IDENTIFIER = re.compile(r"^[a-z_][a-z0-9_]*$")
 _TOPIC_NAME = re.compile(r"^[a-zA-Z0-9._-]+$")
 PG_MAX_IDENTIFIER_BYTES = 63
-
-
-class DSLError(ValueError):
-    """A record declaration the generators cannot turn into safe DDL, topics or schemas."""
 
 
 def check_sql_identifier(name: str, what: str) -> str:
@@ -129,6 +125,12 @@ class StreamRecord(BaseModel):
     def key(self) -> bytes:
         """The message key: the topic's key field, so one coin's updates stay in order."""
         return str(getattr(self, self.topic.key_field)).encode()
+
+    def event_time(self) -> datetime:
+        """The record's own time (its table's time column): what dedupe and "newest" compare."""
+        moment = getattr(self, self.table.time_column)
+        assert isinstance(moment, datetime)  # validate_record checks it is a timestamp
+        return moment
 
 
 def validate_record(cls: type[StreamRecord]) -> None:

@@ -152,13 +152,16 @@ TYPE_MAP: dict[Kind, TypeMapping] = {
     ),
 }
 
+
+class DSLError(ValueError):
+    """A record declaration the generators cannot turn into safe DDL, topics or schemas."""
+
+
 _KINDS: dict[type, Kind] = {Decimal: "decimal", datetime: "timestamp", str: "text", int: "integer"}
 
 
 def shape_of(record: str, name: str, info: FieldInfo) -> FieldShape:
     """Read a field's kind, optionality and constraints; raise for types the DSL cannot map."""
-    from models.dsl import DSLError  # dsl imports this module
-
     annotation, nullable = _strip_optional(info.annotation)
     metadata = list(info.metadata)
     if get_origin(annotation) is Annotated:

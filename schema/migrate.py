@@ -19,8 +19,8 @@ import asyncpg
 from pydantic_core import PydanticUndefined
 
 from models import RECORDS, StreamRecord
-from models.dsl import DSLError, check_sql_identifier
-from models.types import TYPE_MAP, FieldShape
+from models.dsl import check_sql_identifier
+from models.types import TYPE_MAP, DSLError, FieldShape
 from schema import sql
 from store.db import connect
 

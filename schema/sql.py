@@ -17,9 +17,9 @@ from datetime import timedelta
 from typing import Literal
 
 from models import RECORDS, StreamRecord
-from models.dsl import DSLError, check_sql_identifier, index_name, quote_ident
+from models.dsl import check_sql_identifier, index_name, quote_ident
 from models.market import CryptoPriceData
-from models.types import TYPE_MAP, FieldShape
+from models.types import TYPE_MAP, DSLError, FieldShape
 
 Dialect = Literal["timescaledb", "postgres"]
 # The TIMESCALEDB setting: which dialect `migrate` chooses (schema/migrate.py).

@@ -142,12 +142,6 @@ price_ranges_table = _table(
 price_ranges = cast(WindowWrapper, price_ranges_table.tumbling(RANGE_STEP, expires=RANGE_EXPIRES))
 
 
-def _time_of(record: StreamRecord) -> datetime:
-    value = getattr(record, record.table.time_column)
-    assert isinstance(value, datetime)
-    return value
-
-
 def stored(record: type[R], value: dict[str, Any] | None) -> R | None:
     """A table value back as its record (values are stored as the record's JSON form)."""
     return None if value is None else record.model_validate(value)
@@ -157,7 +151,7 @@ def newest(*candidates: R | None) -> R | None:
     """The candidate with the latest time column; the earlier one on a tie."""
     best: R | None = None
     for candidate in candidates:
-        if candidate is not None and (best is None or _time_of(candidate) > _time_of(best)):
+        if candidate is not None and (best is None or candidate.event_time() > best.event_time()):
             best = candidate
     return best
 

@@ -12,8 +12,8 @@ from pydantic import Field, ValidationError
 
 from models import RECORDS, CryptoMarketAnalytics, CryptoOHLCVData, CryptoPriceData
 from models.codec import MAX_MESSAGE_BYTES, RecordRejected, decode_record, encode_record
-from models.dsl import DSLError, StreamRecord, TableSpec, TopicSpec, check_registry
-from models.types import Price, Text, Timestamp
+from models.dsl import StreamRecord, TableSpec, TopicSpec, check_registry
+from models.types import DSLError, Price, Text, Timestamp
 
 BASE_FIELDS: dict[str, Any] = {"coin_id": Text, "at": Timestamp, "price": Price}
 

@@ -9,7 +9,8 @@ import certifi
 import pytest
 
 from app.dev import _banner
-from app.settings import Settings, load_settings, redact_url
+from app.settings import Settings, load_settings
+from common.redaction import redact_url
 
 API_KEY = "sekrit-123"
 DB_PASSWORD = "pg-sekrit-456"
