@@ -30,16 +30,12 @@ import asyncpg
 import httpx
 import psutil
 import pytest
-from conftest import dsn_for
 from hypothesis import HealthCheck, given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
-from pollers import BrokerTopics, make_poller
-from strategies import valid
-from workers import Kafka, Worker, count_rows, eventually
 
 from app.embedded import EmbeddedBroker
-from coingecko.fake_server import FakeCoinGecko, body, rate_limited, serve_fake_coingecko, slow
+from coingecko.fake_server import FakeCoinGecko, body, rate_limited, slow
 from coingecko.fake_server import truncated_json as truncated
 from coingecko.parse import Parsed, loads_exact, parse_global, parse_markets, parse_ohlc
 from models import RECORDS, CryptoMarketAnalytics, CryptoOHLCVData, CryptoPriceData, StreamRecord
@@ -47,6 +43,10 @@ from models.codec import MAX_MESSAGE_BYTES, RecordRejected, decode_record, encod
 from models.dsl import quote_ident
 from schema.artifacts import artifacts
 from schema.migrate import migrate_database
+from testkit.databases import count_rows, dsn_for
+from testkit.pollers import BrokerTopics, make_poller
+from testkit.strategies import valid
+from testkit.workers import Kafka, Worker, eventually
 
 NOW = datetime(2024, 5, 1, 12, tzinfo=UTC)
 # Strings that have broken decimal and date parsers: NaN spellings, exponents beyond any decimal
@@ -320,37 +320,23 @@ def test_huge_exponents_are_reported_not_raised(text: str, problem: str) -> None
 # --- CoinGecko faults: the poller rides them out and says what happened ----------------------
 
 
-@pytest.fixture
-async def fake() -> AsyncIterator[FakeCoinGecko]:
-    async with serve_fake_coingecko() as server:
-        yield server
-
-
-@pytest.fixture
-async def topics(broker: EmbeddedBroker) -> AsyncIterator[BrokerTopics]:
-    published = BrokerTopics(broker)
-    await published.producer.start()
-    yield published
-    await published.producer.stop()
-
-
 def fixture_text(name: str) -> str:
     return (resources.files("coingecko") / "fixtures" / name).read_text()
 
 
 async def test_a_burst_of_429s_fails_one_cycle_and_the_next_recovers(
-    fake: FakeCoinGecko, topics: BrokerTopics, caplog: pytest.LogCaptureFixture
+    fake_coingecko: FakeCoinGecko, topics: BrokerTopics, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.WARNING)
-    poller = make_poller(fake, topics)  # two attempts per call
-    fake.fail("/global", *[rate_limited(retry_after=1)] * 3)
+    poller = make_poller(fake_coingecko, topics)  # two attempts per call
+    fake_coingecko.fail("/global", *[rate_limited(retry_after=1)] * 3)
     await poller.poll_global()
     status = poller.status.endpoints["global"]
     assert status.failures == 1 and "HTTP 429 rate limited" in (status.last_error or "")
     assert topics.published == 0
     await poller.poll_global()  # the third 429, then success
     assert status.last_success is not None and topics.published == 1
-    assert fake.count("/global") == 4
+    assert fake_coingecko.count("/global") == 4
     assert any("coingecko poll failed" in r.getMessage() for r in caplog.records)
 
 
@@ -368,10 +354,10 @@ async def test_a_burst_of_429s_fails_one_cycle_and_the_next_recovers(
     ],
 )
 async def test_price_poll_faults_are_recorded_and_the_next_cycle_recovers(
-    fake: FakeCoinGecko, topics: BrokerTopics, faults: list[Any], said: str | None
+    fake_coingecko: FakeCoinGecko, topics: BrokerTopics, faults: list[Any], said: str | None
 ) -> None:
-    poller = make_poller(fake, topics, coingecko_timeout=0.3)
-    fake.fail("/coins/markets", *faults)
+    poller = make_poller(fake_coingecko, topics, coingecko_timeout=0.3)
+    fake_coingecko.fail("/coins/markets", *faults)
     await poller.poll_prices()
     status = poller.status.endpoints["prices"]
     assert topics.published == 0
@@ -385,12 +371,12 @@ async def test_price_poll_faults_are_recorded_and_the_next_cycle_recovers(
 
 
 async def test_a_renamed_price_field_skips_rows_and_says_which_field(
-    fake: FakeCoinGecko, topics: BrokerTopics, caplog: pytest.LogCaptureFixture
+    fake_coingecko: FakeCoinGecko, topics: BrokerTopics, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.WARNING)
     drifted = fixture_text("coins_markets.json").replace('"current_price"', '"price_usd"')
-    fake.fail("/coins/markets", body(drifted))
-    poller = make_poller(fake, topics)
+    fake_coingecko.fail("/coins/markets", body(drifted))
+    poller = make_poller(fake_coingecko, topics)
     await poller.poll_prices()
     status = poller.status.endpoints["prices"]
     rows = len(loads_exact(drifted))
@@ -401,16 +387,16 @@ async def test_a_renamed_price_field_skips_rows_and_says_which_field(
 
 
 async def test_a_missing_optional_field_is_stored_as_null_and_reported_once(
-    fake: FakeCoinGecko, topics: BrokerTopics, caplog: pytest.LogCaptureFixture
+    fake_coingecko: FakeCoinGecko, topics: BrokerTopics, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.WARNING)
     rows = json.loads(fixture_text("coins_markets.json"))
     for row in rows:
         row.pop("market_cap", None)
-    fake.fail("/coins/markets", body(json.dumps(rows)), body(json.dumps(rows)))
-    poller = make_poller(fake, topics)
+    fake_coingecko.fail("/coins/markets", body(json.dumps(rows)), body(json.dumps(rows)))
+    poller = make_poller(fake_coingecko, topics)
     await poller.poll_prices()
-    fake.advance(60)
+    fake_coingecko.advance(60)
     await poller.poll_prices()
     records = [record for _, record in await topics.read(CryptoPriceData)]
     assert records and all(record.market_cap is None for record in records)
@@ -418,11 +404,13 @@ async def test_a_missing_optional_field_is_stored_as_null_and_reported_once(
     assert len(drift) == 1  # logged once, not per row or per cycle
 
 
-async def test_global_drift_and_empty_bodies(fake: FakeCoinGecko, topics: BrokerTopics) -> None:
+async def test_global_drift_and_empty_bodies(
+    fake_coingecko: FakeCoinGecko, topics: BrokerTopics
+) -> None:
     data = json.loads(fixture_text("global.json"))
     data["data"]["update_time"] = data["data"].pop("updated_at")  # renamed: no timestamp
-    fake.fail("/global", body(json.dumps(data)), body('{"data": {}}'), body("[]"))
-    poller = make_poller(fake, topics)
+    fake_coingecko.fail("/global", body(json.dumps(data)), body('{"data": {}}'), body("[]"))
+    poller = make_poller(fake_coingecko, topics)
     status = poller.status.endpoints["global"]
     for said in ("updated_at is missing", "updated_at is missing", "expected {'data'"):
         await poller.poll_global()
@@ -433,11 +421,13 @@ async def test_global_drift_and_empty_bodies(fake: FakeCoinGecko, topics: Broker
 
 
 async def test_ohlc_junk_bodies_skip_candles_not_the_poll(
-    fake: FakeCoinGecko, topics: BrokerTopics
+    fake_coingecko: FakeCoinGecko, topics: BrokerTopics
 ) -> None:
-    poller = make_poller(fake, topics, coins="bitcoin")
+    poller = make_poller(fake_coingecko, topics, coins="bitcoin")
     await poller.poll_prices()
-    fake.fail("/coins/bitcoin/ohlc", body('{"prices": []}'), body('[[1, "a"], null, [1e9999]]'))
+    fake_coingecko.fail(
+        "/coins/bitcoin/ohlc", body('{"prices": []}'), body('[[1, "a"], null, [1e9999]]')
+    )
     await poller.poll_ohlc()
     status = poller.status.endpoints["ohlc"]
     assert "expected a list of candles" in (status.last_error or "")
@@ -564,7 +554,7 @@ def test_the_web_server_binds_to_loopback_by_default(pipeline: tuple[Kafka, Work
     port = int(worker.env["WEB_PORT"])
     listening = {
         (c.laddr.ip, c.laddr.port)
-        for c in psutil.Process(worker.process.pid).net_connections("inet")
+        for c in psutil.Process(worker.popen.pid).net_connections("inet")
         if c.status == psutil.CONN_LISTEN
     }
     assert listening == {("127.0.0.1", port)}

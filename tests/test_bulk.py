@@ -22,11 +22,12 @@ import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from faust.transport.conductor import Conductor
 from faust.types import TP, ConsumerMessage, Message
-from workers import Kafka, Worker, prices
 
 from app.bulk import App, Batches, Consumer
 from app.embedded import EmbeddedBroker, create_generated_topics
 from models import CryptoPriceData
+from testkit.records import prices
+from testkit.workers import Kafka, Worker
 
 TOPIC = CryptoPriceData.topic.name
 

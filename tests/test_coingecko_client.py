@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
 from decimal import Decimal
 from typing import Any
 
@@ -22,19 +21,12 @@ from coingecko.fake_server import (
     body,
     html_page,
     rate_limited,
-    serve_fake_coingecko,
     server_error,
     slow,
     truncated_json,
 )
 
 SECRET = "CG-s3cr3t-key-never-logged"
-
-
-@pytest.fixture
-async def fake() -> AsyncIterator[FakeCoinGecko]:
-    async with serve_fake_coingecko() as server:
-        yield server
 
 
 def make_settings(base_url: str, **overrides: Any) -> Settings:
@@ -62,11 +54,13 @@ def make_client(base_url: str, **overrides: Any) -> CoinGeckoClient:
     ],
 )
 async def test_key_travels_in_the_plan_header_only(
-    fake: FakeCoinGecko, plan: str, key: str | None, header: str | None
+    fake_coingecko: FakeCoinGecko, plan: str, key: str | None, header: str | None
 ) -> None:
-    async with make_client(fake.base_url, coingecko_plan=plan, coingecko_api_key=key) as client:
+    async with make_client(
+        fake_coingecko.base_url, coingecko_plan=plan, coingecko_api_key=key
+    ) as client:
         assert await client.get("/ping") == {"gecko_says": "(V3) To the Moon!"}
-    (request,) = fake.requests
+    (request,) = fake_coingecko.requests
     sent = {name.lower(): value for name, value in request.headers.items()}
     key_headers = {name for name in sent if name.startswith("x-cg-")}
     assert key_headers == ({header} if header else set())
@@ -76,12 +70,14 @@ async def test_key_travels_in_the_plan_header_only(
 
 
 async def test_key_is_never_logged_even_when_the_server_echoes_it(
-    fake: FakeCoinGecko, caplog: pytest.LogCaptureFixture
+    fake_coingecko: FakeCoinGecko, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.DEBUG)
     echo = '{"status":{"error_code":10002,"error_message":"API key ' + SECRET + ' is invalid"}}'
-    fake.fail("/global", server_error(), body(echo, status=401))
-    async with make_client(fake.base_url, coingecko_plan="demo", coingecko_api_key=SECRET) as c:
+    fake_coingecko.fail("/global", server_error(), body(echo, status=401))
+    async with make_client(
+        fake_coingecko.base_url, coingecko_plan="demo", coingecko_api_key=SECRET
+    ) as c:
         await c.get("/ping")
         with pytest.raises(CoinGeckoRefused) as refused:
             await c.get("/global")
@@ -93,8 +89,8 @@ async def test_key_is_never_logged_even_when_the_server_echoes_it(
         assert SECRET not in record.getMessage()
 
 
-async def test_numbers_come_back_exact(fake: FakeCoinGecko) -> None:
-    async with make_client(fake.base_url) as client:
+async def test_numbers_come_back_exact(fake_coingecko: FakeCoinGecko) -> None:
+    async with make_client(fake_coingecko.base_url) as client:
         data = (await client.get("/global"))["data"]
         rows = await client.get("/coins/markets", {"vs_currency": "usd", "ids": "pepe-cash"})
     assert data["total_market_cap"]["ars"].as_tuple() == Decimal("2.9914327788912e+15").as_tuple()
@@ -103,9 +99,9 @@ async def test_numbers_come_back_exact(fake: FakeCoinGecko) -> None:
     assert rows[0]["market_cap"] == 3004112345 and isinstance(rows[0]["market_cap"], int)
 
 
-async def test_429_waits_for_retry_after(fake: FakeCoinGecko) -> None:
-    fake.fail("/global", rate_limited(retry_after=1))
-    async with make_client(fake.base_url) as client:
+async def test_429_waits_for_retry_after(fake_coingecko: FakeCoinGecko) -> None:
+    fake_coingecko.fail("/global", rate_limited(retry_after=1))
+    async with make_client(fake_coingecko.base_url) as client:
         pauses: list[float] = []
         pause = client.limiter.pause
 
@@ -117,33 +113,35 @@ async def test_429_waits_for_retry_after(fake: FakeCoinGecko) -> None:
         assert "data" in await client.get("/global")
         await client.get("/ping")  # the pause holds every request, not only the retried one
     assert pauses == [1.0]  # the server's Retry-After, not the client's own backoff
-    first, retry, ping = fake.requests
+    first, retry, ping = fake_coingecko.requests
     assert (first.path, retry.path, ping.path) == ("/global", "/global", "/ping")
 
 
-async def test_transient_failures_are_retried_until_success(fake: FakeCoinGecko) -> None:
-    fake.fail("/global", server_error(), html_page(), truncated_json(), html_page(status=200))
-    async with make_client(fake.base_url, coingecko_calls_per_minute=1000) as client:
+async def test_transient_failures_are_retried_until_success(fake_coingecko: FakeCoinGecko) -> None:
+    fake_coingecko.fail(
+        "/global", server_error(), html_page(), truncated_json(), html_page(status=200)
+    )
+    async with make_client(fake_coingecko.base_url, coingecko_calls_per_minute=1000) as client:
         client.max_attempts = 5
         data = await client.get("/global")
     assert data["data"]["markets"] == 1241
-    assert fake.count("/global") == 5
+    assert fake_coingecko.count("/global") == 5
 
 
-async def test_a_slow_answer_times_out_and_is_retried(fake: FakeCoinGecko) -> None:
-    fake.fail("/ping", slow(1.0))
-    async with make_client(fake.base_url, coingecko_timeout=0.2) as client:
+async def test_a_slow_answer_times_out_and_is_retried(fake_coingecko: FakeCoinGecko) -> None:
+    fake_coingecko.fail("/ping", slow(1.0))
+    async with make_client(fake_coingecko.base_url, coingecko_timeout=0.2) as client:
         assert await client.get("/ping") == {"gecko_says": "(V3) To the Moon!"}
-    assert fake.count("/ping") == 2
+    assert fake_coingecko.count("/ping") == 2
 
 
-async def test_gives_up_after_max_attempts(fake: FakeCoinGecko) -> None:
-    fake.fail("/global", *[server_error(503)] * 5)
-    async with make_client(fake.base_url) as client:
+async def test_gives_up_after_max_attempts(fake_coingecko: FakeCoinGecko) -> None:
+    fake_coingecko.fail("/global", *[server_error(503)] * 5)
+    async with make_client(fake_coingecko.base_url) as client:
         client.max_attempts = 3
         with pytest.raises(CoinGeckoUnavailable, match="HTTP 503"):
             await client.get("/global")
-        assert fake.count("/global") == 3
+        assert fake_coingecko.count("/global") == 3
         assert "data" in await client.get("/global")  # not disabled: it may heal
 
 
@@ -155,45 +153,45 @@ async def test_connection_refused_is_unavailable_not_a_crash() -> None:
 
 
 async def test_unknown_coin_is_reported_once_and_not_retried(
-    fake: FakeCoinGecko, caplog: pytest.LogCaptureFixture
+    fake_coingecko: FakeCoinGecko, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO)
-    async with make_client(fake.base_url) as client:
+    async with make_client(fake_coingecko.base_url) as client:
         for _ in range(3):
             with pytest.raises(CoinGeckoRefused) as refused:
                 await client.get("/coins/no-such-coin/ohlc", {"vs_currency": "usd", "days": 1})
         assert (refused.value.status, refused.value.message) == (404, "coin not found")
         assert set(client.refused) == {"/coins/no-such-coin/ohlc"}
         assert await client.get("/coins/bitcoin/ohlc", {"vs_currency": "usd", "days": 1})
-    assert fake.count("/coins/no-such-coin/ohlc") == 1
+    assert fake_coingecko.count("/coins/no-such-coin/ohlc") == 1
     reports = [r for r in caplog.records if "refused" in r.getMessage()]
     assert len(reports) == 1 and reports[0].levelno == logging.ERROR
     assert "HTTP 404" in reports[0].getMessage() and "coin not found" in reports[0].getMessage()
 
 
-async def test_wrong_host_error_code_is_reported(fake: FakeCoinGecko) -> None:
+async def test_wrong_host_error_code_is_reported(fake_coingecko: FakeCoinGecko) -> None:
     wrong_host = (
         '{"status":{"error_code":10010,"error_message":"If you are using Pro API key, please '
         'change your root URL from api.coingecko.com to pro-api.coingecko.com"}}'
     )
-    fake.fail("/coins/markets", body(wrong_host, status=400))
-    async with make_client(fake.base_url) as client:
+    fake_coingecko.fail("/coins/markets", body(wrong_host, status=400))
+    async with make_client(fake_coingecko.base_url) as client:
         with pytest.raises(CoinGeckoRefused) as refused:
             await client.get("/coins/markets", {"vs_currency": "usd"})
     assert (refused.value.status, refused.value.error_code) == (400, 10010)
     assert "pro-api.coingecko.com" in refused.value.message
 
 
-async def test_rate_limiter_keeps_calls_within_the_window(fake: FakeCoinGecko) -> None:
-    async with make_client(fake.base_url) as client:
+async def test_rate_limiter_keeps_calls_within_the_window(fake_coingecko: FakeCoinGecko) -> None:
+    async with make_client(fake_coingecko.base_url) as client:
         client.limiter = RateLimiter(calls=2, period=1.0)
         for _ in range(3):
             await client.get("/ping")
-    first, _, third = fake.requests
+    first, _, third = fake_coingecko.requests
     assert third.at - first.at >= 1.0  # the third call waited for the first to leave the window
 
 
-async def test_empty_object_body_is_returned_for_the_parser(fake: FakeCoinGecko) -> None:
-    fake.fail("/coins/markets", body("{}"))
-    async with make_client(fake.base_url) as client:
+async def test_empty_object_body_is_returned_for_the_parser(fake_coingecko: FakeCoinGecko) -> None:
+    fake_coingecko.fail("/coins/markets", body("{}"))
+    async with make_client(fake_coingecko.base_url) as client:
         assert await client.get("/coins/markets", {"vs_currency": "usd"}) == {}

@@ -9,7 +9,6 @@ from typing import Any
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from strategies import exact_decimals
 
 from coingecko.parse import (
     CrossQuote,
@@ -20,6 +19,7 @@ from coingecko.parse import (
     parse_simple_prices,
     timeframe_for_days,
 )
+from testkit.strategies import exact_decimals
 
 FIXTURES = resources.files("coingecko") / "fixtures"
 

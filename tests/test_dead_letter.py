@@ -14,10 +14,12 @@ from typing import Any
 import asyncpg
 import httpx
 import pytest
-from workers import Kafka, Worker, count_rows, eventually, prices
 
 from models import CryptoPriceData
 from store.offsets import SinkOffsets
+from testkit.databases import count_rows
+from testkit.records import prices
+from testkit.workers import Kafka, Worker, eventually
 
 pytestmark = pytest.mark.slow
 

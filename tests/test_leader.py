@@ -11,10 +11,10 @@ from collections.abc import AsyncIterator, Callable
 
 import httpx
 import pytest
-from workers import Worker, eventually
 
 from app.embedded import EmbeddedBroker
 from coingecko.fake_server import FakeCoinGecko, serve_fake_coingecko
+from testkit.workers import Worker, eventually
 
 pytestmark = pytest.mark.slow
 

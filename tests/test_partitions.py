@@ -7,13 +7,15 @@ from collections.abc import Callable
 from datetime import datetime, timedelta
 
 import asyncpg
-from workers import Worker, assert_exactly, eventually, prices, stored
 
 from models import CryptoPriceData
 from schema import sql
 from schema.migrate import MIGRATION_LOCK_KEY, create_partitions_ahead, migrate_database
 from store.db import create_pool
 from store.writer import RecordWriter
+from testkit.databases import assert_exactly, stored
+from testkit.records import prices
+from testkit.workers import Worker, eventually
 
 TABLE = CryptoPriceData.table.name
 

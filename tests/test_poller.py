@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
 from datetime import datetime, timedelta
 from decimal import Decimal
 from importlib import resources
@@ -13,28 +12,15 @@ import httpx
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from pollers import FIXTURE_COINS, BrokerTopics, make_poller
 
-from app.embedded import EmbeddedBroker
 from app.settings import Settings
-from coingecko.fake_server import FakeCoinGecko, body, html_page, serve_fake_coingecko
+from coingecko.fake_server import FakeCoinGecko, body, html_page
 from coingecko.parse import loads_exact
 from coingecko.poller import MAX_URL_CHARS, OHLC_BUDGET_SHARE, quotes_every
 from models.market import CryptoMarketAnalytics, CryptoOHLCVData, CryptoPriceData
+from testkit.pollers import FIXTURE_COINS, BrokerTopics, make_poller
 
-
-@pytest.fixture
-async def fake() -> AsyncIterator[FakeCoinGecko]:
-    async with serve_fake_coingecko(extra_coins=600) as server:
-        yield server
-
-
-@pytest.fixture
-async def kafka(broker: EmbeddedBroker) -> AsyncIterator[BrokerTopics]:
-    topics = BrokerTopics(broker)
-    await topics.producer.start()
-    yield topics
-    await topics.producer.stop()
+pytestmark = pytest.mark.fake_coingecko(extra_coins=600)  # more coins than one page lists
 
 
 def fixture_rows() -> dict[str, dict[str, Any]]:
@@ -43,12 +29,12 @@ def fixture_rows() -> dict[str, dict[str, Any]]:
 
 
 async def test_prices_are_published_exactly_once_per_snapshot(
-    fake: FakeCoinGecko, kafka: BrokerTopics, caplog: pytest.LogCaptureFixture
+    fake_coingecko: FakeCoinGecko, topics: BrokerTopics, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.WARNING)
-    poller = make_poller(fake, kafka)
+    poller = make_poller(fake_coingecko, topics)
     await poller.poll_prices()
-    messages = await kafka.read(CryptoPriceData)
+    messages = await topics.read(CryptoPriceData)
     rows = fixture_rows()
     assert sorted(key.decode() for key, _ in messages) == sorted(FIXTURE_COINS[:-1])
     for key, record in messages:
@@ -66,15 +52,15 @@ async def test_prices_are_published_exactly_once_per_snapshot(
     assert str(pepe.usd_price) == "0.00000714159"
 
     await poller.poll_prices()  # the same cached snapshot: nothing new
-    assert len(await kafka.read(CryptoPriceData)) == 6
+    assert len(await topics.read(CryptoPriceData)) == 6
     status = poller.status.endpoints["prices"]
     assert (status.published, status.unchanged, status.skipped) == (6, 6, 2)
     assert status.last_success is not None and status.last_error is None
 
-    fake.advance(60)
+    fake_coingecko.advance(60)
     await poller.poll_prices()
-    assert len(await kafka.read(CryptoPriceData)) == 12
-    assert fake.count("/coins/markets") == 3  # one call per poll for 8 ids
+    assert len(await topics.read(CryptoPriceData)) == 12
+    assert fake_coingecko.count("/coins/markets") == 3  # one call per poll for 8 ids
     # Data problems are logged once each, however many polls repeat them.
     logged = [r.getMessage() for r in caplog.records]
     assert sum("'ghost-token'" in line for line in logged) == 1
@@ -82,31 +68,31 @@ async def test_prices_are_published_exactly_once_per_snapshot(
 
 
 async def test_global_is_published_once_per_update(
-    fake: FakeCoinGecko, kafka: BrokerTopics
+    fake_coingecko: FakeCoinGecko, topics: BrokerTopics
 ) -> None:
-    poller = make_poller(fake, kafka)
+    poller = make_poller(fake_coingecko, topics)
     await poller.poll_global()
     await poller.poll_global()
-    ((key, record),) = await kafka.read(CryptoMarketAnalytics)
+    ((key, record),) = await topics.read(CryptoMarketAnalytics)
     assert key == b"coingecko"
     assert str(record.total_market_cap) == "2788561234567.8125"
     assert str(record.btc_dominance) == "59.89181526671431"
     assert (record.active_cryptocurrencies, record.markets) == (16842, 1241)
-    fake.advance(600)
+    fake_coingecko.advance(600)
     await poller.poll_global()
-    assert len(await kafka.read(CryptoMarketAnalytics)) == 2
+    assert len(await topics.read(CryptoMarketAnalytics)) == 2
 
 
 async def test_ohlc_candles_published_once_and_unknown_coin_disabled(
-    fake: FakeCoinGecko, kafka: BrokerTopics, caplog: pytest.LogCaptureFixture
+    fake_coingecko: FakeCoinGecko, topics: BrokerTopics, caplog: pytest.LogCaptureFixture
 ) -> None:
-    poller = make_poller(fake, kafka)
+    poller = make_poller(fake_coingecko, topics)
     await poller.poll_ohlc()  # no coins known before the first prices poll: no calls
-    assert fake.requests == []
+    assert fake_coingecko.requests == []
     await poller.poll_prices()
-    fake.fail("/coins/tether/ohlc", body('{"error":"coin not found"}', status=404))
+    fake_coingecko.fail("/coins/tether/ohlc", body('{"error":"coin not found"}', status=404))
     await poller.poll_ohlc()
-    candles = [record for _, record in await kafka.read(CryptoOHLCVData)]
+    candles = [record for _, record in await topics.read(CryptoOHLCVData)]
     assert sorted({c.coin_id for c in candles}) == ["bitcoin", "ethereum", "pepe-cash"]
     assert len(candles) == 4 + 4 + 2
     last_btc = max((c for c in candles if c.coin_id == "bitcoin"), key=lambda c: c.timestamp)
@@ -116,13 +102,13 @@ async def test_ohlc_candles_published_once_and_unknown_coin_disabled(
     }
 
     await poller.poll_ohlc()  # same candles again: nothing new; tether is not asked again
-    assert len(await kafka.read(CryptoOHLCVData)) == 10
-    assert fake.count("/coins/tether/ohlc") == 1
-    assert fake.count("/coins/bitcoin/ohlc") == 2
-    fake.advance(1800)  # newest price 10:45:07 -> the 10:30 candle has closed
+    assert len(await topics.read(CryptoOHLCVData)) == 10
+    assert fake_coingecko.count("/coins/tether/ohlc") == 1
+    assert fake_coingecko.count("/coins/bitcoin/ohlc") == 2
+    fake_coingecko.advance(1800)  # newest price 10:45:07 -> the 10:30 candle has closed
     await poller.poll_ohlc()
     before = {(c.coin_id, c.timestamp.isoformat()) for c in candles}
-    after = [(r.coin_id, r.timestamp.isoformat()) for _, r in await kafka.read(CryptoOHLCVData)]
+    after = [(r.coin_id, r.timestamp.isoformat()) for _, r in await topics.read(CryptoOHLCVData)]
     assert len(after) == len(set(after))  # no candle published twice
     new = set(after) - before
     assert {
@@ -132,27 +118,29 @@ async def test_ohlc_candles_published_once_and_unknown_coin_disabled(
     assert all(moment > "2025-03-14T10:00:00+00:00" for coin, moment in new if coin != "pepe-cash")
 
 
-async def served_quotes(fake: FakeCoinGecko, ids: list[str]) -> tuple[str, dict[str, Any]]:
+async def served_quotes(
+    fake_coingecko: FakeCoinGecko, ids: list[str]
+) -> tuple[str, dict[str, Any]]:
     """What the fake's /simple/price serves for `ids` in BTC and ETH: its text, and decoded."""
     async with httpx.AsyncClient() as client:
         answer = await client.get(
-            f"{fake.base_url}/simple/price",
+            f"{fake_coingecko.base_url}/simple/price",
             params={"ids": ",".join(ids), "vs_currencies": "btc,eth"},
         )
     return answer.text, loads_exact(answer.text)
 
 
 async def test_btc_and_eth_prices_are_coingeckos_quotes_exactly(
-    fake: FakeCoinGecko, kafka: BrokerTopics
+    fake_coingecko: FakeCoinGecko, topics: BrokerTopics
 ) -> None:
-    poller = make_poller(fake, kafka, btc_eth_prices_every=2)
+    poller = make_poller(fake_coingecko, topics, btc_eth_prices_every=2)
     await poller.poll_prices()
-    (call,) = [r.query for r in fake.requests if r.path == "/simple/price"]
+    (call,) = [r.query for r in fake_coingecko.requests if r.path == "/simple/price"]
     # The coins of the markets page, in one call (the unknown id is not on the page).
     assert sorted(call["ids"].split(",")) == sorted(FIXTURE_COINS)
     assert call["vs_currencies"] == "btc,eth"
-    first = {record.coin_id: record for _, record in await kafka.read(CryptoPriceData)}
-    text, served = await served_quotes(fake, list(first))
+    first = {record.coin_id: record for _, record in await topics.read(CryptoPriceData)}
+    text, served = await served_quotes(fake_coingecko, list(first))
     assert "e-" in text  # the tiny quotes come in exponent notation
     for coin_id, record in first.items():
         for field, currency in (("btc_price", "btc"), ("eth_price", "eth")):
@@ -161,14 +149,14 @@ async def test_btc_and_eth_prices_are_coingeckos_quotes_exactly(
             assert value.as_tuple() == Decimal(served[coin_id][currency]).as_tuple()
     assert first["bitcoin"].btc_price == 1
 
-    fake.advance(60)
+    fake_coingecko.advance(60)
     await poller.poll_prices()  # every second poll only: this one has none
-    fake.advance(60)
+    fake_coingecko.advance(60)
     await poller.poll_prices()
-    assert fake.count("/simple/price") == 3  # two polls' calls and the test's own
+    assert fake_coingecko.count("/simple/price") == 3  # two polls' calls and the test's own
     later = {
         (record.coin_id, record.last_updated - first[record.coin_id].last_updated): record
-        for _, record in await kafka.read(CryptoPriceData)
+        for _, record in await topics.read(CryptoPriceData)
     }
     for coin_id in first:
         second, third = (
@@ -180,36 +168,36 @@ async def test_btc_and_eth_prices_are_coingeckos_quotes_exactly(
 
 
 async def test_btc_and_eth_quotes_of_long_ids_split_into_urls_coingecko_accepts(
-    fake: FakeCoinGecko, kafka: BrokerTopics
+    fake_coingecko: FakeCoinGecko, topics: BrokerTopics
 ) -> None:
-    for row in fake.coins:
+    for row in fake_coingecko.coins:
         if row["id"].startswith("coin-"):
             row["id"] = f"{row['id']}-{'x' * 60}"  # 250 of them: a 16,000-character URL
-    poller = make_poller(fake, kafka, coins="", top_n=600)
+    poller = make_poller(fake_coingecko, topics, coins="", top_n=600)
     await poller.poll_prices()
-    calls = [r for r in fake.requests if r.path == "/simple/price"]
-    lengths = [len(str(httpx.URL(fake.base_url + r.path, params=r.query))) for r in calls]
+    calls = [r for r in fake_coingecko.requests if r.path == "/simple/price"]
+    lengths = [len(str(httpx.URL(fake_coingecko.base_url + r.path, params=r.query))) for r in calls]
     assert len(calls) > 3 and max(lengths) <= MAX_URL_CHARS
     asked = [coin_id for r in calls for coin_id in r.query["ids"].split(",")]
     assert len(asked) == len(set(asked)) == 600
-    records = [record for _, record in await kafka.read(CryptoPriceData)]
+    records = [record for _, record in await topics.read(CryptoPriceData)]
     assert len(records) == 600 and all(r.btc_price is not None for r in records)
 
 
 async def test_a_refused_simple_price_leaves_the_prices_flowing(
-    fake: FakeCoinGecko, kafka: BrokerTopics
+    fake_coingecko: FakeCoinGecko, topics: BrokerTopics
 ) -> None:
     plan_error = '{"status":{"error_code":10005,"error_message":"not on your plan"}}'
-    fake.fail("/simple/price", body(plan_error, status=401))
-    poller = make_poller(fake, kafka)
+    fake_coingecko.fail("/simple/price", body(plan_error, status=401))
+    poller = make_poller(fake_coingecko, topics)
     await poller.poll_prices()
     assert "/simple/price" in poller.status.refused
-    first = [record for _, record in await kafka.read(CryptoPriceData)]
+    first = [record for _, record in await topics.read(CryptoPriceData)]
     assert len(first) == 6 and all(r.btc_price is None for r in first)
-    fake.advance(60)
+    fake_coingecko.advance(60)
     await poller.poll_prices()  # no second call: prices alone, and a successful poll
-    assert fake.count("/simple/price") == 1
-    assert len(await kafka.read(CryptoPriceData)) == 12
+    assert fake_coingecko.count("/simple/price") == 1
+    assert len(await topics.read(CryptoPriceData)) == 12
     assert poller.status.endpoints["prices"].last_success is not None
 
 
@@ -252,53 +240,59 @@ def test_quotes_by_default_as_often_as_the_price_share_of_the_plan_allows(
     ],
 )
 async def test_top_n_pages(
-    fake: FakeCoinGecko, kafka: BrokerTopics, overrides: dict[str, Any], pages: list[str]
+    fake_coingecko: FakeCoinGecko, topics: BrokerTopics, overrides: dict[str, Any], pages: list[str]
 ) -> None:
-    poller = make_poller(fake, kafka, **overrides)
+    poller = make_poller(fake_coingecko, topics, **overrides)
     await poller.poll_prices()
-    calls = [r.query for r in fake.requests if r.path == "/coins/markets"]
+    calls = [r.query for r in fake_coingecko.requests if r.path == "/coins/markets"]
     assert [q["page"] for q in calls] == pages
     assert {q["per_page"] for q in calls} == {"250"} and "ids" not in calls[0]
     expected = min(overrides["top_n"], 606)  # ghost-token has no price
-    assert kafka.published == expected == len(poller.symbols)
+    assert topics.published == expected == len(poller.symbols)
     assert list(poller.symbols)[:3] == ["bitcoin", "ethereum", "tether"]  # by market cap
 
 
-async def test_coin_list_goes_250_ids_per_call(fake: FakeCoinGecko, kafka: BrokerTopics) -> None:
+async def test_coin_list_goes_250_ids_per_call(
+    fake_coingecko: FakeCoinGecko, topics: BrokerTopics
+) -> None:
     ids = [f"coin-{n:04d}" for n in range(1, 601)]
-    poller = make_poller(fake, kafka, coins=",".join(ids))
+    poller = make_poller(fake_coingecko, topics, coins=",".join(ids))
     await poller.poll_prices()
-    calls = [r.query for r in fake.requests if r.path == "/coins/markets"]
+    calls = [r.query for r in fake_coingecko.requests if r.path == "/coins/markets"]
     assert [len(q["ids"].split(",")) for q in calls] == [250, 250, 100]
-    assert kafka.published == 600
+    assert topics.published == 600
 
 
-async def test_failures_never_escape_a_cycle(fake: FakeCoinGecko, kafka: BrokerTopics) -> None:
-    poller = make_poller(fake, kafka)
-    fake.fail("/coins/markets", html_page(), html_page())  # both attempts of the first poll
-    fake.fail("/global", body("{}"))
+async def test_failures_never_escape_a_cycle(
+    fake_coingecko: FakeCoinGecko, topics: BrokerTopics
+) -> None:
+    poller = make_poller(fake_coingecko, topics)
+    fake_coingecko.fail(
+        "/coins/markets", html_page(), html_page()
+    )  # both attempts of the first poll
+    fake_coingecko.fail("/global", body("{}"))
     await poller.poll_prices()
     await poller.poll_global()
     prices, global_ = poller.status.endpoints["prices"], poller.status.endpoints["global"]
     assert prices.failures == 1
     assert "HTTP 502" in (prices.last_error or "")
-    assert prices.last_success is None and kafka.published == 0
+    assert prices.last_success is None and topics.published == 0
     assert global_.failures == 1 and "no usable data" in (global_.last_error or "")
     await poller.poll_prices()  # the next cycle recovers
-    assert prices.last_success is not None and kafka.published == 6
+    assert prices.last_success is not None and topics.published == 6
     assert poller.status.as_json()["endpoints"]["prices"]["failures"] == 1
 
 
 async def test_wrong_key_is_reported_once_and_stops_calls(
-    fake: FakeCoinGecko, kafka: BrokerTopics, caplog: pytest.LogCaptureFixture
+    fake_coingecko: FakeCoinGecko, topics: BrokerTopics, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.ERROR)
     invalid = '{"status":{"error_code":10002,"error_message":"Invalid API key"}}'
-    fake.fail("/coins/markets", body(invalid, status=401))
-    poller = make_poller(fake, kafka, coingecko_plan="demo", coingecko_api_key="CG-bad")
+    fake_coingecko.fail("/coins/markets", body(invalid, status=401))
+    poller = make_poller(fake_coingecko, topics, coingecko_plan="demo", coingecko_api_key="CG-bad")
     for _ in range(3):
         await poller.poll_prices()
-    assert fake.count("/coins/markets") == 1
+    assert fake_coingecko.count("/coins/markets") == 1
     assert "/coins/markets" in poller.status.refused
     assert poller.status.endpoints["prices"].failures == 3
     errors = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]

@@ -10,11 +10,12 @@ from typing import Any
 
 import httpx
 import pytest
-from workers import Kafka, Worker, count_rows, eventually, stored
 
 from coingecko.fake_server import serve_fake_coingecko
 from coingecko.parse import loads_exact
 from models import RECORDS, CryptoPriceData
+from testkit.databases import count_rows, stored
+from testkit.workers import Kafka, Worker, eventually
 
 pytestmark = pytest.mark.slow
 

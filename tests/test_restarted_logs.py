@@ -17,19 +17,13 @@ from typing import Any
 
 import pytest
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from workers import (
-    Kafka,
-    Sent,
-    Worker,
-    assert_exactly,
-    eventually,
-    prices,
-    stored,
-)
 
 from app.embedded import EmbeddedBroker
 from models import CryptoPriceData
 from schema.topics import topic_configs
+from testkit.databases import assert_exactly, stored
+from testkit.records import prices
+from testkit.workers import Kafka, Sent, Worker, eventually
 
 pytestmark = pytest.mark.slow
 PRICES = CryptoPriceData.topic.name

@@ -15,13 +15,13 @@ import jsonschema
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from strategies import valid
 
 from models import RECORDS, CryptoMarketAnalytics, CryptoOHLCVData, CryptoPriceData
 from models.codec import decode_record, encode_record
 from models.dsl import StreamRecord
 from schema.avro import avro_schema, decode_avro, encode_avro
 from schema.jsonschema import json_schema
+from testkit.strategies import valid
 
 NOW = datetime(2024, 5, 1, 12, 30, tzinfo=UTC)
 MAX_DECIMAL = "9" * 38 + "." + "9" * 38  # DECIMAL(76, 38) at full precision

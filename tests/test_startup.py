@@ -12,13 +12,14 @@ from pathlib import Path
 
 import asyncpg
 import pytest
-from conftest import dsn_for
-from workers import Kafka, Worker, prices
 
 from app.embedded import EmbeddedBroker, free_port
 from app.settings import load_settings
 from models import RECORDS
 from schema.migrate import NOT_PRELOADED, TimescaleUnavailable, migrate_database
+from testkit.databases import dsn_for
+from testkit.records import prices
+from testkit.workers import Kafka, Worker
 
 PROJECT = Path(__file__).resolve().parent.parent
 DB_PASSWORD = "pg-sekrit-789"

@@ -18,8 +18,6 @@ import asyncpg
 import httpx
 import pytest
 from aiokafka import AIOKafkaProducer
-from conftest import dsn_for
-from workers import Worker, eventually
 
 from app.embedded import EmbeddedBroker, create_generated_topics, free_port
 from app.main import app
@@ -29,6 +27,8 @@ from models.dsl import StreamRecord, quote_ident
 from models.market import PARTITIONS, CryptoMarketAnalytics, CryptoPriceData
 from schema.migrate import migrate_database
 from tables.live import range_window, widen
+from testkit.databases import dsn_for
+from testkit.workers import Worker, eventually
 
 pytestmark = pytest.mark.slow
 

@@ -19,12 +19,13 @@ import psutil
 import pytest
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
-from workers import Kafka, assert_exactly, primary_key, stored
 
 from app.embedded import EmbeddedBroker, free_port
 from models import RECORDS, CryptoPriceData
 from models.codec import decode_record
 from schema.topics import topic_configs
+from testkit.databases import assert_exactly, primary_key, stored
+from testkit.workers import Kafka
 
 pytestmark = pytest.mark.slow
 

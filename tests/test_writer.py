@@ -11,14 +11,14 @@ import pytest
 from hypothesis import HealthCheck, given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
-from strategies import valid
-from workers import primary_key
 
 from models import RECORDS, CryptoMarketAnalytics, CryptoPriceData, StreamRecord
 from models.dsl import quote_ident
 from schema.migrate import migrate_database
 from store.db import create_pool
 from store.writer import RecordWriter, WriteResult
+from testkit.databases import primary_key
+from testkit.strategies import valid
 
 T0 = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
 # Values a float would mangle: tiny prices, 38 fractional digits, market caps beyond 2**63.

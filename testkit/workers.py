@@ -1,39 +1,34 @@
-"""End-to-end test helpers: real `faust -A app worker` processes, the test's side of the broker,
-and exact comparisons of what the database holds with what was produced.
-
-Shared by the tests that run worker processes (sink, reliability); the fixtures built on these
-live in `conftest.py`.
+"""Worker processes and the test's side of the broker, for the tests and the benchmarks: real
+`faust -A app worker` processes started as users start them, in an environment no developer
+setting leaks into, and a producer/group reader on the broker they use.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import subprocess
 import sys
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
-from decimal import Decimal
 from pathlib import Path
 from typing import Any, TypeVar
 
-import asyncpg
 import httpx
+import psutil
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.coordinator.assignors.roundrobin import RoundRobinPartitionAssignor
 
 from app.embedded import EmbeddedBroker, create_generated_topics, free_port
-from models import CryptoPriceData, StreamRecord
+from app.settings import Settings
+from models import StreamRecord
 from models.codec import encode_record
-from models.dsl import quote_ident
 from schema.topics import topic_configs
 
 TIMEOUT = 60.0  # generous: the suite shares two cores
 STOP_TIMEOUT = 45.0  # the worker's own shutdown window, plus slack
-T0 = datetime(2024, 5, 1, tzinfo=UTC)
 T = TypeVar("T")
-Rows = dict[tuple[object, ...], dict[str, object]]
 
 
 @dataclass(frozen=True)
@@ -56,11 +51,123 @@ class Health:
     body: dict[str, Any]
 
 
-class Worker:
-    """`faust -A app worker`, as users start it, logging to a file the test can read.
+def env_without_settings() -> dict[str, str]:
+    """This process's environment without any app setting: a developer's own variables cannot
+    leak into a worker started from it."""
+    names = {name.upper() for name in Settings.model_fields}
+    return {name: value for name, value in os.environ.items() if name.upper() not in names}
 
-    `base_env` must hold no app setting (the `bare_env` fixture), so a developer's own variables
-    cannot leak in; each worker gets its own web port and data directory.
+
+def worker_env(
+    base_env: Mapping[str, str],
+    broker: EmbeddedBroker,
+    dsn: str,
+    app_id: str,
+    directory: Path,
+    web_port: int,
+    extra: Mapping[str, str] | None = None,
+) -> dict[str, str]:
+    """A worker's environment: its group, broker and database, fast group rebalances, its own web
+    port and data directory, and a poller that only logs an error now and then (a closed port,
+    hour-long intervals). `base_env` must hold no app setting (`env_without_settings`)."""
+    return {
+        **base_env,
+        "APP_ID": app_id,
+        "BROKER_URL": broker.url,
+        "DATABASE_URL": dsn,
+        "BROKER_SESSION_TIMEOUT": "4",
+        "BROKER_HEARTBEAT_INTERVAL": "1",
+        "WEB_PORT": str(web_port),
+        "DATA_DIR": str(directory / f"data-{app_id}-{web_port}"),
+        "COINGECKO_BASE_URL": f"http://127.0.0.1:{free_port()}/api/v3",
+        "PRICE_POLL_SECONDS": "3600",
+        "GLOBAL_POLL_SECONDS": "3600",
+        "OHLC_POLL_SECONDS": "3600",
+        **(extra or {}),
+    }
+
+
+def faust_command(*args: str, module: str = "app") -> list[str]:
+    """`faust -A <module> <args>` with this interpreter."""
+    return [sys.executable, "-m", "faust", "-A", module, *args]
+
+
+class Process:
+    """A child process whose combined output goes to a file that can be read while it runs."""
+
+    def __init__(self, argv: Sequence[str], env: Mapping[str, str], log_path: Path) -> None:
+        self.argv = list(argv)
+        self.env = dict(env)
+        self.log_path = log_path
+        with log_path.open("wb") as log:
+            self.popen = subprocess.Popen(
+                self.argv, env=self.env, stdout=log, stderr=subprocess.STDOUT
+            )
+        self._measured = psutil.Process(self.popen.pid)
+
+    @property
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def assert_alive(self) -> None:
+        assert self.popen.poll() is None, (
+            f"{self.argv[2:]} exited ({self.popen.returncode}):\n{self.excerpt()}"
+        )
+
+    def excerpt(self) -> str:
+        """The log's first error and its tail: a crash's cause comes first, and its shutdown
+        noise (cancelled agents, a stopped producer) can fill any tail."""
+        output = self.output
+        tail = max(0, len(output) - 5000)
+        found = [i for i in map(output.find, ("[ERROR]", "[CRITICAL]", "Traceback")) if i >= 0]
+        start = output.rfind("\n", 0, min(found)) + 1 if found else tail
+        if start >= tail:  # the first error is within the tail
+            return output[tail:]
+        return f"{output[start : start + 5000]}\n[…]\n{output[tail:]}"
+
+    async def wait_until(
+        self, ready: Callable[[str], bool], what: str, timeout: float = TIMEOUT
+    ) -> None:
+        """Poll the output until `ready`; fail early with the log if the process dies."""
+
+        async def check() -> bool | None:
+            return True if ready(self.output) else None
+
+        await eventually(check, self, what, timeout)
+
+    def rss(self) -> int:
+        """Resident memory in bytes; 0 once the process is gone."""
+        try:
+            return int(self._measured.memory_info().rss)
+        except psutil.Error:
+            return 0
+
+    async def stop(self, signum: signal.Signals = signal.SIGTERM) -> int:
+        """Send `signum` and wait for the exit status (within the worker's shutdown window)."""
+        self.popen.send_signal(signum)
+        return await asyncio.to_thread(self.popen.wait, STOP_TIMEOUT)
+
+    def kill(self) -> None:
+        """SIGKILL: no shutdown code runs, nothing is flushed or committed."""
+        if self.popen.poll() is None:
+            self.popen.kill()
+            self.popen.wait()
+
+    def close(self) -> None:
+        """Stop it if still running: SIGTERM first (so `up` stops its services too), then kill."""
+        if self.popen.poll() is None:
+            self.popen.terminate()
+            try:
+                self.popen.wait(STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+
+class Worker(Process):
+    """`faust -A <module> worker -l info`, as users (and the Procfile) start it.
+
+    `base_env` must hold no app setting (`env_without_settings`); each worker gets its own web
+    port and data directory.
     """
 
     def __init__(
@@ -71,36 +178,14 @@ class Worker:
         app_id: str,
         directory: Path,
         extra: Mapping[str, str] | None = None,
+        module: str = "app",
     ) -> None:
         port = free_port()
-        self.log_path = directory / f"worker-{port}.log"
-        self.env = {
-            **base_env,
-            "APP_ID": app_id,
-            "BROKER_URL": broker.url,
-            "DATABASE_URL": dsn,
-            "BROKER_SESSION_TIMEOUT": "4",
-            "BROKER_HEARTBEAT_INTERVAL": "1",
-            "WEB_PORT": str(port),
-            "DATA_DIR": str(directory / f"data-{port}"),
-            # The poller gets a closed port and long intervals: it only logs an error now and then.
-            "COINGECKO_BASE_URL": f"http://127.0.0.1:{free_port()}/api/v3",
-            "PRICE_POLL_SECONDS": "3600",
-            "GLOBAL_POLL_SECONDS": "3600",
-            "OHLC_POLL_SECONDS": "3600",
-            **(extra or {}),
-        }
-        with self.log_path.open("wb") as log:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "faust", "-A", "app", "worker", "-l", "info"],
-                env=self.env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-
-    @property
-    def output(self) -> str:
-        return self.log_path.read_text(errors="replace")
+        super().__init__(
+            faust_command("worker", "-l", "info", module=module),
+            worker_env(base_env, broker, dsn, app_id, directory, port, extra),
+            directory / f"worker-{port}.log",
+        )
 
     @property
     def url(self) -> str:
@@ -130,29 +215,8 @@ class Worker:
         status: dict[str, Any] = (await self.health()).body["sink"][topic]
         return status
 
-    def assert_alive(self) -> None:
-        assert self.process.poll() is None, f"worker exited:\n{self.excerpt()}"
-
-    def excerpt(self) -> str:
-        """The log's first error and its tail: a crash's cause comes first, and its shutdown
-        noise (cancelled agents, a stopped producer) can fill any tail."""
-        output = self.output
-        tail = max(0, len(output) - 5000)
-        found = [i for i in map(output.find, ("[ERROR]", "[CRITICAL]", "Traceback")) if i >= 0]
-        start = output.rfind("\n", 0, min(found)) + 1 if found else tail
-        if start >= tail:  # the first error is within the tail
-            return output[tail:]
-        return f"{output[start : start + 5000]}\n[…]\n{output[tail:]}"
-
     async def terminate(self) -> int:
-        self.process.send_signal(signal.SIGTERM)
-        return await asyncio.to_thread(self.process.wait, STOP_TIMEOUT)
-
-    def kill(self) -> None:
-        """SIGKILL: no shutdown code runs, nothing is flushed or committed."""
-        if self.process.poll() is None:
-            self.process.kill()
-            self.process.wait()
+        return await self.stop(signal.SIGTERM)
 
 
 class FaustNamedAssignor(RoundRobinPartitionAssignor):
@@ -296,75 +360,12 @@ class Kafka:
 
 
 async def eventually(
-    check: Callable[[], Awaitable[T | None]], worker: Worker, what: str, timeout: float = TIMEOUT
+    check: Callable[[], Awaitable[T | None]], process: Process, what: str, timeout: float = TIMEOUT
 ) -> T:
-    """Poll `check` until it returns something other than None; fail if the worker dies."""
+    """Poll `check` until it returns something other than None; fail if the process dies."""
     deadline = asyncio.get_running_loop().time() + timeout
     while (result := await check()) is None:
-        worker.assert_alive()
-        assert asyncio.get_running_loop().time() < deadline, f"no {what}:\n{worker.excerpt()}"
+        process.assert_alive()
+        assert asyncio.get_running_loop().time() < deadline, f"no {what}:\n{process.excerpt()}"
         await asyncio.sleep(0.25)
     return result
-
-
-def prices(prefix: str, count: int, coins: int = 37) -> list[CryptoPriceData]:
-    """Distinct snapshots with values a float would mangle (tiny, long, huge, exponent form)."""
-    values = [
-        lambda i: Decimal(f"{i}E-20"),
-        lambda i: Decimal(1) / Decimal(7 + i),
-        lambda i: Decimal(f"{i}{'9' * 25}.{'1' * 12}"),
-        lambda i: Decimal(f"0.{i:038d}"[:40]),
-        lambda i: Decimal(f"6.{i}E-7"),
-    ]
-    return [
-        CryptoPriceData(
-            coin_id=f"{prefix}-{i % coins}",
-            symbol="sym",
-            name=f"Coin {i}",
-            usd_price=values[i % len(values)](i + 1),
-            market_cap=Decimal(f"{i}123456789012345678"),
-            change_24h=Decimal(f"-{i}.5"),
-            btc_price=None if i % 3 else Decimal("0.00001234"),
-            last_updated=T0 + timedelta(seconds=i),
-        )
-        for i in range(count)
-    ]
-
-
-async def stored(dsn: str, record: type[StreamRecord]) -> Rows:
-    """A table's rows keyed by primary key."""
-    connection = await asyncpg.connect(dsn)
-    try:
-        rows = await connection.fetch(f"SELECT * FROM {quote_ident(record.table.name)}")  # noqa: S608
-    finally:
-        await connection.close()
-    return {tuple(row[c] for c in record.table.primary_key): dict(row) for row in rows}
-
-
-async def count_rows(dsn: str, record: type[StreamRecord]) -> int:
-    connection = await asyncpg.connect(dsn)
-    try:
-        count: int = await connection.fetchval(
-            f"SELECT count(*) FROM {quote_ident(record.table.name)}"  # noqa: S608
-        )
-    finally:
-        await connection.close()
-    return count
-
-
-def primary_key(record: StreamRecord) -> tuple[object, ...]:
-    return tuple(getattr(record, column) for column in record.table.primary_key)
-
-
-def expected(records: Sequence[StreamRecord]) -> Rows:
-    return {primary_key(record): record.model_dump() for record in records}
-
-
-def assert_exactly(rows: Rows, records: Sequence[StreamRecord]) -> None:
-    """The table holds one row per record, no other row, every value equal (Decimal ==, exact)."""
-    want = expected(records)
-    assert len(want) == len(records), "the test's records must have distinct keys"
-    assert rows.keys() == want.keys()
-    for key, values in want.items():
-        for column, value in values.items():
-            assert rows[key][column] == value, (key, column)

@@ -1,4 +1,4 @@
-"""Poller test helpers: a poller wired to the local CoinGecko fake, publishing to the real
+"""Poller helpers for the tests: a poller wired to the local CoinGecko fake, publishing to the real
 broker under a per-test topic prefix."""
 
 from __future__ import annotations
@@ -57,10 +57,8 @@ class BrokerTopics:
         )
         await consumer.start()
         try:
+            await consumer.topics()  # a metadata request: the topic may be new
             partitions = consumer.partitions_for_topic(topic) or set()
-            if not partitions:
-                await consumer._client.force_metadata_update()  # type: ignore[attr-defined]
-                partitions = consumer.partitions_for_topic(topic) or set()
             consumer.assign([TopicPartition(topic, p) for p in partitions])
             messages: list[tuple[bytes, Any]] = []
             while batch := await consumer.getmany(timeout_ms=500):
