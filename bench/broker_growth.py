@@ -26,12 +26,12 @@ from bench.common import (
     describe_machine,
     percentile,
     produce,
-    snapshots,
     stack,
     stamped,
     table,
     timed_fetches,
 )
+from testkit.records import snapshots
 
 WINDOW = 10.0  # seconds
 PREFILL = 50_000

@@ -1,6 +1,6 @@
-"""What every benchmark needs: its own broker and PostgreSQL, realistic records, worker processes.
-
-Nothing here is shared with the tests: a benchmark measures, it never asserts.
+"""What every benchmark needs: its own broker and PostgreSQL, timing of rows and fetches, and the
+worker processes of `testkit` (shared with the tests) started the way the benchmarks start them.
+A benchmark measures, it never asserts on what it measured.
 """
 
 from __future__ import annotations
@@ -10,23 +10,17 @@ import contextlib
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-import uuid
 from collections.abc import AsyncIterator, Iterator, Sequence
-from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
-from decimal import Decimal
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
-from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import faust
-import httpx
 import psutil
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
@@ -36,7 +30,8 @@ from app.settings import Settings, load_settings
 from models.codec import encode_record
 from models.dsl import quote_ident
 from models.market import CryptoPriceData
-from schema.migrate import migrate_database
+from testkit.databases import create_database
+from testkit.workers import Process, Worker, env_without_settings, worker_env
 
 PRICES_TOPIC = CryptoPriceData.topic.name
 WORKER_FETCH_MAX_WAIT_MS = Settings.model_fields["broker_fetch_max_wait_ms"].default
@@ -58,15 +53,7 @@ class Stack:
 
     async def database(self) -> str:
         """A fresh database with the app's schema; its DSN."""
-        name = f"bench_{uuid.uuid4().hex[:10]}"
-        admin = await asyncpg.connect(self.server_dsn)
-        try:
-            await admin.execute(f"CREATE DATABASE {quote_ident(name)}")
-        finally:
-            await admin.close()
-        dsn = urlunsplit(urlsplit(self.server_dsn)._replace(path=f"/{name}"))
-        await migrate_database(dsn)
-        return dsn
+        return await create_database(self.server_dsn, "bench", migrated=True)
 
 
 @contextlib.contextmanager
@@ -84,34 +71,6 @@ def stack() -> Iterator[Stack]:
             embedded_postgres(pgdata) as server_dsn,
         ):
             yield Stack(directory, broker, server_dsn)
-
-
-def coin_price(coin: int, cycle: int, when: datetime) -> CryptoPriceData:
-    """A CoinGecko-like snapshot: prices from 1E-10 to 1E+5 (tiny ones in exponent form), long
-    market caps, signed percentages, optional fields sometimes null."""
-    base = Decimal(f"{(coin * 7919) % 9973 + 1}E{coin % 16 - 10}")
-    wiggle = Decimal(1000 + (cycle * 37 + coin) % 61 - 30) / 1000
-    return CryptoPriceData(
-        coin_id=f"coin-{coin:04d}",
-        symbol=f"c{coin}",
-        name=f"Coin {coin}",
-        usd_price=base * wiggle,
-        btc_price=(base * wiggle / 65000).quantize(Decimal("1E-18")) if coin % 4 else None,
-        eth_price=(base * wiggle / 3200).quantize(Decimal("1E-18")) if coin % 4 else None,
-        market_cap=Decimal(f"{(coin + 1) * 1234567890123 + cycle}"),
-        volume_24h=Decimal(f"{(coin + 7) * 9876543 + cycle}.{cycle % 100:02d}"),
-        change_24h=Decimal(f"{(cycle % 200) - 100}.{coin:04d}"),
-        change_7d=None if coin % 3 else Decimal(f"-{cycle % 50}.125"),
-        last_updated=when,
-    )
-
-
-def snapshots(count: int, coins: int = 100, start: datetime = T0) -> list[CryptoPriceData]:
-    """`count` snapshots of `coins` coins, one polling cycle (a minute) after another."""
-    return [
-        coin_price(i % coins, i // coins, start + timedelta(minutes=i // coins))
-        for i in range(count)
-    ]
 
 
 def producer(bootstrap: str) -> AIOKafkaProducer:
@@ -187,105 +146,34 @@ async def watch_rows(
                 first, last = float(times["first"]), float(times["last"])
                 return Run(times["rows"], first, last, times["at_first"], peak)
             for process in processes:
-                process.check()  # exited before every row was in
+                process.assert_alive()  # exited before every row was in
             if time.perf_counter() > deadline:
                 raise TimeoutError(f"only {count} of {target} rows after {timeout:.0f}s")
     finally:
         await connection.close()
 
 
-@dataclass
-class Process:
-    """A subprocess (a Faust worker or a baseline script) logging to a file; RSS measurable."""
-
-    argv: list[str]
-    env: dict[str, str]
-    log_path: Path
-    web_port: int | None = None
-    popen: subprocess.Popen[bytes] = field(init=False)
-
-    def __post_init__(self) -> None:
-        with self.log_path.open("wb") as log:
-            self.popen = subprocess.Popen(
-                self.argv, env=self.env, stdout=log, stderr=subprocess.STDOUT
-            )
-        self._process = psutil.Process(self.popen.pid)
-
-    def rss(self) -> int:
-        try:
-            return int(self._process.memory_info().rss)
-        except psutil.Error:
-            return 0
-
-    def check(self) -> None:
-        if self.popen.poll() is not None:
-            tail = self.log_path.read_text(errors="replace")[-3000:]
-            raise RuntimeError(f"{self.argv} exited with {self.popen.returncode}:\n{tail}")
-
-    async def health(self) -> dict[str, Any]:
-        assert self.web_port is not None
-        async with httpx.AsyncClient(timeout=10) as client:
-            body: dict[str, Any] = (
-                await client.get(f"http://127.0.0.1:{self.web_port}/health")
-            ).json()
-        return body
-
-    def stop(self) -> None:
-        if self.popen.poll() is None:
-            self.popen.terminate()
-            try:
-                self.popen.wait(45)
-            except subprocess.TimeoutExpired:
-                self.popen.kill()
-                self.popen.wait()
-
-
-def worker_env(stack: Stack, dsn: str, app_id: str, web_port: int, **extra: str) -> dict[str, str]:
-    """The environment of `faust -A app worker` for a benchmark: the poller is idle."""
-    names = {"APP_ID", "BROKER_URL", "DATABASE_URL", "COINS", "TOP_N", "LOG_LEVEL"}
-    base = {k: v for k, v in os.environ.items() if k.upper() not in names}
-    return {
-        **base,
-        "APP_ID": app_id,
-        "BROKER_URL": stack.broker.url,
-        "DATABASE_URL": dsn,
-        "BROKER_SESSION_TIMEOUT": "4",
-        "BROKER_HEARTBEAT_INTERVAL": "1",
-        "WEB_PORT": str(web_port),
-        "DATA_DIR": str(stack.directory / f"data-{app_id}-{web_port}"),
-        "COINGECKO_BASE_URL": f"http://127.0.0.1:{free_port()}/api/v3",
-        "PRICE_POLL_SECONDS": "3600",
-        "GLOBAL_POLL_SECONDS": "3600",
-        "OHLC_POLL_SECONDS": "3600",
-        **extra,
-    }
-
-
 def bare_sink(stack: Stack, dsn: str, rows: int | None = None) -> Process:
     """Baseline (a), `bench.bare_sink`: everything the worker does to a record but Faust, with the
     worker's garbage-collector thresholds and fetch wait; stops after `rows` (None: when stopped).
     """
-    env = worker_env(stack, dsn, "bench-bare", free_port())
-    env.update(
-        BENCH_BOOTSTRAP=stack.bootstrap,
-        BENCH_GC_THRESHOLDS=",".join(map(str, GC_THRESHOLDS)),
-        BENCH_FETCH_MAX_WAIT_MS=str(WORKER_FETCH_MAX_WAIT_MS),
-    )
+    extra = {
+        "BENCH_BOOTSTRAP": stack.bootstrap,
+        "BENCH_GC_THRESHOLDS": ",".join(map(str, GC_THRESHOLDS)),
+        "BENCH_FETCH_MAX_WAIT_MS": str(WORKER_FETCH_MAX_WAIT_MS),
+    }
     if rows is not None:
-        env["BENCH_ROWS"] = str(rows)
+        extra["BENCH_ROWS"] = str(rows)
+    base = env_without_settings()
+    env = worker_env(base, stack.broker, dsn, "bench-bare", stack.directory, free_port(), extra)
     log_path = stack.directory / f"bare-{time.monotonic_ns()}.log"
     return Process([sys.executable, "-m", "bench.bare_sink"], env, log_path)
 
 
-def faust_worker(stack: Stack, module: str, dsn: str, app_id: str, **extra: str) -> Process:
+def faust_worker(stack: Stack, module: str, dsn: str, app_id: str, **extra: str) -> Worker:
     """`faust -A <module> worker -l info`, as the Procfile starts it."""
-    port = free_port()
-    return Process(
-        [sys.executable, "-m", "faust", "-A", module, "worker", "-l", "info"],
-        worker_env(stack, dsn, app_id, port, **extra),
-        stack.directory / f"{app_id}-{port}.log",
-        web_port=port,
-    )
+    base = env_without_settings()
+    return Worker(base, stack.broker, dsn, app_id, stack.directory, extra, module)
 
 
 @contextlib.asynccontextmanager
@@ -294,7 +182,7 @@ async def running(*processes: Process) -> AsyncIterator[None]:
         yield
     finally:
         for process in processes:
-            await asyncio.to_thread(process.stop)
+            await asyncio.to_thread(process.close)
 
 
 def stamped(padding: bytes = b"") -> bytes:

@@ -39,7 +39,6 @@ from bench.common import (
     PRICES_TOPIC,
     Stack,
     bare_sink,
-    coin_price,
     describe_machine,
     faust_worker,
     percentile,
@@ -49,6 +48,8 @@ from bench.common import (
     table,
 )
 from models.codec import encode_record
+from testkit.records import coin_price
+from testkit.workers import Process
 
 CHANNEL = "bench_landed"
 # Epoch microseconds of the inserted rows, in notifications of at most 400 values (the payload
@@ -94,6 +95,7 @@ async def measure(s: Stack, contender: str, rate: int, seconds: float) -> dict[s
     await listener.execute(TRIGGER)
     landed = Landed()
     await listener.add_listener(CHANNEL, landed.on_notify)
+    process: Process
     if contender == "worker":
         process = faust_worker(s, "app", dsn, f"bench-latency-{rate}")
     else:
@@ -108,7 +110,7 @@ async def measure(s: Stack, contender: str, rate: int, seconds: float) -> dict[s
             # the topic (it starts at the topic's beginning) and is fetching.
             landed.restart()
             while not landed.latencies:
-                process.check()
+                process.assert_alive()
                 await send(kafka, 0, 0)
                 await asyncio.sleep(0.5)
             await asyncio.sleep(1.0)

@@ -18,8 +18,6 @@ from datetime import timedelta
 
 from app.embedded import create_generated_topics
 from bench.common import (
-    T0,
-    coin_price,
     describe_machine,
     faust_worker,
     produce,
@@ -28,6 +26,7 @@ from bench.common import (
     table,
     watch_rows,
 )
+from testkit.records import T0, coin_price
 
 CLEANUP_WAIT = 35.0  # Faust's table_cleanup_interval (30 s) plus slack
 

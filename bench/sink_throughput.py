@@ -38,12 +38,12 @@ from bench.common import (
     faust_worker,
     produce,
     running,
-    snapshots,
     stack,
     table,
     watch_rows,
 )
 from models.market import CryptoPriceData
+from testkit.records import snapshots
 
 CONTENDERS = ("bare", "naive", "worker", "two-workers")  # the default; also: public
 
@@ -67,7 +67,7 @@ async def workers(
         statuses = []
         if module == "app":  # the naive agent serves no /health
             for process in processes:
-                statuses.append((await process.health())["sink"][CryptoPriceData.topic.name])
+                statuses.append((await process.health()).body["sink"][CryptoPriceData.topic.name])
         return run, statuses
 
 

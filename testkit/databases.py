@@ -14,7 +14,6 @@ import asyncpg
 from models import StreamRecord
 from models.dsl import quote_ident
 from schema.migrate import migrate_database
-from store.db import connect
 from store.writer import RecordWriter
 
 Rows = dict[tuple[object, ...], dict[str, object]]
@@ -61,16 +60,11 @@ async def fresh_database(
         await drop_database(server_dsn, dsn)
 
 
-async def write_records(dsn: str, records: Iterable[StreamRecord]) -> None:
+async def write_records(pool: asyncpg.Pool, records: Iterable[StreamRecord]) -> None:
     """Store `records` the way the sink does (`RecordWriter`: a key already stored is skipped),
-    in one transaction."""
-    connection = await connect(dsn)
-    try:
-        async with connection.transaction():
-            for record_type, batch in groupby(records, type):
-                await RecordWriter(record_type).insert(connection, list(batch))
-    finally:
-        await connection.close()
+    a batch per run of one record type."""
+    for record_type, batch in groupby(records, type):
+        await RecordWriter(record_type).write(pool, list(batch))
 
 
 async def stored(dsn: str, record: type[StreamRecord]) -> Rows:

@@ -18,7 +18,7 @@ from coingecko.fake_server import FakeCoinGecko, serve_fake_coingecko
 from schema.migrate import migrate_database
 from testkit.databases import fresh_database
 from testkit.pollers import BrokerTopics
-from testkit.workers import Kafka, Worker, env_without_settings
+from testkit.workers import Kafka, Process, Worker, env_without_settings
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -107,6 +107,15 @@ def workers(
     yield start
     for worker in started:
         worker.kill()
+
+
+@pytest.fixture
+def processes() -> Iterator[list[Process]]:
+    """Every process a test starts (it appends them); stopped if the test fails first."""
+    started: list[Process] = []
+    yield started
+    for process in started:
+        process.close()
 
 
 @pytest.fixture

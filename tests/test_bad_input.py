@@ -42,8 +42,7 @@ from models import RECORDS, CryptoMarketAnalytics, CryptoOHLCVData, CryptoPriceD
 from models.codec import MAX_MESSAGE_BYTES, RecordRejected, decode_record, encode_record
 from models.dsl import quote_ident
 from schema.artifacts import artifacts
-from schema.migrate import migrate_database
-from testkit.databases import count_rows, dsn_for
+from testkit.databases import count_rows, create_database, drop_database
 from testkit.pollers import BrokerTopics, make_poller
 from testkit.strategies import valid
 from testkit.workers import Kafka, Worker, eventually
@@ -447,12 +446,7 @@ async def pipeline(
 ) -> AsyncIterator[tuple[Kafka, Worker, str]]:
     """A worker on a broker and a migrated database of this module's own."""
     tmp = tmp_path_factory.mktemp("bad-input")
-    name = f"bad_{uuid.uuid4().hex[:12]}"
-    admin = await asyncpg.connect(postgres_server)
-    await admin.execute(f"CREATE DATABASE {quote_ident(name)}")
-    await admin.close()
-    dsn = dsn_for(postgres_server, name)
-    await migrate_database(dsn)
+    dsn = await create_database(postgres_server, "bad", migrated=True)
     app_id = f"bad-input-{uuid.uuid4().hex[:8]}"
     with EmbeddedBroker(log_path=tmp / "broker.log") as broker:
         kafka = Kafka(f"127.0.0.1:{broker.port}", app_id)
@@ -471,9 +465,7 @@ async def pipeline(
         finally:
             worker.kill()
             await kafka.stop()
-            admin = await asyncpg.connect(postgres_server)
-            await admin.execute(f"DROP DATABASE IF EXISTS {quote_ident(name)} WITH (FORCE)")
-            await admin.close()
+            await drop_database(postgres_server, dsn)
 
 
 def spoil(record: StreamRecord, **changes: Any) -> bytes:

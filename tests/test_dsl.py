@@ -14,6 +14,7 @@ from models import RECORDS, CryptoMarketAnalytics, CryptoOHLCVData, CryptoPriceD
 from models.codec import MAX_MESSAGE_BYTES, RecordRejected, decode_record, encode_record
 from models.dsl import StreamRecord, TableSpec, TopicSpec, check_registry
 from models.types import DSLError, Price, Text, Timestamp
+from testkit.records import price_fields
 
 BASE_FIELDS: dict[str, Any] = {"coin_id": Text, "at": Timestamp, "price": Price}
 
@@ -193,22 +194,10 @@ def test_registry_refuses_shared_tables_and_topics() -> None:
 NOW = datetime(2024, 5, 1, 12, 30, tzinfo=UTC)
 
 
-def price(**overrides: Any) -> dict[str, Any]:
-    """Keyword arguments of a valid CryptoPriceData, as Python values."""
-    return {
-        "coin_id": "bitcoin",
-        "symbol": "btc",
-        "name": "Bitcoin",
-        "usd_price": Decimal("64000.12"),
-        "last_updated": NOW,
-        **overrides,
-    }
-
-
 def wire(record_type: type[StreamRecord], **overrides: Any) -> bytes:
     """A valid message of `record_type` with some JSON fields replaced (or removed, via ...)."""
     valid = {
-        CryptoPriceData: price(),
+        CryptoPriceData: price_fields(),
         CryptoOHLCVData: {
             "coin_id": "bitcoin",
             "symbol": "btc",
@@ -253,7 +242,7 @@ REJECTED = [
 @pytest.mark.parametrize(("field", "value", "message"), REJECTED)
 def test_invalid_values_are_refused_by_the_record(field: str, value: Any, message: str) -> None:
     with pytest.raises(ValidationError) as error:
-        CryptoPriceData(**price(**{field: value}))
+        CryptoPriceData(**price_fields(**{field: value}))
     assert error.value.errors()[0]["loc"] == (field,)
     assert message in str(error.value)
 
@@ -309,14 +298,16 @@ def test_undecodable_messages_are_rejected_with_a_reason() -> None:
 
 
 def test_signed_decimals_accept_negative_values_and_zero_is_not_negative() -> None:
-    record = CryptoPriceData(**price(change_24h="-12.5", usd_price="-0", volume_24h="0"))
+    record = CryptoPriceData(**price_fields(change_24h="-12.5", usd_price="-0", volume_24h="0"))
     assert record.change_24h == Decimal("-12.5")
     assert record.usd_price == 0
 
 
 def test_aware_datetimes_are_normalised_to_utc() -> None:
     tokyo = timezone(timedelta(hours=9))
-    record = CryptoPriceData(**price(last_updated=datetime(2024, 5, 1, 21, 30, tzinfo=tokyo)))
+    record = CryptoPriceData(
+        **price_fields(last_updated=datetime(2024, 5, 1, 21, 30, tzinfo=tokyo))
+    )
     assert record.last_updated == NOW
     assert record.last_updated.tzinfo is UTC
     decoded = decode_record(

@@ -2,46 +2,22 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
 import asyncpg
 import pytest
 
-from models.dsl import StreamRecord, quote_ident
 from models.market import CryptoMarketAnalytics, CryptoPriceData
 from schema.migrate import migrate_database
 from store import queries
 from store.db import create_pool
+from testkit.databases import write_records
+from testkit.records import price
 
 T0 = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
 AGGREGATE = {"exchange_id": "aggregate"}
-
-
-def price(coin: str, usd: str, at: datetime, **extra: object) -> CryptoPriceData:
-    return CryptoPriceData.model_validate(
-        {
-            "coin_id": coin,
-            "symbol": coin[:3],
-            "name": coin.title(),
-            "usd_price": usd,
-            "last_updated": at,
-            **extra,
-        }
-    )
-
-
-async def insert(db: asyncpg.Pool, records: Iterable[StreamRecord]) -> None:
-    """Rows written the way the sink would: every field a bound parameter."""
-    for record in records:
-        names = list(type(record).model_fields)
-        sql = "INSERT INTO {} ({}) VALUES ({})".format(  # noqa: S608 (test, DSL identifiers)
-            quote_ident(record.table.name),
-            ", ".join(map(quote_ident, names)),
-            ", ".join(f"${i}" for i in range(1, len(names) + 1)),
-        )
-        await db.execute(sql, *(getattr(record, name) for name in names))
 
 
 @pytest.fixture
@@ -53,7 +29,7 @@ async def db(database_dsn: str) -> AsyncIterator[asyncpg.Pool]:
 
 
 async def test_latest_per_group_takes_each_coins_newest_aggregate_row(db: asyncpg.Pool) -> None:
-    await insert(
+    await write_records(
         db,
         [
             price("bitcoin", "60000.10", T0),
@@ -72,7 +48,9 @@ async def test_latest_per_group_takes_each_coins_newest_aggregate_row(db: asyncp
     ]
     assert str(latest[0].usd_price) == "61000.123456789012345678901234567890"
     # Plain text, as written: not asyncpg's binary decoding (which would give '6E+4').
-    await insert(db, [price("round", "60000", T0), price("round", "60000.10", T0 - timedelta(1))])
+    await write_records(
+        db, [price("round", "60000", T0), price("round", "60000.10", T0 - timedelta(1))]
+    )
     history = await queries.history(db, CryptoPriceData, {"coin_id": "round", **AGGREGATE})
     assert [str(row.usd_price) for row in history] == ["60000", "60000.10"]
 
@@ -81,13 +59,13 @@ async def test_latest_per_group_on_an_empty_table_and_for_analytics(db: asyncpg.
     assert await queries.latest_per_group(db, CryptoPriceData, "coin_id", AGGREGATE) == []
     old = CryptoMarketAnalytics(timestamp=T0, total_market_cap=Decimal("2.5E12"), markets=900)
     new = CryptoMarketAnalytics(timestamp=T0 + timedelta(minutes=10), btc_dominance=Decimal("-1"))
-    await insert(db, [new, old])
+    await write_records(db, [new, old])
     assert await queries.latest_per_group(db, CryptoMarketAnalytics, "source") == [new]
 
 
 async def test_latest_and_history_order_limit_and_since(db: asyncpg.Pool) -> None:
     rows = [price("ethereum", str(3000 + i), T0 + timedelta(minutes=i)) for i in range(12)]
-    await insert(db, [*rows, price("bitcoin", "1", T0 + timedelta(hours=5))])
+    await write_records(db, [*rows, price("bitcoin", "1", T0 + timedelta(hours=5))])
     coin = {"coin_id": "ethereum", **AGGREGATE}
 
     assert await queries.latest(db, CryptoPriceData, coin) == rows[-1]
@@ -107,7 +85,7 @@ async def test_latest_and_history_order_limit_and_since(db: asyncpg.Pool) -> Non
 
 
 async def test_values_are_bound_and_identifiers_must_be_fields(db: asyncpg.Pool) -> None:
-    await insert(db, [price("bitcoin", "1", T0)])
+    await write_records(db, [price("bitcoin", "1", T0)])
     hostile = {"coin_id": "bitcoin'; drop table crypto_prices;--", **AGGREGATE}
     assert await queries.history(db, CryptoPriceData, hostile) == []
     with pytest.raises(ValueError, match="no field"):
@@ -119,7 +97,7 @@ async def test_values_are_bound_and_identifiers_must_be_fields(db: asyncpg.Pool)
 
 async def test_value_range_is_max_and_min_over_a_half_open_window(db: asyncpg.Pool) -> None:
     since, until = T0, T0 + timedelta(hours=24)
-    await insert(
+    await write_records(
         db,
         [
             price("bitcoin", "99999", since - timedelta(microseconds=1)),  # before the window

@@ -35,6 +35,7 @@ from app.embedded import EmbeddedBroker, free_port
 from app.main import app, broker_credentials
 from app.settings import Settings, load_settings
 from store.db import connect
+from testkit.workers import Process, eventually, faust_command, worker_env
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("app", "agents", "models", "tables", "schema", "store", "coingecko")
@@ -880,59 +881,45 @@ def test_no_view_defines_a_writing_method() -> None:
 
 @pytest.fixture
 def heroku_worker(
-    broker: EmbeddedBroker, postgres_server: str, bare_env: dict[str, str], tmp_path: Path
-) -> Iterator[tuple[subprocess.Popen[bytes], int, Path]]:
-    """A worker started the Heroku way: PORT set."""
+    broker: EmbeddedBroker,
+    postgres_server: str,
+    bare_env: dict[str, str],
+    tmp_path: Path,
+    processes: list[Process],
+) -> tuple[Process, int]:
+    """A worker started the Heroku way: PORT set, no WEB_PORT."""
     port = free_port()
-    env = {
-        **bare_env,
-        "APP_ID": f"heroku-{uuid.uuid4().hex[:8]}",
-        "BROKER_URL": broker.url,
-        "DATABASE_URL": postgres_server,
-        "COINGECKO_BASE_URL": f"http://127.0.0.1:{free_port()}/api/v3",
-        "BROKER_SESSION_TIMEOUT": "4",
-        "BROKER_HEARTBEAT_INTERVAL": "1",
-        "PORT": str(port),
-        "MCP_TOKEN": "a-token-of-sixteen-characters",
-        "DATA_DIR": str(tmp_path / "data"),
-    }
-    log_path = tmp_path / "worker.log"
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "faust", "-A", "app", "worker", "-l", "info"],
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-    try:
-        yield process, port, log_path
-    finally:
-        process.terminate()
-        try:
-            process.wait(45)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+    app_id = f"heroku-{uuid.uuid4().hex[:8]}"
+    env = worker_env(
+        bare_env,
+        broker,
+        postgres_server,
+        app_id,
+        tmp_path,
+        port,
+        {"PORT": str(port), "MCP_TOKEN": "a-token-of-sixteen-characters"},
+    )
+    del env["WEB_PORT"]
+    processes.append(Process(faust_command("worker", "-l", "info"), env, tmp_path / "worker.log"))
+    return processes[-1], port
 
 
 async def test_with_port_set_the_worker_listens_on_all_interfaces_and_refuses_writes(
-    heroku_worker: tuple[subprocess.Popen[bytes], int, Path],
+    heroku_worker: tuple[Process, int],
 ) -> None:
-    process, port, log_path = heroku_worker
+    process, port = heroku_worker
     async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=10) as client:
-        deadline = asyncio.get_running_loop().time() + START_TIMEOUT
-        while True:
-            assert process.poll() is None, log_path.read_text(errors="replace")
-            assert asyncio.get_running_loop().time() < deadline, log_path.read_text()
+
+        async def healthy() -> bool | None:
             try:
-                if (await client.get("/health")).status_code == 200:
-                    break
+                return (await client.get("/health")).status_code == 200 or None
             except httpx.TransportError:
-                pass
-            await asyncio.sleep(0.2)
+                return None
+
+        await eventually(healthy, process, "a healthy worker", START_TIMEOUT)
         listening = {
             (c.laddr.ip, c.laddr.port)
-            for c in psutil.Process(process.pid).net_connections("inet")
+            for c in psutil.Process(process.popen.pid).net_connections("inet")
             if c.status == psutil.CONN_LISTEN
         }
         assert listening == {("0.0.0.0", port)}

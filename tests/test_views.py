@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
@@ -25,9 +25,10 @@ from models import RECORDS
 from models.codec import encode_record
 from models.dsl import StreamRecord, quote_ident
 from models.market import PARTITIONS, CryptoMarketAnalytics, CryptoPriceData
-from schema.migrate import migrate_database
+from store.db import create_pool
 from tables.live import range_window, widen
-from testkit.databases import dsn_for
+from testkit.databases import create_database, drop_database, write_records
+from testkit.records import price
 from testkit.workers import Worker, eventually
 
 pytestmark = pytest.mark.slow
@@ -40,18 +41,9 @@ DB_PASSWORD = "views-sekrit-pw"
 NOW = datetime.now(UTC).replace(microsecond=0)
 
 
-def price(coin: str, usd: str, hours_ago: float, **extra: object) -> CryptoPriceData:
-    return CryptoPriceData.model_validate(
-        {
-            "coin_id": coin,
-            "symbol": coin[:3],
-            "name": coin.title(),
-            "usd_price": usd,
-            "last_updated": NOW - timedelta(hours=hours_ago),
-            "btc_price": "0.000001",
-            **extra,
-        }
-    )
+def price_ago(coin: str, usd: str, hours_ago: float, **extra: object) -> CryptoPriceData:
+    """`coin`'s snapshot `hours_ago` hours before NOW, with a BTC price unless `extra` says."""
+    return price(coin, usd, NOW - timedelta(hours=hours_ago), **{"btc_price": "0.000001", **extra})
 
 
 def analytics(source: str, hours_ago: float, cap: str) -> CryptoMarketAnalytics:
@@ -75,43 +67,26 @@ def as_json(record: StreamRecord) -> dict[str, Any]:
 
 
 # Produced, in this order: the newest bitcoin snapshot comes before an older one.
-NEWEST_BTC = price("bitcoin", "65000.123456789012345678", 1, btc_price="1E-8")
+NEWEST_BTC = price_ago("bitcoin", "65000.123456789012345678", 1, btc_price="1E-8")
 PRODUCED_PRICES = [
-    price("bitcoin", "70000", 3),
-    price("bitcoin", "50000.5", 2),
+    price_ago("bitcoin", "70000", 3),
+    price_ago("bitcoin", "50000.5", 2),
     NEWEST_BTC,
-    price("bitcoin", "40000.25", 5),  # late and older: must not become the latest
-    price("ripple", "0.5", 2),
+    price_ago("bitcoin", "40000.25", 5),  # late and older: must not become the latest
+    price_ago("ripple", "0.5", 2),
 ]
 NEWEST_ANALYTICS = analytics("coingecko", 0.1, "2.5E12")
 PRODUCED_ANALYTICS = [NEWEST_ANALYTICS, analytics("coingecko", 0.3, "1")]
 # Rows only in the database.
 STORED = [
-    price("bitcoin", "90000", 10),  # inside the 24 h window: the high
-    price("bitcoin", "1000000", 30),  # outside it
-    price("bitcoin", "1", 0.5, exchange_id="binance"),  # a venue quote: never the price
-    price("dogecoin", "0.1234", 2),
-    price("ripple", "0.6", 1),  # newer than the produced ripple snapshot
-    *[price("ethereum", f"3000.{i:02d}", i / 10) for i in range(15)],
+    price_ago("bitcoin", "90000", 10),  # inside the 24 h window: the high
+    price_ago("bitcoin", "1000000", 30),  # outside it
+    price_ago("bitcoin", "1", 0.5, exchange_id="binance"),  # a venue quote: never the price
+    price_ago("dogecoin", "0.1234", 2),
+    price_ago("ripple", "0.6", 1),  # newer than the produced ripple snapshot
+    *[price_ago("ethereum", f"3000.{i:02d}", i / 10) for i in range(15)],
     analytics("other-source", 1, "42"),
 ]
-
-
-async def insert(dsn: str, records: Iterable[StreamRecord]) -> None:
-    connection = await asyncpg.connect(dsn)
-    try:
-        for record in records:
-            names = list(type(record).model_fields)
-            await connection.execute(
-                "INSERT INTO {} ({}) VALUES ({}) ON CONFLICT DO NOTHING".format(  # noqa: S608
-                    quote_ident(record.table.name),
-                    ", ".join(map(quote_ident, names)),
-                    ", ".join(f"${i}" for i in range(1, len(names) + 1)),
-                ),
-                *(getattr(record, name) for name in names),
-            )
-    finally:
-        await connection.close()
 
 
 async def produce(broker: EmbeddedBroker, messages: list[tuple[str, bytes, bytes]]) -> None:
@@ -173,13 +148,12 @@ async def views(
     bare_env: dict[str, str],
 ) -> AsyncIterator[tuple[httpx.AsyncClient, str, Worker]]:
     """A worker that has processed the produced records, over a database holding `STORED`."""
-    name = f"v_{uuid.uuid4().hex[:12]}"
-    admin = await asyncpg.connect(postgres_server)
-    await admin.execute(f'CREATE DATABASE "{name}"')
-    await admin.close()
-    dsn = dsn_for(postgres_server, name)
-    await migrate_database(dsn)
-    await insert(dsn, STORED)
+    dsn = await create_database(postgres_server, "v", migrated=True)
+    pool = await create_pool(dsn)
+    try:
+        await write_records(pool, STORED)
+    finally:
+        await pool.close()
 
     tmp = tmp_path_factory.mktemp("views")
     worker = start_worker(bare_env, broker, dsn, tmp)
@@ -190,7 +164,7 @@ async def views(
                 return (await client.get("/health")).status_code == 200
 
             await until(worker, client, ready, "a healthy worker")
-            sentinel = price("zz-sentinel", "1", 0)
+            sentinel = price_ago("zz-sentinel", "1", 0)
             await produce(
                 broker,
                 [
@@ -212,9 +186,7 @@ async def views(
             yield client, dsn, worker
     finally:
         worker.kill()
-        admin = await asyncpg.connect(postgres_server)
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        await admin.close()
+        await drop_database(postgres_server, dsn)
 
 
 async def test_tables_keep_the_newest_snapshot(views: tuple[httpx.AsyncClient, str, Worker]):
@@ -472,8 +444,8 @@ async def test_a_late_older_snapshot_in_a_later_batch_does_not_replace_the_table
     """The tables compare with what they already hold, not only within one batch. (Last in the
     module: it adds a snapshot and a coin that the tests above do not expect.)"""
     client, _, worker = views
-    late = price("bitcoin", "50000", 2.5)  # older than NEWEST_BTC, inside the 24 h range
-    sentinel = price("zz-sentinel-late", "1", 0)
+    late = price_ago("bitcoin", "50000", 2.5)  # older than NEWEST_BTC, inside the 24 h range
+    sentinel = price_ago("zz-sentinel-late", "1", 0)
     await produce(
         broker,
         [
@@ -501,8 +473,8 @@ async def test_the_range_of_the_live_tables_alone_has_the_batch_high_and_low(
     # One hour's window gets 5, 2, 9, 3 (a minute apart, from 20 past), a later hour's gets 4.
     hour = (NOW - timedelta(hours=3)).replace(minute=20, second=0)
     first = (NOW - hour).total_seconds() / 3600
-    snapshots = [price(coin, usd, first - i / 60) for i, usd in enumerate(("5", "2", "9", "3"))]
-    snapshots.append(newest := price(coin, "4", 2))
+    snapshots = [price_ago(coin, usd, first - i / 60) for i, usd in enumerate(("5", "2", "9", "3"))]
+    snapshots.append(newest := price_ago(coin, "4", 2))
     await produce(broker, [(p.topic.name, p.key(), encode_record(p)) for p in snapshots])
 
     async def processed(client: httpx.AsyncClient) -> bool:
@@ -517,8 +489,8 @@ async def test_the_range_of_the_live_tables_alone_has_the_batch_high_and_low(
     assert (body["range_24h"]["high"], body["range_24h"]["low"]) == ("9", "2")
 
     # A later update widens the hour it already holds: a new low, and a price inside the range.
-    later = [price(coin, "1", first - 4 / 60), price(coin, "6", first - 5 / 60)]
-    sentinel = price("zz-sentinel-range", "1", 0)
+    later = [price_ago(coin, "1", first - 4 / 60), price_ago(coin, "6", first - 5 / 60)]
+    sentinel = price_ago("zz-sentinel-range", "1", 0)
     await produce(broker, [(p.topic.name, p.key(), encode_record(p)) for p in [*later, sentinel]])
 
     async def sentinel_processed(client: httpx.AsyncClient) -> bool:

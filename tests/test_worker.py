@@ -8,7 +8,7 @@ import socket
 import subprocess
 import sys
 import uuid
-from collections.abc import Awaitable, Callable, Collection, Iterator
+from collections.abc import Collection
 from functools import partial
 from pathlib import Path
 from typing import TypeVar
@@ -25,7 +25,7 @@ from models import RECORDS, CryptoPriceData
 from models.codec import decode_record
 from schema.topics import topic_configs
 from testkit.databases import assert_exactly, primary_key, stored
-from testkit.workers import Kafka
+from testkit.workers import STOP_TIMEOUT, Kafka, Process, eventually, faust_command
 
 pytestmark = pytest.mark.slow
 
@@ -34,71 +34,7 @@ DB_PASSWORD = "pg-sekrit-456"
 START_TIMEOUT = 90.0  # generous: the suite shares two cores
 # Refuses connections: the tests never reach the internet.
 NO_COINGECKO = "http://127.0.0.1:9/api/v3"
-STOP_TIMEOUT = 45.0  # the worker's own 30 s window, plus the stand-ins
 T = TypeVar("T")
-
-
-class Process:
-    """A child process whose combined output goes to a file the test can read while it runs."""
-
-    def __init__(self, args: list[str], env: dict[str, str], log_path: Path) -> None:
-        self.log_path = log_path
-        with log_path.open("wb") as log:
-            self.popen = subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT)
-
-    @property
-    def output(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    async def wait_until(self, ready: Callable[[str], bool], what: str) -> None:
-        """Poll the output until `ready`; fail early with the log if the process dies."""
-        deadline = asyncio.get_running_loop().time() + START_TIMEOUT
-        while not ready(self.output):
-            assert self.popen.poll() is None, (
-                f"exited ({self.popen.returncode}) before {what}:\n{self.output}"
-            )
-            assert asyncio.get_running_loop().time() < deadline, f"no {what}:\n{self.output}"
-            await asyncio.sleep(0.2)
-
-    async def until(self, check: Callable[[], Awaitable[T | None]], what: str) -> T:
-        """Poll `check` until it returns something other than None; fail if the process dies."""
-        deadline = asyncio.get_running_loop().time() + START_TIMEOUT
-        while (result := await check()) is None:
-            assert self.popen.poll() is None, f"exited before {what}:\n{self.output}"
-            assert asyncio.get_running_loop().time() < deadline, f"no {what}:\n{self.output}"
-            await asyncio.sleep(0.5)
-        return result
-
-    async def stop(self, signum: signal.Signals) -> int:
-        self.popen.send_signal(signum)
-        return await asyncio.to_thread(self.popen.wait, STOP_TIMEOUT)
-
-    def kill(self) -> None:
-        if self.popen.poll() is None:
-            self.popen.kill()
-            self.popen.wait()
-
-    def close(self) -> None:
-        """Stop it if still running: SIGTERM first, so `up` stops its services too."""
-        if self.popen.poll() is None:
-            self.popen.terminate()
-            try:
-                self.popen.wait(STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                self.kill()
-
-
-@pytest.fixture
-def processes() -> Iterator[list[Process]]:
-    """Every process a test starts; stopped if the test fails before stopping it."""
-    started: list[Process] = []
-    yield started
-    for process in started:
-        process.close()
-
-
-def faust(*args: str) -> list[str]:
-    return [sys.executable, "-m", "faust", "-A", "app", *args]
 
 
 def worker_ready(output: str) -> bool:
@@ -125,9 +61,9 @@ async def test_worker_declares_generated_topics_and_stops_cleanly(
         "BROKER_HEARTBEAT_INTERVAL": "1",
         "DATA_DIR": str(tmp_path / "data"),
     }
-    worker = Process(faust("worker", "-l", "info"), env, tmp_path / "worker.log")
+    worker = Process(faust_command("worker", "-l", "info"), env, tmp_path / "worker.log")
     processes.append(worker)
-    await worker.wait_until(worker_ready, "worker start")
+    await worker.wait_until(worker_ready, "worker start", START_TIMEOUT)
 
     expected = {config.name: config for config in topic_configs()}
     admin = AIOKafkaAdminClient(bootstrap_servers=f"127.0.0.1:{broker.port}")
@@ -204,9 +140,9 @@ async def test_up_runs_everything_on_embedded_services_and_stops_them(
 ) -> None:
     data_dir = tmp_path / "data"
     web_port = free_port()
-    up = Process(faust("up"), _up_env(bare_env, data_dir, web_port), tmp_path / "up.log")
+    up = Process(faust_command("up"), _up_env(bare_env, data_dir, web_port), tmp_path / "up.log")
     processes.append(up)
-    await up.wait_until(worker_ready, "worker start")
+    await up.wait_until(worker_ready, "worker start", START_TIMEOUT)
     socket.create_connection(("127.0.0.1", web_port), timeout=5).close()  # the web server
 
     assert _banner(up.output, "broker")[-1] == "(embedded)"
@@ -230,10 +166,10 @@ async def test_up_runs_everything_on_embedded_services_and_stops_them(
 
     # The database is kept in DATA_DIR: a second run finds what the first one left...
     crashing = Process(
-        faust("up"), _up_env(bare_env, data_dir, free_port()), tmp_path / "again.log"
+        faust_command("up"), _up_env(bare_env, data_dir, free_port()), tmp_path / "again.log"
     )
     processes.append(crashing)
-    await crashing.wait_until(worker_ready, "worker restart")
+    await crashing.wait_until(worker_ready, "worker restart", START_TIMEOUT)
     connection = await asyncpg.connect(_banner(crashing.output, "database")[2])
     try:
         assert await connection.fetchval("SELECT to_regclass('survives_restart')")
@@ -250,10 +186,10 @@ async def test_up_runs_everything_on_embedded_services_and_stops_them(
 
     # ...and the next run still stops everything, the PostgreSQL it found running included.
     after_crash = Process(
-        faust("up"), _up_env(bare_env, data_dir, free_port()), tmp_path / "after-crash.log"
+        faust_command("up"), _up_env(bare_env, data_dir, free_port()), tmp_path / "after-crash.log"
     )
     processes.append(after_crash)
-    await after_crash.wait_until(worker_ready, "worker start after a crash")
+    await after_crash.wait_until(worker_ready, "worker start after a crash", START_TIMEOUT)
     assert await after_crash.stop(signal.SIGTERM) == 0, after_crash.output
     assert _leftovers(after_crash.output, data_dir) == []
 
@@ -272,12 +208,16 @@ async def test_up_run_again_on_the_same_data_dir_stores_the_new_runs_prices(
     produced: dict[str, list[CryptoPriceData]] = {}
     for run in ("first", "second"):
         web_port = free_port()
-        up = Process(faust("up"), {**env, "WEB_PORT": str(web_port)}, tmp_path / f"{run}.log")
+        up = Process(
+            faust_command("up"), {**env, "WEB_PORT": str(web_port)}, tmp_path / f"{run}.log"
+        )
         processes.append(up)
-        await up.wait_until(worker_ready, f"{run} run's worker start")
+        await up.wait_until(worker_ready, f"{run} run's worker start", START_TIMEOUT)
         dsn = _banner(up.output, "database")[2]
         broker = Kafka(_banner(up.output, "broker")[2].removeprefix("kafka://"), "reader")
-        records = await up.until(partial(_all_prices_stored, broker, dsn), f"{run} run's rows")
+        records = await eventually(
+            partial(_all_prices_stored, broker, dsn), up, f"{run} run's rows", START_TIMEOUT
+        )
         # A poll that met an unchanged snapshot sent the same record again: one row.
         produced[run] = list({primary_key(record): record for record in records}.values())
         rows = await stored(dsn, CryptoPriceData)
@@ -314,7 +254,7 @@ async def test_up_stops_everything_when_the_worker_dies(
         taken.listen()
         env = _up_env(bare_env, data_dir, taken.getsockname()[1])
         env["DATABASE_URL"] = database_dsn.replace("postgres:@", f"postgres:{DB_PASSWORD}@")
-        up = Process(faust("up"), env, tmp_path / "up.log")
+        up = Process(faust_command("up"), env, tmp_path / "up.log")
         processes.append(up)
         status = await asyncio.to_thread(up.popen.wait, START_TIMEOUT + STOP_TIMEOUT)
 

@@ -18,6 +18,7 @@ from schema.migrate import migrate_database
 from store.db import create_pool
 from store.writer import RecordWriter, WriteResult
 from testkit.databases import primary_key
+from testkit.records import price
 from testkit.strategies import valid
 
 T0 = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
@@ -32,16 +33,10 @@ EDGE_DECIMALS = [
 ]
 
 
-def price(coin: str, minute: int, usd: Decimal, name: str = "Coin") -> CryptoPriceData:
-    return CryptoPriceData(
-        coin_id=coin,
-        symbol=coin[:3],
-        name=name,
-        usd_price=usd,
-        market_cap=usd * 1000,
-        change_24h=-usd,
-        last_updated=T0 + timedelta(minutes=minute),
-    )
+def price_at(coin: str, minute: int, usd: Decimal, name: str = "Coin") -> CryptoPriceData:
+    """`coin` at `minute` past T0, its market cap and change derived from `usd`."""
+    at = T0 + timedelta(minutes=minute)
+    return price(coin, usd, at, name=name, market_cap=usd * 1000, change_24h=-usd)
 
 
 @pytest.fixture
@@ -60,7 +55,7 @@ async def stored_prices(pool: asyncpg.Pool) -> dict[tuple[str, datetime], asyncp
 
 async def test_batch_stores_exact_values_once_and_replays_add_nothing(pool: asyncpg.Pool) -> None:
     writer = RecordWriter(CryptoPriceData)
-    batch = [price(f"coin-{i}", i, value) for i, value in enumerate(EDGE_DECIMALS)]
+    batch = [price_at(f"coin-{i}", i, value) for i, value in enumerate(EDGE_DECIMALS)]
 
     assert await writer.write(pool, batch) == WriteResult(len(batch), 0, 0)
     stored = await stored_prices(pool)
@@ -82,16 +77,16 @@ async def test_batch_stores_exact_values_once_and_replays_add_nothing(pool: asyn
 
 async def test_repeated_keys_in_a_batch_keep_the_first(pool: asyncpg.Pool) -> None:
     writer = RecordWriter(CryptoPriceData)
-    first = price("bitcoin", 0, Decimal("65000.5"), name="first")
-    again = price("bitcoin", 0, Decimal("1"), name="second")  # same key, other values
-    other = price("bitcoin", 1, Decimal("65001"))
+    first = price_at("bitcoin", 0, Decimal("65000.5"), name="first")
+    again = price_at("bitcoin", 0, Decimal("1"), name="second")  # same key, other values
+    other = price_at("bitcoin", 1, Decimal("65001"))
 
     assert await writer.write(pool, [first, again, other, first]) == WriteResult(2, 0, 2)
     stored = await stored_prices(pool)
     assert stored[("bitcoin", T0)]["name"] == "first"
     assert stored[("bitcoin", T0)]["usd_price"] == Decimal("65000.5")
 
-    newer = price("bitcoin", 2, Decimal("64999.99"))
+    newer = price_at("bitcoin", 2, Decimal("64999.99"))
     result = await writer.write(pool, [again, other, newer])
     assert result == WriteResult(1, 2, 0)
     assert result.duplicates == 2
@@ -115,7 +110,7 @@ async def test_each_record_type_uses_its_own_key(pool: asyncpg.Pool) -> None:
 async def test_a_failed_batch_stores_nothing(pool: asyncpg.Pool) -> None:
     writer = RecordWriter(CryptoPriceData)
     await pool.execute("ALTER TABLE crypto_prices ADD CONSTRAINT no_doge CHECK (coin_id <> 'doge')")
-    good, bad = price("bitcoin", 0, Decimal("1")), price("doge", 0, Decimal("0.1"))
+    good, bad = price_at("bitcoin", 0, Decimal("1")), price_at("doge", 0, Decimal("0.1"))
     with pytest.raises(asyncpg.CheckViolationError):
         await writer.write(pool, [good, bad])
     assert await stored_prices(pool) == {}
