@@ -11,11 +11,13 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from pathlib import Path
 
+import asyncpg
 import pytest
 
 from app.embedded import EmbeddedBroker, embedded_postgres
 from coingecko.fake_server import FakeCoinGecko, serve_fake_coingecko
 from schema.migrate import migrate_database
+from store.db import create_pool
 from testkit.databases import fresh_database
 from testkit.pollers import BrokerTopics
 from testkit.workers import Kafka, Process, Worker, env_without_settings
@@ -69,6 +71,15 @@ async def migrated(database_dsn: str) -> str:
     """A fresh database with the app's schema applied."""
     await migrate_database(database_dsn)
     return database_dsn
+
+
+@pytest.fixture
+async def pool(migrated: str) -> AsyncIterator[asyncpg.Pool]:
+    """A one-connection pool on a migrated database, as the app opens it: every batch reuses the
+    same session (and its staging table)."""
+    pool = await create_pool(migrated, min_size=1, max_size=1)
+    yield pool
+    await pool.close()
 
 
 @pytest.fixture

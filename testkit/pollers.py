@@ -17,6 +17,7 @@ from coingecko.poller import Poller, PollStatus
 from models.codec import decode_record, encode_record
 from models.dsl import StreamRecord
 
+# The coins of coingecko/fixtures/coins_markets.json, in its order.
 FIXTURE_COINS = [
     "bitcoin",
     "ethereum",

@@ -128,6 +128,7 @@ def test_topics_json_matches_each_records_topic_spec() -> None:
         assert dead_letters["record"] is None
 
 
+@pytest.mark.slow
 def test_topics_script_creates_each_topic_once() -> None:
     script = (ROOT / "schemas/topics.sh").read_text()
     assert os.access(ROOT / "schemas/topics.sh", os.X_OK)
@@ -147,6 +148,7 @@ def test_topics_script_creates_each_topic_once() -> None:
             assert f"-c {key}={value}" in line
 
 
+@pytest.mark.slow
 def test_topics_script_alters_existing_topics_instead_of_failing(tmp_path: Path) -> None:
     """Run the script against a stand-in `rpk` whose create fails for a topic that exists."""
     log = tmp_path / "rpk.log"
@@ -252,12 +254,14 @@ def test_generation_is_deterministic(tmp_path: Path) -> None:
         assert (first / relative).read_bytes() == (ROOT / relative).read_bytes()
 
 
+@pytest.mark.slow
 def test_schema_check_command_passes_on_the_repository() -> None:
     result = faust_schema("check")
     assert result.returncode == 0, result.stdout + result.stderr
     assert "generated files are up to date" in result.stdout
 
 
+@pytest.mark.slow
 def test_schema_check_command_fails_on_a_stale_file(tmp_path: Path) -> None:
     copy_generated(tmp_path)
     (tmp_path / "schemas/json/Retired.schema.json").write_text(

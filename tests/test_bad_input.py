@@ -487,6 +487,7 @@ def junk_for(record: StreamRecord) -> list[tuple[str, bytes]]:
     ]
 
 
+@pytest.mark.slow
 async def test_junk_on_every_topic_is_dead_lettered_and_counted(
     pipeline: tuple[Kafka, Worker, str],
 ) -> None:
@@ -541,6 +542,7 @@ async def test_junk_on_every_topic_is_dead_lettered_and_counted(
     assert (await worker.health()).body["tables"]["undecodable"][CryptoPriceData.topic.name] > 0
 
 
+@pytest.mark.slow
 def test_the_web_server_binds_to_loopback_by_default(pipeline: tuple[Kafka, Worker, str]) -> None:
     _, worker, _ = pipeline
     port = int(worker.env["WEB_PORT"])
@@ -587,6 +589,7 @@ MALICIOUS = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("method", "path", "params"), MALICIOUS)
 async def test_malicious_requests_get_4xx_and_change_nothing(
     pipeline: tuple[Kafka, Worker, str], method: str, path: str, params: dict[str, str]
@@ -601,6 +604,7 @@ async def test_malicious_requests_get_4xx_and_change_nothing(
     worker.assert_alive()
 
 
+@pytest.mark.slow
 async def test_repeated_and_huge_query_strings_are_refused(
     pipeline: tuple[Kafka, Worker, str],
 ) -> None:
@@ -622,6 +626,7 @@ async def test_repeated_and_huge_query_strings_are_refused(
 # --- commands ---------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_schema_generate_writes_only_generated_files_under_its_root(tmp_path: Path) -> None:
     """`--root` with `..` in it resolves like any path; nothing is written beside or above it,
     and a hand-written file in the generated directories is left alone."""
@@ -646,6 +651,7 @@ def test_schema_generate_writes_only_generated_files_under_its_root(tmp_path: Pa
     assert digest == hashlib.sha256(b"untouched\n").hexdigest()
 
 
+@pytest.mark.slow
 def test_schema_check_writes_nothing(tmp_path: Path) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "faust", "-A", "app", "schema", "check", "--root", str(tmp_path)],

@@ -5,8 +5,12 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 from app.main import app
 from models import RECORDS
+
+pytestmark = pytest.mark.slow  # each test runs a `faust` command
 
 
 def run(bare_env: dict[str, str], command: str) -> str:

@@ -257,6 +257,7 @@ def _faust_migrate(
     )
 
 
+@pytest.mark.slow
 async def test_faust_migrate_command(
     database_dsn: str, tmp_path: Path, bare_env: dict[str, str]
 ) -> None:

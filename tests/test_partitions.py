@@ -7,6 +7,7 @@ from collections.abc import Callable
 from datetime import datetime, timedelta
 
 import asyncpg
+import pytest
 
 from models import CryptoPriceData
 from schema import sql
@@ -90,6 +91,7 @@ async def test_a_migration_holding_the_lock_makes_the_check_give_way(migrated: s
     assert len(await create_partitions_ahead(migrated) or []) == 1
 
 
+@pytest.mark.slow
 async def test_the_worker_creates_a_partition_that_became_due(
     migrated: str, workers: Callable[..., Worker]
 ) -> None:

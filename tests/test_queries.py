@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
@@ -10,9 +9,7 @@ import asyncpg
 import pytest
 
 from models.market import CryptoMarketAnalytics, CryptoPriceData
-from schema.migrate import migrate_database
 from store import queries
-from store.db import create_pool
 from testkit.databases import write_records
 from testkit.records import price
 
@@ -20,17 +17,9 @@ T0 = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
 AGGREGATE = {"exchange_id": "aggregate"}
 
 
-@pytest.fixture
-async def db(database_dsn: str) -> AsyncIterator[asyncpg.Pool]:
-    await migrate_database(database_dsn)
-    pool = await create_pool(database_dsn, min_size=1, max_size=2)
-    yield pool
-    await pool.close()
-
-
-async def test_latest_per_group_takes_each_coins_newest_aggregate_row(db: asyncpg.Pool) -> None:
+async def test_latest_per_group_takes_each_coins_newest_aggregate_row(pool: asyncpg.Pool) -> None:
     await write_records(
-        db,
+        pool,
         [
             price("bitcoin", "60000.10", T0),
             price("bitcoin", "61000.123456789012345678901234567890", T0 + timedelta(minutes=2)),
@@ -41,7 +30,7 @@ async def test_latest_per_group_takes_each_coins_newest_aggregate_row(db: asyncp
             price("only-venue", "5", T0, exchange_id="binance"),
         ],
     )
-    latest = await queries.latest_per_group(db, CryptoPriceData, "coin_id", AGGREGATE)
+    latest = await queries.latest_per_group(pool, CryptoPriceData, "coin_id", AGGREGATE)
     assert [(p.coin_id, p.usd_price, p.last_updated) for p in latest] == [
         ("bitcoin", Decimal("61000.123456789012345678901234567890"), T0 + timedelta(minutes=2)),
         ("shiba-inu", Decimal("6.31917E-7"), T0 - timedelta(days=3)),
@@ -49,56 +38,56 @@ async def test_latest_per_group_takes_each_coins_newest_aggregate_row(db: asyncp
     assert str(latest[0].usd_price) == "61000.123456789012345678901234567890"
     # Plain text, as written: not asyncpg's binary decoding (which would give '6E+4').
     await write_records(
-        db, [price("round", "60000", T0), price("round", "60000.10", T0 - timedelta(1))]
+        pool, [price("round", "60000", T0), price("round", "60000.10", T0 - timedelta(1))]
     )
-    history = await queries.history(db, CryptoPriceData, {"coin_id": "round", **AGGREGATE})
+    history = await queries.history(pool, CryptoPriceData, {"coin_id": "round", **AGGREGATE})
     assert [str(row.usd_price) for row in history] == ["60000", "60000.10"]
 
 
-async def test_latest_per_group_on_an_empty_table_and_for_analytics(db: asyncpg.Pool) -> None:
-    assert await queries.latest_per_group(db, CryptoPriceData, "coin_id", AGGREGATE) == []
+async def test_latest_per_group_on_an_empty_table_and_for_analytics(pool: asyncpg.Pool) -> None:
+    assert await queries.latest_per_group(pool, CryptoPriceData, "coin_id", AGGREGATE) == []
     old = CryptoMarketAnalytics(timestamp=T0, total_market_cap=Decimal("2.5E12"), markets=900)
     new = CryptoMarketAnalytics(timestamp=T0 + timedelta(minutes=10), btc_dominance=Decimal("-1"))
-    await write_records(db, [new, old])
-    assert await queries.latest_per_group(db, CryptoMarketAnalytics, "source") == [new]
+    await write_records(pool, [new, old])
+    assert await queries.latest_per_group(pool, CryptoMarketAnalytics, "source") == [new]
 
 
-async def test_latest_and_history_order_limit_and_since(db: asyncpg.Pool) -> None:
+async def test_latest_and_history_order_limit_and_since(pool: asyncpg.Pool) -> None:
     rows = [price("ethereum", str(3000 + i), T0 + timedelta(minutes=i)) for i in range(12)]
-    await write_records(db, [*rows, price("bitcoin", "1", T0 + timedelta(hours=5))])
+    await write_records(pool, [*rows, price("bitcoin", "1", T0 + timedelta(hours=5))])
     coin = {"coin_id": "ethereum", **AGGREGATE}
 
-    assert await queries.latest(db, CryptoPriceData, coin) == rows[-1]
-    assert await queries.latest(db, CryptoPriceData, {"coin_id": "nope", **AGGREGATE}) is None
+    assert await queries.latest(pool, CryptoPriceData, coin) == rows[-1]
+    assert await queries.latest(pool, CryptoPriceData, {"coin_id": "nope", **AGGREGATE}) is None
 
-    history = await queries.history(db, CryptoPriceData, coin, limit=5)
+    history = await queries.history(pool, CryptoPriceData, coin, limit=5)
     assert history == rows[::-1][:5]
-    everything = await queries.history(db, CryptoPriceData, coin)
+    everything = await queries.history(pool, CryptoPriceData, coin)
     assert everything == rows[::-1]
-    since = await queries.history(db, CryptoPriceData, coin, since=rows[9].last_updated)
+    since = await queries.history(pool, CryptoPriceData, coin, since=rows[9].last_updated)
     assert since == [rows[11], rows[10], rows[9]]  # `since` is inclusive
 
     for limit in (0, -1, queries.HISTORY_LIMIT_MAX + 1):
         with pytest.raises(ValueError, match="limit"):
-            await queries.history(db, CryptoPriceData, coin, limit=limit)
-    assert len(await queries.history(db, CryptoPriceData, coin, limit=1000)) == 12
+            await queries.history(pool, CryptoPriceData, coin, limit=limit)
+    assert len(await queries.history(pool, CryptoPriceData, coin, limit=1000)) == 12
 
 
-async def test_values_are_bound_and_identifiers_must_be_fields(db: asyncpg.Pool) -> None:
-    await write_records(db, [price("bitcoin", "1", T0)])
+async def test_values_are_bound_and_identifiers_must_be_fields(pool: asyncpg.Pool) -> None:
+    await write_records(pool, [price("bitcoin", "1", T0)])
     hostile = {"coin_id": "bitcoin'; drop table crypto_prices;--", **AGGREGATE}
-    assert await queries.history(db, CryptoPriceData, hostile) == []
+    assert await queries.history(pool, CryptoPriceData, hostile) == []
     with pytest.raises(ValueError, match="no field"):
-        await queries.history(db, CryptoPriceData, {'coin_id" = 1; --': "x"})
+        await queries.history(pool, CryptoPriceData, {'coin_id" = 1; --': "x"})
     with pytest.raises(ValueError, match="no field"):
-        await queries.latest_per_group(db, CryptoPriceData, "1; drop table crypto_prices")
-    assert len(await queries.history(db, CryptoPriceData, {"coin_id": "bitcoin"})) == 1
+        await queries.latest_per_group(pool, CryptoPriceData, "1; drop table crypto_prices")
+    assert len(await queries.history(pool, CryptoPriceData, {"coin_id": "bitcoin"})) == 1
 
 
-async def test_value_range_is_max_and_min_over_a_half_open_window(db: asyncpg.Pool) -> None:
+async def test_value_range_is_max_and_min_over_a_half_open_window(pool: asyncpg.Pool) -> None:
     since, until = T0, T0 + timedelta(hours=24)
     await write_records(
-        db,
+        pool,
         [
             price("bitcoin", "99999", since - timedelta(microseconds=1)),  # before the window
             price("bitcoin", "100.5", since),  # on the lower bound: inside
@@ -109,7 +98,7 @@ async def test_value_range_is_max_and_min_over_a_half_open_window(db: asyncpg.Po
         ],
     )
     coin = {"coin_id": "bitcoin", **AGGREGATE}
-    found = await queries.value_range(db, CryptoPriceData, "usd_price", coin, since, until)
+    found = await queries.value_range(pool, CryptoPriceData, "usd_price", coin, since, until)
     assert found is not None and str(found["high"]) == "250.25"
     assert found == {
         "high": Decimal("250.25"),
@@ -117,15 +106,15 @@ async def test_value_range_is_max_and_min_over_a_half_open_window(db: asyncpg.Po
         "samples": 3,
     }
     empty = await queries.value_range(
-        db, CryptoPriceData, "usd_price", coin, until + timedelta(hours=1), until + timedelta(2)
+        pool, CryptoPriceData, "usd_price", coin, until + timedelta(hours=1), until + timedelta(2)
     )
     assert empty is None
     with pytest.raises(ValueError, match="not a decimal"):
-        await queries.value_range(db, CryptoPriceData, "symbol", coin, since, until)
+        await queries.value_range(pool, CryptoPriceData, "symbol", coin, since, until)
 
 
-async def test_ping(db: asyncpg.Pool, database_dsn: str) -> None:
-    assert await queries.ping(db, timeout=2) is True
+async def test_ping(pool: asyncpg.Pool, database_dsn: str) -> None:
+    assert await queries.ping(pool, timeout=2) is True
     connection = await asyncpg.connect(database_dsn)
     await connection.close()
     assert await queries.ping(connection, timeout=2) is False

@@ -593,6 +593,7 @@ def test_setting_errors_never_echo_a_secret(
         assert secret not in printed
 
 
+@pytest.mark.slow
 async def test_a_worker_with_every_secret_set_never_prints_one(
     broker: EmbeddedBroker, bare_env: dict[str, str], tmp_path: Path
 ) -> None:
@@ -669,6 +670,7 @@ def test_sasl_credentials_reach_aiokafka(
         assert context is None
 
 
+@pytest.mark.slow
 def test_the_app_takes_its_credentials_from_the_environment(bare_env: dict[str, str]) -> None:
     env = {
         **bare_env,
@@ -818,6 +820,7 @@ async def uses_tls(environ: pytest.MonkeyPatch, url: str) -> bool:
     return tls
 
 
+@pytest.mark.slow
 async def test_database_sslmode_reaches_a_real_postgresql(
     environ: pytest.MonkeyPatch, tls_postgres: TlsPostgres
 ) -> None:
@@ -904,6 +907,7 @@ def heroku_worker(
     return processes[-1], port
 
 
+@pytest.mark.slow
 async def test_with_port_set_the_worker_listens_on_all_interfaces_and_refuses_writes(
     heroku_worker: tuple[Process, int],
 ) -> None:

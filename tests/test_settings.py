@@ -118,6 +118,7 @@ def test_each_invalid_setting_gets_its_own_line(
     ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "command",
     [
@@ -200,6 +201,7 @@ def test_redact_url(url: str, shown: str) -> None:
     assert redact_url(url) == shown
 
 
+@pytest.mark.slow
 def test_the_worker_consumer_uses_broker_fetch_max_wait_ms(bare_env: dict[str, str]) -> None:
     """Faust hard-codes 1500 ms; a broker that holds fetches would add that to every record."""
     script = (

@@ -68,6 +68,7 @@ NEVER_USABLE = [
 REFUSING = pytest.param(lambda _server: closed_port_dsn(), "connection refused", id="refused")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("dsn_of", "reason"), [REFUSING, *NEVER_USABLE])
 async def test_migrate_names_an_unusable_database_in_one_line(
     postgres_server: str,
@@ -87,6 +88,7 @@ async def test_migrate_names_an_unusable_database_in_one_line(
     assert DB_PASSWORD not in result.stdout + result.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("dsn_of", "reason"), NEVER_USABLE)
 async def test_worker_stops_on_a_database_it_can_never_use(
     broker: EmbeddedBroker,
@@ -109,6 +111,7 @@ async def test_worker_stops_on_a_database_it_can_never_use(
     assert reason in line
 
 
+@pytest.mark.slow
 async def test_worker_stops_when_the_broker_cannot_be_reached(
     migrated: str, bare_env: dict[str, str], tmp_path: Path
 ) -> None:
@@ -122,6 +125,7 @@ async def test_worker_stops_when_the_broker_cannot_be_reached(
     )
 
 
+@pytest.mark.slow
 async def test_worker_stops_when_the_broker_refuses_its_security_protocol(
     broker: EmbeddedBroker, migrated: str, bare_env: dict[str, str], tmp_path: Path
 ) -> None:
@@ -143,6 +147,7 @@ async def test_worker_stops_when_the_broker_refuses_its_security_protocol(
     assert DB_PASSWORD not in result.stdout + result.stderr
 
 
+@pytest.mark.slow
 async def test_worker_refuses_the_offline_coingecko_outside_up(
     broker: EmbeddedBroker, migrated: str, bare_env: dict[str, str], tmp_path: Path
 ) -> None:
@@ -175,6 +180,7 @@ def test_a_coingecko_base_url_that_is_not_http_is_an_invalid_setting(
     ]
 
 
+@pytest.mark.slow
 async def test_worker_starts_on_a_database_that_is_down_and_logs_no_traceback(
     kafka: Kafka, workers: Callable[..., Worker]
 ) -> None:
@@ -197,6 +203,7 @@ async def test_worker_starts_on_a_database_that_is_down_and_logs_no_traceback(
     assert DB_PASSWORD not in worker.output
 
 
+@pytest.mark.slow
 async def test_up_stops_in_one_line_on_a_database_that_refuses(
     bare_env: dict[str, str], tmp_path: Path
 ) -> None:
@@ -209,6 +216,7 @@ async def test_up_stops_in_one_line_on_a_database_that_refuses(
     assert "stopped" not in result.stdout
 
 
+@pytest.mark.slow
 async def test_up_stops_in_one_line_on_a_broker_it_cannot_reach(
     database_dsn: str, bare_env: dict[str, str], tmp_path: Path
 ) -> None:
@@ -232,6 +240,7 @@ async def _tables(dsn: str) -> dict[str, str]:
     return {row["relname"]: row["relkind"] for row in rows}
 
 
+@pytest.mark.slow
 async def test_timescaledb_on_without_timescaledb_stops_in_one_line_and_creates_nothing(
     database_dsn: str, bare_env: dict[str, str], tmp_path: Path
 ) -> None:
@@ -268,6 +277,7 @@ async def _event_trigger(dsn: str, body: str) -> None:
         await connection.close()
 
 
+@pytest.mark.slow
 async def test_a_session_the_server_ends_mid_migration_is_reported_with_its_reason(
     database_dsn: str, bare_env: dict[str, str], tmp_path: Path
 ) -> None:
@@ -282,6 +292,7 @@ async def test_a_session_the_server_ends_mid_migration_is_reported_with_its_reas
     assert "terminating connection due to administrator command" in line
 
 
+@pytest.mark.slow
 async def test_timescaledb_installed_but_not_preloaded_is_one_line_saying_what_to_do(
     database_dsn: str, bare_env: dict[str, str], tmp_path: Path
 ) -> None:

@@ -129,7 +129,9 @@ async def until(
 
 
 @pytest.fixture(scope="module")
-async def broker(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[EmbeddedBroker]:
+async def views_broker(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> AsyncIterator[EmbeddedBroker]:
     """A broker of this module's own: nothing another test's worker publishes reaches these
     views. Its topics are created up front, as an operator does from the generated file (Tansu
     would otherwise auto-create a topic with 4 partitions on a consumer's first metadata request,
@@ -142,7 +144,7 @@ async def broker(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Embe
 
 @pytest.fixture(scope="module")
 async def views(
-    broker: EmbeddedBroker,
+    views_broker: EmbeddedBroker,
     postgres_server: str,
     tmp_path_factory: pytest.TempPathFactory,
     bare_env: dict[str, str],
@@ -156,7 +158,7 @@ async def views(
         await pool.close()
 
     tmp = tmp_path_factory.mktemp("views")
-    worker = start_worker(bare_env, broker, dsn, tmp)
+    worker = start_worker(bare_env, views_broker, dsn, tmp)
     try:
         async with httpx.AsyncClient(base_url=worker.url, timeout=10) as client:
 
@@ -166,7 +168,7 @@ async def views(
             await until(worker, client, ready, "a healthy worker")
             sentinel = price_ago("zz-sentinel", "1", 0)
             await produce(
-                broker,
+                views_broker,
                 [
                     *[(p.topic.name, p.key(), encode_record(p)) for p in PRODUCED_PRICES],
                     ("crypto-prices", b"bitcoin", b"{not json"),
@@ -399,10 +401,10 @@ async def test_health_reports_broker_database_poller_sink_and_no_secret(views):
 
 
 async def test_unreachable_database_is_503_and_unhealthy(
-    broker: EmbeddedBroker, bare_env: dict[str, str], tmp_path: Path
+    views_broker: EmbeddedBroker, bare_env: dict[str, str], tmp_path: Path
 ) -> None:
     closed = f"postgresql://postgres@127.0.0.1:{free_port()}/postgres"
-    worker = start_worker(bare_env, broker, closed, tmp_path)
+    worker = start_worker(bare_env, views_broker, closed, tmp_path)
     try:
         async with httpx.AsyncClient(base_url=worker.url, timeout=15) as client:
 
@@ -439,7 +441,7 @@ def test_range_window_is_the_earliest_hopping_window_containing_now(minute: int)
 
 
 async def test_a_late_older_snapshot_in_a_later_batch_does_not_replace_the_table_value(
-    views: tuple[httpx.AsyncClient, str, Worker], broker: EmbeddedBroker
+    views: tuple[httpx.AsyncClient, str, Worker], views_broker: EmbeddedBroker
 ) -> None:
     """The tables compare with what they already hold, not only within one batch. (Last in the
     module: it adds a snapshot and a coin that the tests above do not expect.)"""
@@ -447,7 +449,7 @@ async def test_a_late_older_snapshot_in_a_later_batch_does_not_replace_the_table
     late = price_ago("bitcoin", "50000", 2.5)  # older than NEWEST_BTC, inside the 24 h range
     sentinel = price_ago("zz-sentinel-late", "1", 0)
     await produce(
-        broker,
+        views_broker,
         [
             (late.topic.name, late.key(), encode_record(late)),
             (sentinel.topic.name, sentinel.key(), encode_record(sentinel)),
@@ -463,7 +465,7 @@ async def test_a_late_older_snapshot_in_a_later_batch_does_not_replace_the_table
 
 
 async def test_the_range_of_the_live_tables_alone_has_the_batch_high_and_low(
-    views: tuple[httpx.AsyncClient, str, Worker], broker: EmbeddedBroker
+    views: tuple[httpx.AsyncClient, str, Worker], views_broker: EmbeddedBroker
 ) -> None:
     """With the coin's rows deleted from the database, /prices/{coin} answers from the tables
     only: their hourly windows must hold each hour's high and low, also when one batch holds a
@@ -475,7 +477,7 @@ async def test_the_range_of_the_live_tables_alone_has_the_batch_high_and_low(
     first = (NOW - hour).total_seconds() / 3600
     snapshots = [price_ago(coin, usd, first - i / 60) for i, usd in enumerate(("5", "2", "9", "3"))]
     snapshots.append(newest := price_ago(coin, "4", 2))
-    await produce(broker, [(p.topic.name, p.key(), encode_record(p)) for p in snapshots])
+    await produce(views_broker, [(p.topic.name, p.key(), encode_record(p)) for p in snapshots])
 
     async def processed(client: httpx.AsyncClient) -> bool:
         held = await client.get(f"/table/latest-prices/{coin}/")
@@ -491,7 +493,9 @@ async def test_the_range_of_the_live_tables_alone_has_the_batch_high_and_low(
     # A later update widens the hour it already holds: a new low, and a price inside the range.
     later = [price_ago(coin, "1", first - 4 / 60), price_ago(coin, "6", first - 5 / 60)]
     sentinel = price_ago("zz-sentinel-range", "1", 0)
-    await produce(broker, [(p.topic.name, p.key(), encode_record(p)) for p in [*later, sentinel]])
+    await produce(
+        views_broker, [(p.topic.name, p.key(), encode_record(p)) for p in [*later, sentinel]]
+    )
 
     async def sentinel_processed(client: httpx.AsyncClient) -> bool:
         return (await client.get("/table/latest-prices/zz-sentinel-range/")).status_code == 200

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
@@ -14,8 +13,6 @@ from hypothesis import strategies as st
 
 from models import RECORDS, CryptoMarketAnalytics, CryptoPriceData, StreamRecord
 from models.dsl import quote_ident
-from schema.migrate import migrate_database
-from store.db import create_pool
 from store.writer import RecordWriter, WriteResult
 from testkit.databases import primary_key
 from testkit.records import price
@@ -37,15 +34,6 @@ def price_at(coin: str, minute: int, usd: Decimal, name: str = "Coin") -> Crypto
     """`coin` at `minute` past T0, its market cap and change derived from `usd`."""
     at = T0 + timedelta(minutes=minute)
     return price(coin, usd, at, name=name, market_cap=usd * 1000, change_24h=-usd)
-
-
-@pytest.fixture
-async def pool(database_dsn: str) -> AsyncIterator[asyncpg.Pool]:
-    await migrate_database(database_dsn)
-    # One connection: every batch reuses the same session (and its staging table).
-    pool = await create_pool(database_dsn, min_size=1, max_size=1)
-    yield pool
-    await pool.close()
 
 
 async def stored_prices(pool: asyncpg.Pool) -> dict[tuple[str, datetime], asyncpg.Record]:
