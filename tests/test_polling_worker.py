@@ -31,7 +31,7 @@ async def test_the_leader_polls_at_start_and_every_process_tells_how_fresh_the_p
     migrated: str, kafka: Kafka, workers: Callable[..., Worker]
 ) -> None:
     async with serve_fake_coingecko() as fake:
-        # The workers' poll intervals are an hour (tests/workers.py): every row here comes from
+        # The workers' poll intervals are an hour (testkit/workers.py): every row here comes from
         # the first poll of each endpoint, at start.
         extra = {"COINGECKO_BASE_URL": fake.base_url, "COINGECKO_CALLS_PER_MINUTE": "1000"}
         first = workers(migrated, extra)

@@ -4,7 +4,7 @@ Records are produced with aiokafka, as the poller would; what must hold is read 
 database, the dead-letter topics and the stored and committed offsets: rows land exactly once with
 exactly the values produced, bad messages go to the dead-letter topic, nothing is committed before
 it is stored, and the stored offsets win where the broker's committed ones ran ahead.
-Each test gets its own broker (tests/conftest.py), so its topics and consumer group start empty.
+Each test gets its own broker (testkit/fixtures.py), so its topics and consumer group start empty.
 The SIGTERM and crash scenarios at scale are in tests/test_reliability.py.
 """
 
