@@ -21,6 +21,7 @@ from models.codec import decode_record, encode_record
 from models.dsl import StreamRecord
 from schema.avro import avro_schema, decode_avro, encode_avro
 from schema.jsonschema import json_schema
+from testkit.records import price
 from testkit.strategies import valid
 
 NOW = datetime(2024, 5, 1, 12, 30, tzinfo=UTC)
@@ -53,18 +54,9 @@ def as_json(record: StreamRecord) -> dict[str, Any]:
 
 
 def edge_price(value: str, **extra: Any) -> CryptoPriceData:
-    return CryptoPriceData(
-        coin_id="pepe",
-        symbol="pepe",
-        name="Pepe",
-        usd_price=value,
-        btc_price=value,
-        eth_price=value,
-        market_cap=value,
-        volume_24h=value,
-        last_updated=NOW,
-        **extra,
-    )
+    """A snapshot with `value` in every price, cap and volume field."""
+    amounts = dict.fromkeys(("btc_price", "eth_price", "market_cap", "volume_24h"), value)
+    return price("pepe", value, NOW, **amounts, **extra)
 
 
 def decimals_of(record: StreamRecord) -> dict[str, Decimal]:
