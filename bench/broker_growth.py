@@ -13,7 +13,6 @@ inherits (docs/performance.md, section 3).
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import time
 
@@ -23,6 +22,7 @@ from aiokafka import AIOKafkaProducer
 from app.embedded import create_generated_topics
 from bench.common import (
     PRICES_TOPIC,
+    arguments,
     describe_machine,
     percentile,
     produce,
@@ -90,6 +90,6 @@ async def main(count: int) -> None:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = arguments(__doc__)
     parser.add_argument("--windows", type=int, default=5)
     asyncio.run(main(parser.parse_args().windows))

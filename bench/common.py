@@ -5,6 +5,7 @@ A benchmark measures, it never asserts on what it measured.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import os
@@ -226,6 +227,11 @@ async def timed_fetches(
         consuming.cancel()
         await consumer.stop()
         await kafka.stop()
+
+
+def arguments(doc: str | None) -> argparse.ArgumentParser:
+    """A benchmark's command line, described by the first line of its module docstring."""
+    return argparse.ArgumentParser(description=(doc or "").split("\n")[0])
 
 
 def percentile(values: Sequence[float], fraction: float) -> float:

@@ -25,7 +25,6 @@ write one INSERT per batch), well under a millisecond; it is included in the num
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import time
 from datetime import UTC, datetime
@@ -38,6 +37,7 @@ from bench.common import (
     PRICES_TABLE,
     PRICES_TOPIC,
     Stack,
+    arguments,
     bare_sink,
     describe_machine,
     faust_worker,
@@ -180,7 +180,7 @@ async def main(seconds: float, contenders: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = arguments(__doc__)
     parser.add_argument("--seconds", type=float, default=20.0)
     parser.add_argument("--only", default="bare,worker", help="contenders, in order")
     args = parser.parse_args()

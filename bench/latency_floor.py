@@ -16,7 +16,6 @@ the worker's numbers inherit (docs/performance.md, section 3).
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import time
 
@@ -25,6 +24,7 @@ import asyncpg
 from app.embedded import create_generated_topics
 from bench.common import (
     PRICES_TOPIC,
+    arguments,
     describe_machine,
     percentile,
     stack,
@@ -90,6 +90,6 @@ async def main(count: int) -> None:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = arguments(__doc__)
     parser.add_argument("--count", type=int, default=300)
     asyncio.run(main(parser.parse_args().count))

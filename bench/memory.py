@@ -12,12 +12,12 @@ each phase the script waits until every row is in the database, then one table-c
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 from datetime import timedelta
 
 from app.embedded import create_generated_topics
 from bench.common import (
+    arguments,
     describe_machine,
     faust_worker,
     produce,
@@ -29,6 +29,14 @@ from bench.common import (
 from testkit.records import T0, coin_price
 
 CLEANUP_WAIT = 35.0  # Faust's table_cleanup_interval (30 s) plus slack
+
+COLUMNS = (  # of the printed table
+    "phase",
+    "snapshots so far",
+    "event-time hours so far",
+    "peak RSS MiB (phase)",
+    "RSS MiB after cleanup",
+)
 
 
 async def main(coins: int, phases: int) -> None:
@@ -61,22 +69,11 @@ async def main(coins: int, phases: int) -> None:
                     )
                 )
                 print(rows[-1], flush=True)
-        print(
-            table(
-                (
-                    "phase",
-                    "snapshots so far",
-                    "event-time hours so far",
-                    "peak RSS MiB (phase)",
-                    "RSS MiB after cleanup",
-                ),
-                rows,
-            )
-        )
+        print(table(COLUMNS, rows))
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = arguments(__doc__)
     parser.add_argument("--coins", type=int, default=1000)
     parser.add_argument("--phases", type=int, default=3)
     args = parser.parse_args()

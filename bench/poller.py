@@ -14,13 +14,12 @@ CoinGecko's cache does, so every cycle publishes every coin.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import time
 from collections.abc import Sequence
 
 from app.settings import DEFAULT_CALLS_PER_MINUTE, Settings
-from bench.common import describe_machine, mean, table
+from bench.common import arguments, describe_machine, mean, table
 from coingecko.client import CoinGeckoClient
 from coingecko.fake_server import FakeCoinGecko
 from coingecko.poller import Poller, PollStatus
@@ -28,6 +27,16 @@ from models.dsl import StreamRecord
 
 MARKETS = "/coins/markets"
 QUOTES = "/simple/price"
+
+COLUMNS = (  # of the printed table
+    "coins",
+    "market calls/cycle",
+    "quote calls/cycle",
+    "records/cycle",
+    "cycle ms",
+    "plans whose calls/minute fit a 60 s cycle: markets only",
+    "with quotes",
+)
 
 
 async def measure(coins: int, cycles: int) -> tuple[int, int, float, int]:
@@ -82,23 +91,10 @@ async def main(cycles: int) -> None:
                 fitting(markets + quotes),
             )
         )
-    print(
-        table(
-            (
-                "coins",
-                "market calls/cycle",
-                "quote calls/cycle",
-                "records/cycle",
-                "cycle ms",
-                "plans whose calls/minute fit a 60 s cycle: markets only",
-                "with quotes",
-            ),
-            rows,
-        )
-    )
+    print(table(COLUMNS, rows))
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = arguments(__doc__)
     parser.add_argument("--cycles", type=int, default=5)
     asyncio.run(main(parser.parse_args().cycles))

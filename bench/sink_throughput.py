@@ -23,7 +23,6 @@ medians, each ratio taken within its own round: on a shared 2-core VM single run
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import statistics
 import time
@@ -33,6 +32,7 @@ from app.embedded import create_generated_topics
 from bench.common import (
     Run,
     Stack,
+    arguments,
     bare_sink,
     describe_machine,
     faust_worker,
@@ -46,6 +46,16 @@ from models.market import CryptoPriceData
 from testkit.records import snapshots
 
 CONTENDERS = ("bare", "naive", "worker", "two-workers")  # the default; also: public
+
+COLUMNS = (  # of the printed table
+    "contender",
+    "rows timed",
+    "rows/s",
+    "of (a) bare",
+    "x (b) naive",
+    "peak RSS MiB",
+    "rows (partitions) per worker",
+)
 
 
 async def bare(s: Stack, rows: int) -> Run:
@@ -130,24 +140,11 @@ def print_results(rounds: list[dict[str, Run]], notes: dict[str, str]) -> None:
                 notes.get(name, ""),
             )
         )
-    print(
-        table(
-            (
-                "contender",
-                "rows timed",
-                "rows/s",
-                "of (a) bare",
-                "x (b) naive",
-                "peak RSS MiB",
-                "rows (partitions) per worker",
-            ),
-            lines,
-        )
-    )
+    print(table(COLUMNS, lines))
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = arguments(__doc__)
     parser.add_argument("--rows", type=int, default=200_000)
     parser.add_argument("--naive-rows", type=int, default=20_000)
     parser.add_argument("--only", default=",".join(CONTENDERS))
