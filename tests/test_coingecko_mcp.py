@@ -20,7 +20,6 @@ from typing import Any
 
 import psutil
 import pytest
-from workers import Worker, assert_exactly, count_rows, eventually, stored
 
 from app.embedded import free_port
 from app.settings import Settings
@@ -42,6 +41,11 @@ from coingecko.fake_server import (
 )
 from coingecko.parse import parse_global, parse_markets, parse_ohlc, parse_simple_prices
 from models import RECORDS, CryptoMarketAnalytics, CryptoOHLCVData, CryptoPriceData
+from testkit.databases import assert_exactly, count_rows, stored
+from testkit.workers import Worker, eventually
+
+# Every test talks to the fake MCP server as a process of its own (stdio or HTTP).
+pytestmark = pytest.mark.slow
 
 SECRET = "CG-mcp-s3cr3t-never-logged"
 FAKE_MCP = f"{sys.executable} -m coingecko.fake_mcp_server"
@@ -197,7 +201,6 @@ def mcp_worker_env(fake: FakeCoinGecko, tools: str = "endpoints") -> dict[str, s
     }
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("transport", ["stdio", "http"])
 async def test_a_worker_reading_coingecko_through_mcp_stores_exactly_what_was_served(
     fake: FakeCoinGecko, migrated: str, workers: Callable[..., Worker], transport: str
@@ -245,12 +248,11 @@ async def test_a_worker_reading_coingecko_through_mcp_stores_exactly_what_was_se
     assert_exactly(await stored(migrated, CryptoMarketAnalytics), analytics)
 
 
-@pytest.mark.slow
 async def test_a_worker_on_an_mcp_server_without_coingecko_tools_stops_with_the_reason(
     fake: FakeCoinGecko, migrated: str, workers: Callable[..., Worker]
 ) -> None:
     worker = workers(migrated, mcp_worker_env(fake, tools="code"))
-    status = await asyncio.to_thread(worker.process.wait, 120)
+    status = await asyncio.to_thread(worker.popen.wait, 120)
     assert status != 0
     assert "its tools: execute, search_docs" in worker.output
     assert not fake.requests  # it never called CoinGecko
@@ -328,7 +330,6 @@ async def test_through_a_javascript_server_big_integers_arrive_rounded_as_it_sen
     assert row["current_price"] == exact["current_price"] == Decimal("6.31917e-7")
 
 
-@pytest.mark.slow
 async def test_up_reads_the_offline_fake_through_mcp_and_stops_it(
     bare_env: dict[str, str], tmp_path: Path
 ) -> None:

@@ -14,11 +14,12 @@ from datetime import timedelta
 from decimal import Decimal
 
 import pytest
-from workers import T0, Kafka, Sent, Worker, eventually, prices
 
 from models import CryptoMarketAnalytics
 from models.codec import encode_record
 from models.market import PARTITIONS
+from testkit.records import T0, prices
+from testkit.workers import Kafka, Sent, Worker, eventually
 
 pytestmark = pytest.mark.slow
 

@@ -25,7 +25,6 @@ from mcp.client.streamable_http import streamable_http_client
 from mcp.client.subscriptions import ResourceUpdated, Subscription
 from mcp.shared.exceptions import MCPError
 from mcp_types import CallToolResult, TextResourceContents, Tool
-from workers import TIMEOUT, Kafka, Worker, eventually
 
 from app.settings import load_settings
 from models import RECORDS, StreamRecord
@@ -33,6 +32,7 @@ from models.codec import plain_json
 from models.market import CryptoMarketAnalytics, CryptoOHLCVData, CryptoPriceData
 from store.db import create_pool
 from store.writer import NOTIFY_PAYLOAD_BYTES, STORED_CHANNEL, RecordWriter
+from testkit.workers import TIMEOUT, Kafka, Worker, eventually
 
 NOW = datetime.now(UTC).replace(second=0, microsecond=0)
 T1 = NOW - timedelta(hours=3)
@@ -137,6 +137,7 @@ async def call(client: Client, tools: dict[str, Tool], name: str, /, **arguments
     return result.structured_content
 
 
+@pytest.mark.slow  # starts `faust -A app mcp`
 async def test_stdio_tools_answer_exactly_and_refuse_bad_arguments(
     stocked: str, bare_env: dict[str, str]
 ) -> None:

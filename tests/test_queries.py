@@ -10,6 +10,7 @@ import pytest
 
 from models.market import CryptoMarketAnalytics, CryptoPriceData
 from store import queries
+from store.db import create_pool
 from testkit.databases import write_records
 from testkit.records import price
 
@@ -120,27 +121,29 @@ async def test_ping(pool: asyncpg.Pool, database_dsn: str) -> None:
     assert await queries.ping(connection, timeout=2) is False
 
 
-async def test_history_window_is_half_open_and_pages_both_ways(db: asyncpg.Pool) -> None:
+async def test_history_window_is_half_open_and_pages_both_ways(pool: asyncpg.Pool) -> None:
     rows = [price("ethereum", f"30{i}.5", T0 + timedelta(minutes=i)) for i in range(10)]
-    await insert(db, rows)
+    await write_records(pool, rows)
     coin = {"coin_id": "ethereum", **AGGREGATE}
     since, until = rows[2].last_updated, rows[8].last_updated
-    newest = await queries.history(db, CryptoPriceData, coin, since=since, until=until, limit=4)
+    newest = await queries.history(pool, CryptoPriceData, coin, since=since, until=until, limit=4)
     assert newest == [rows[7], rows[6], rows[5], rows[4]]
     # The next page, newest first: `until` is the last row's time (exclusive).
-    rest = await queries.history(db, CryptoPriceData, coin, since=since, until=rows[4].last_updated)
+    rest = await queries.history(
+        pool, CryptoPriceData, coin, since=since, until=rows[4].last_updated
+    )
     assert rest == [rows[3], rows[2]]
     oldest = await queries.history(
-        db, CryptoPriceData, coin, since=since, until=until, limit=3, oldest_first=True
+        pool, CryptoPriceData, coin, since=since, until=until, limit=3, oldest_first=True
     )
     assert oldest == rows[2:5]
     with pytest.raises(ValueError, match="must be before"):
-        await queries.history(db, CryptoPriceData, coin, since=until, until=since)
+        await queries.history(pool, CryptoPriceData, coin, since=until, until=since)
 
 
-async def test_latest_per_group_among_given_values_and_ranges_per_group(db: asyncpg.Pool) -> None:
-    await insert(
-        db,
+async def test_latest_per_group_among_given_values_and_ranges_per_group(pool: asyncpg.Pool) -> None:
+    await write_records(
+        pool,
         [
             price("bitcoin", "60000.5", T0),
             price("bitcoin", "59000.25", T0 + timedelta(hours=1)),
@@ -149,14 +152,18 @@ async def test_latest_per_group_among_given_values_and_ranges_per_group(db: asyn
         ],
     )
     found = await queries.latest_per_group(
-        db, CryptoPriceData, "coin_id", AGGREGATE, among=["ethereum", "bitcoin", "nope", "bitcoin"]
+        pool,
+        CryptoPriceData,
+        "coin_id",
+        AGGREGATE,
+        among=["ethereum", "bitcoin", "nope", "bitcoin"],
     )
     assert [(p.coin_id, str(p.usd_price)) for p in found] == [
         ("bitcoin", "59000.25"),
         ("ethereum", "3000.125"),
     ]
     ranges = await queries.value_ranges(
-        db,
+        pool,
         CryptoPriceData,
         "usd_price",
         "coin_id",
@@ -171,23 +178,23 @@ async def test_latest_per_group_among_given_values_and_ranges_per_group(db: asyn
     }
     too_many = [f"c{i}" for i in range(queries.LATEST_LIMIT_MAX + 1)]
     with pytest.raises(ValueError, match="at most"):
-        await queries.latest_per_group(db, CryptoPriceData, "coin_id", among=too_many)
+        await queries.latest_per_group(pool, CryptoPriceData, "coin_id", among=too_many)
 
 
-async def test_candles_roll_up_in_the_database(db: asyncpg.Pool) -> None:
+async def test_candles_roll_up_in_the_database(pool: asyncpg.Pool) -> None:
     from schema.sql import CANDLES
 
     start = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
     prices = ["10.5", "12.25", "9.125", "11", "13.5", "8.0625", "10"]
-    await insert(
-        db,
+    await write_records(
+        pool,
         [price("bitcoin", usd, start + timedelta(minutes=7 * i)) for i, usd in enumerate(prices)]
         + [price("bitcoin", "99", start, exchange_id="binance")],
     )
     coin = {"coin_id": "bitcoin", **AGGREGATE}
     # 12:00, 12:07, ..., 12:42 in 15-minute candles from 12:05: the first starts at 12:00.
     found = await queries.candles(
-        db,
+        pool,
         CANDLES[0],
         coin,
         timedelta(minutes=15),
@@ -221,22 +228,22 @@ async def test_candles_roll_up_in_the_database(db: asyncpg.Pool) -> None:
         },
     ]
     day = await queries.candles(
-        db, CANDLES[0], coin, timedelta(days=1), start, start + timedelta(1)
+        pool, CANDLES[0], coin, timedelta(days=1), start, start + timedelta(1)
     )
     assert [(c["open"], c["high"], c["low"], c["close"]) for c in day] == [
         (Decimal("10.5"), Decimal("13.5"), Decimal("8.0625"), Decimal("10"))
     ]
     with pytest.raises(ValueError, match="at most"):
         await queries.candles(
-            db, CANDLES[0], coin, timedelta(minutes=1), start, start + timedelta(1)
+            pool, CANDLES[0], coin, timedelta(minutes=1), start, start + timedelta(1)
         )
     with pytest.raises(ValueError, match="whole multiple"):
         await queries.candles(
-            db, CANDLES[0], coin, timedelta(seconds=90), start, start + timedelta(1)
+            pool, CANDLES[0], coin, timedelta(seconds=90), start, start + timedelta(1)
         )
     with pytest.raises(ValueError, match="not grouped by"):
         await queries.candles(
-            db, CANDLES[0], {"symbol": "btc"}, timedelta(days=1), start, start + timedelta(1)
+            pool, CANDLES[0], {"symbol": "btc"}, timedelta(days=1), start, start + timedelta(1)
         )
 
 
