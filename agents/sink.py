@@ -1,13 +1,17 @@
-"""Sink agents: every record topic flows into its table, in batches, stored before acknowledged.
+"""The sink: one record topic flows into its table, in batches, stored before acknowledged.
 
-One agent per record in `models.RECORDS`, made in a loop from the DSL, so a new record type gets
-a running sink with no new agent code. Why each agent works the way it does:
+`Sink` takes everything it works with as arguments (its batches, the database, the consumer's
+positions, the dead-letter topic, its status and limits), so it runs as well in a test as in the
+worker; agents/sinks.py makes one agent per record in `models.RECORDS` from it, so a new record
+type gets a running sink with no new agent code. The store transaction and the offset caches are
+store/ledger.py's. Why a sink works the way it does:
 
 - The database decides where each partition continues: a batch's rows and its partitions' next
-  offsets (`sink_offsets`, store/offsets.py) are written in ONE transaction. Faust's committed
-  offsets are only where fetching starts; they cannot lose data even where Faust's own offset
-  handling slips (faust-streaming #606; a message dropped during a rebalance): a batch that does
-  not continue the stored offset is not written past the hole, and the partition is sought back.
+  offsets (`sink_offsets`, store/offsets.py) are written in ONE transaction (store/ledger.py).
+  Faust's committed offsets are only where fetching starts; they cannot lose data even where
+  Faust's own offset handling slips (faust-streaming #606; a message dropped during a
+  rebalance): a batch that does not continue the stored offset is not written past the hole,
+  and the partition is sought back.
   Replays below the stored offset (a consumer-group reset) are skipped, but only in the log the
   stored offsets came from: each partition's log is confirmed (cluster id, a stored message still
   at its offset) before its first batch after an assignment, before a replay, and every
@@ -43,28 +47,18 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from functools import partial
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
-from faust.exceptions import ConsumerNotStarted
-from faust.types import TP, Message, StreamT
+from faust.types import Message, StreamT
 
-from app.broker_logs import BrokerLogs
-from app.main import app, settings, topics
 from common.backoff import jittered_backoff
 from common.redaction import redact_password
-from models import RECORDS, StreamRecord
+from models import StreamRecord
 from models.codec import RecordRejected, decode_record
 from store.db import LazyPool
-from store.offsets import (
-    Continuation,
-    Delivered,
-    Mark,
-    SinkOffsets,
-    continue_sequences,
-    fingerprint,
-    other_log,
-)
-from store.writer import RecordWriter, WriteResult
+from store.ledger import Ledger, LookAtLogs
+from store.offsets import Continuation, Delivered
+from store.writer import WriteResult
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +68,35 @@ BACKOFF_CAP = 5.0  # a retry every few seconds costs a down database nothing and
 T = TypeVar("T")
 # One message of a stored batch and its decoded record (None: dead-lettered).
 Stored = tuple[Message, StreamRecord | None]
+# Publishes a dead letter (key, value, headers) and returns once the broker has it.
+DeadLetters = Callable[[bytes | None, bytes | None, list[tuple[str, bytes]]], Awaitable[None]]
+
+
+class BatchSource(Protocol):
+    """Where a sink's messages come from and are acknowledged to (app/bulk.py's `Batches`)."""
+
+    async def take(self, limit: int, timeout: float | None = None) -> list[Message]: ...
+    def ack(self, messages: Sequence[Message]) -> None: ...
+
+
+class Positions(Protocol):
+    """The consumer as a sink sees it (app/positions.py's `ConsumerPositions`)."""
+
+    def flowing(self) -> bool: ...
+    def generation(self) -> int: ...
+    def assigned(self, topic: str) -> list[int]: ...
+    async def earliest(self, topic: str, partitions: Sequence[int]) -> dict[int, int]: ...
+    async def seek(self, topic: str, partition: int, offset: int) -> None: ...
+
+
+@dataclass(frozen=True)
+class SinkLimits:
+    """The settings a sink works to (SINK_BATCH_SIZE, LIVE_TABLE_UPDATE_SECONDS,
+    SINK_LOG_CHECK_SECONDS)."""
+
+    batch_size: int
+    live_table_update_seconds: float
+    log_check_seconds: float
 
 
 @dataclass
@@ -114,16 +137,7 @@ class SinkStatuses:
         return {topic: status.as_json() for topic, status in self.sinks.items()}
 
 
-SINK_STATUS = SinkStatuses()
-
-
-# The worker's one write pool, shared by all sinks.
-DATABASE = LazyPool(settings.database_dsn, settings.database_pool_size)
-# The broker's side of the stored offsets, shared by all sinks.
-BROKER_LOGS = BrokerLogs.of(app)
-
-
-def describe_error(error: BaseException, dsn: str = settings.database_dsn) -> str:
+def describe_error(error: BaseException, dsn: str) -> str:
     """`Type: message`, with the database password blanked should a driver ever echo it."""
     return redact_password(f"{type(error).__name__}: {error}", dsn)
 
@@ -136,25 +150,30 @@ backoff = partial(jittered_backoff, first=BACKOFF_FIRST, cap=BACKOFF_CAP)
 class Sink:
     """Moves one record topic into its table; `consume` is the Faust agent."""
 
-    def __init__(self, record: type[StreamRecord], database: LazyPool) -> None:
+    def __init__(
+        self,
+        record: type[StreamRecord],
+        *,
+        consumer_group: str,
+        database: LazyPool,
+        batches: BatchSource,
+        positions: Positions,
+        look_at_logs: LookAtLogs,
+        dead_letters: DeadLetters,
+        status: SinkStatus,
+        limits: SinkLimits,
+    ) -> None:
         self.record = record
         self.topic = record.topic.name
         self.database = database
-        self.writer = RecordWriter(record)
-        self.offsets = SinkOffsets(app.conf.id, self.topic)
-        self.dead_letter_topic = topics[record.topic.dead_letter_name]
-        self.status = SINK_STATUS.add(record)
-        self.batches = app.batches(self.topic)
-        self.stored_next: dict[int, int] = {}  # last known stored offsets (a cache)
-        self.floors: dict[int, int] = {}  # earliest offsets the broker still holds, after holes
-        # The partitions' logs: when each was last confirmed (consumer generation, monotonic
-        # time), the last message stored of it and when, the cluster id found, and the partitions
-        # started over whose next hole is part of that (not worth a warning of its own).
-        self.confirmed: dict[int, tuple[int, float]] = {}
-        self.last_stored: dict[int, tuple[Mark, float]] = {}
-        self.cluster_id: str | None = None
-        self.started_over: set[int] = set()
-        self.next_log_check = time.monotonic() + settings.sink_log_check_seconds
+        self.ledger = Ledger(database, record, consumer_group, limits.log_check_seconds)
+        self.batches = batches
+        self.positions = positions
+        self.look_at_logs = look_at_logs
+        self.dead_letters = dead_letters
+        self.status = status
+        self.limits = limits
+        self.next_log_check = time.monotonic() + limits.log_check_seconds
         # Called with the stored batches once they are durable, before they are acknowledged:
         # the live tables (tables.live) follow the sink instead of reading the topic again.
         self.observers: list[Callable[[Sequence[Stored]], Awaitable[None]]] = []
@@ -168,7 +187,7 @@ class Sink:
         themselves arrive on `self.batches` (app/bulk.py), never through the stream."""
         try:
             while True:
-                messages = await self.batches.take(settings.sink_batch_size, timeout=self._wait())
+                messages = await self.batches.take(self.limits.batch_size, timeout=self._wait())
                 flush = asyncio.ensure_future(self.flush(messages))
                 try:
                     await asyncio.shield(flush)
@@ -202,111 +221,50 @@ class Sink:
         """Confirm every assigned partition's log, also those that receive nothing: a topic
         re-created under the worker leaves it fetching past the new log's end, where the embedded
         broker answers with nothing at all (Kafka would answer "out of range")."""
-        self.next_log_check = time.monotonic() + settings.sink_log_check_seconds
-        if not app.flow_control.is_active():  # a rebalance: the next batch is checked anyway
+        self.next_log_check = time.monotonic() + self.limits.log_check_seconds
+        if not self.positions.flowing():  # a rebalance: the next batch is checked anyway
             return
-        try:
-            assignment = app.consumer.assignment()
-        except ConsumerNotStarted:
-            return
-        assigned = sorted(tp.partition for tp in assignment if tp.topic == self.topic)
+        assigned = self.positions.assigned(self.topic)
         if not assigned:
             return
         # One attempt: nothing waits for it, and a shutdown must not wait for a broker or
         # database that is down (a batch's own check is retried, as its write is).
         try:
-            restarts = await self._check_logs(assigned)
+            await self._check_logs(assigned)
         except Exception as error:
             log.warning(
                 "sink %s: log check failed, next in %gs: %s",
                 self.topic,
-                settings.sink_log_check_seconds,
-                describe_error(error),
+                self.limits.log_check_seconds,
+                describe_error(error, self.database.dsn),
             )
-            return
-        for partition, offset in restarts.items():
-            await self._seek(partition, offset)
 
-    def _logs_to_check(self, messages: Sequence[Message]) -> list[int]:
-        """The batch's partitions whose log must be confirmed before it is stored: first seen in
-        this consumer generation, last confirmed too long ago, or replayed (below the stored
-        offset) after storing something since the last confirmation."""
-        generation = app.consumer_generation_id
-        stale = time.monotonic() - settings.sink_log_check_seconds
-        lowest: dict[int, int] = {}
-        lowest_so_far = lowest.get
-        for message in messages:  # per message: kept to a few operations
-            partition, offset = message.partition, message.offset
-            if offset < lowest_so_far(partition, offset + 1):
-                lowest[partition] = offset
-        due = []
-        for partition, offset in lowest.items():
-            confirmed = self.confirmed.get(partition)
-            if confirmed is None or confirmed[0] != generation or confirmed[1] < stale:
-                due.append(partition)
-            elif offset < self.stored_next.get(partition, -1):
-                stored = self.last_stored.get(partition)
-                if stored is not None and stored[1] > confirmed[1]:
-                    due.append(partition)
-        return sorted(due)
-
-    async def _check_logs(self, partitions: Sequence[int]) -> dict[int, int]:
-        """Confirm the partitions' logs (store/offsets.py); start those found on another log over
-        at the broker's earliest offset. Returns those started over, with that offset."""
-        pool = await self.database.get()
-        restarts: dict[int, int] = {}
-        async with pool.acquire() as connection:
-            stored = await self.offsets.logs(connection, partitions)
-            broker = await BROKER_LOGS.look(
-                self.topic, {p: stored[p].checkpoint if p in stored else None for p in partitions}
+    async def _check_logs(self, partitions: Sequence[int]) -> None:
+        """Confirm the partitions' logs; those found on another log are stored again from the
+        broker's earliest offset."""
+        restarts = await self.ledger.check_logs(
+            partitions, self.look_at_logs, self.positions.generation()
+        )
+        for partition, restart in restarts.items():
+            log.warning(
+                "sink %s: partition %d is not the log its stored offsets came from "
+                "(%s; stored next offset %d, broker's earliest offset %d, high-water "
+                "mark %d): storing it again from offset %d",
+                self.topic,
+                partition,
+                restart.reason,
+                restart.stored_next,
+                restart.broker.earliest,
+                restart.broker.end,
+                restart.at,
             )
-            cluster_id = broker[partitions[0]].cluster_id
-            moves: dict[int, Mark | None] = {}
-            for partition, mine in stored.items():
-                theirs = broker[partition]
-                reason = other_log(mine, theirs)
-                last = self.last_stored.get(partition)
-                if reason is None:
-                    newest = last[0] if last else None
-                    newer = newest is not None and (
-                        mine.checkpoint is None or newest.offset > mine.checkpoint.offset
-                    )
-                    if newer or (cluster_id is not None and mine.cluster_id != cluster_id):
-                        moves[partition] = newest if newer else None
-                    continue
-                restarted = await self.offsets.restart(
-                    connection, partition, mine.next_offset, theirs.earliest, cluster_id
-                )
-                if restarted:
-                    log.warning(
-                        "sink %s: partition %d is not the log its stored offsets came from "
-                        "(%s; stored next offset %d, broker's earliest offset %d, high-water "
-                        "mark %d): storing it again from offset %d",
-                        self.topic,
-                        partition,
-                        reason,
-                        mine.next_offset,
-                        theirs.earliest,
-                        theirs.end,
-                        theirs.earliest,
-                    )
-                    self.status.log_resets += 1
-                    restarts[partition] = theirs.earliest
-                    self.started_over.add(partition)
-                # Read again at the next batch (another worker may have moved it meanwhile).
-                self.stored_next.pop(partition, None)
-                self.floors.pop(partition, None)
-                self.last_stored.pop(partition, None)
-            if moves:
-                await self.offsets.confirm(connection, moves, cluster_id)
-        self.cluster_id = cluster_id
-        confirmed = (app.consumer_generation_id, time.monotonic())
-        self.confirmed.update(dict.fromkeys(partitions, confirmed))
-        return restarts
+            self.status.log_resets += 1
+        for partition, restart in restarts.items():
+            await self.positions.seek(self.topic, partition, restart.at)
 
     async def _store_batch(self, messages: Sequence[Message]) -> None:
         # Before anything is decided by the stored offsets (also which bad messages are new).
-        if due := self._logs_to_check(messages):
+        if due := self.ledger.logs_due(messages, self.positions.generation()):
             await self._until_done("log check", partial(self._check_logs, due))
         delivered: list[Delivered[StreamRecord | None]] = []
         batch: list[Stored] = []
@@ -316,7 +274,7 @@ class Sink:
                 payload = decode_record(self.record, message.value)
             except RecordRejected as bad:
                 # Before the offsets can move past it, the bad message must be in the DLQ.
-                if message.offset >= self.stored_next.get(message.partition, -1):
+                if self.ledger.is_new(message.partition, message.offset):
                     await self._until_done(
                         "dead-letter", partial(self._dead_letter, message, bad.reason)
                     )
@@ -348,11 +306,11 @@ class Sink:
             return None
         if (
             not self.observers
-            or len(self.stored) >= settings.sink_batch_size
-            or not app.flow_control.is_active()  # a rebalance or shutdown waits for the acks
+            or len(self.stored) >= self.limits.batch_size
+            or not self.positions.flowing()  # a rebalance or shutdown waits for the acks
         ):
             return 0.0
-        due = self.stored_since + settings.live_table_update_seconds
+        due = self.stored_since + self.limits.live_table_update_seconds
         return max(0.0, due - time.monotonic())
 
     async def _publish(self) -> None:
@@ -386,36 +344,16 @@ class Sink:
     async def _store(
         self, delivered: Sequence[Delivered[StreamRecord | None]], messages: Sequence[Message]
     ) -> tuple[Continuation[StreamRecord | None], WriteResult]:
-        """One transaction: lock the partitions' stored offsets, write what continues them,
-        advance them (with each partition's last stored message, for its log's checkpoint)."""
-        partitions = sorted({item.partition for item in delivered})
-        new = [p for p in partitions if p not in self.stored_next]
-        starts = await self._earliest(new) if new else {}
-        pool = await self.database.get()
-        async with pool.acquire() as connection, connection.transaction():
-            stored = await self.offsets.lock(
-                connection, partitions, starts, self.floors, self.cluster_id
-            )
-            continuation = continue_sequences(delivered, stored)
-            records = [record for record in continuation.accepted if record is not None]
-            result = await self.writer.insert(connection, records)
-            last = last_stored(messages, continuation.next_offsets)
-            await self.offsets.advance(connection, continuation.next_offsets, last)
-        self.stored_next.update({**stored, **continuation.next_offsets})
-        now = time.monotonic()
-        self.last_stored.update({p: (stored_mark, now) for p, stored_mark in last.items()})
-        self.started_over -= set(last)
-        return continuation, result
+        return await self.ledger.store(delivered, messages, self._earliest)
 
     async def _earliest(self, partitions: Sequence[int]) -> dict[int, int]:
-        earliest = await app.consumer.earliest_offsets(*(TP(self.topic, p) for p in partitions))
-        return {tp.partition: offset for tp, offset in earliest.items()}
+        return await self.positions.earliest(self.topic, partitions)
 
     async def _refetch(self, partition: int, offset: int) -> None:
         """Seek back to the first offset not stored, unless retention has deleted it."""
         self.status.holes_refetched += 1
-        if partition in self.started_over:  # announced already, as a log found restarted
-            await self._seek(partition, offset)
+        if partition in self.ledger.started_over:  # announced already, as a log found restarted
+            await self.positions.seek(self.topic, partition, offset)
             return
         earliest = (await self._earliest([partition]))[partition]
         if earliest > offset:
@@ -428,7 +366,7 @@ class Sink:
                 earliest - 1,
                 earliest,
             )
-            self.floors[partition] = earliest
+            self.ledger.expired(partition, earliest)
             offset = earliest
         else:
             log.warning(
@@ -437,13 +375,7 @@ class Sink:
                 partition,
                 offset,
             )
-        await self._seek(partition, offset)
-
-    async def _seek(self, partition: int, offset: int) -> None:
-        try:
-            await app.consumer.seek(TP(self.topic, partition), offset)
-        except Exception as error:  # no longer assigned (rebalance): the new owner resumes it
-            log.info("sink %s: seek of partition %d skipped: %s", self.topic, partition, error)
+        await self.positions.seek(self.topic, partition, offset)
 
     async def _dead_letter(self, message: Message, reason: str) -> None:
         """Publish the original key, value and headers, plus where it came from and why; wait
@@ -456,11 +388,7 @@ class Sink:
             ("x-original-partition", str(message.partition).encode()),
             ("x-original-offset", str(message.offset).encode()),
         ]
-        # force=True sends now, whatever Faust's current event is.
-        delivery = await self.dead_letter_topic.send(
-            key=message.key, value=message.value, headers=items, force=True
-        )
-        await delivery
+        await self.dead_letters(message.key, message.value, items)
         self.status.dead_letters += 1
         log.warning(
             "sink %s: dead-lettered partition %s offset %s: %s",
@@ -477,7 +405,7 @@ class Sink:
                 result = await attempt()
             except Exception as error:  # any failure of the database or broker: retry it
                 self.status.consecutive_failures += 1
-                self.status.last_error = describe_error(error)
+                self.status.last_error = describe_error(error, self.database.dsn)
                 delay = backoff(self.status.consecutive_failures)
                 log.error(
                     "sink %s: %s of %d events failed (attempt %d), retrying in %.1fs: %s",
@@ -499,44 +427,3 @@ class Sink:
                 )
                 self.status.consecutive_failures = 0
             return result
-
-
-def last_stored(messages: Sequence[Message], next_offsets: Mapping[int, int]) -> dict[int, Mark]:
-    """Each advanced partition's last stored message, as a mark. Searched from the end: it is
-    usually among the batch's last few messages."""
-    wanted = {partition: offset - 1 for partition, offset in next_offsets.items()}
-    last: dict[int, Mark] = {}
-    for message in reversed(messages):
-        if wanted.get(message.partition) == message.offset:
-            last[message.partition] = mark(message)
-            if len(last) == len(wanted):
-                break
-    return last
-
-
-def mark(message: Message) -> Mark:
-    """The message as a log checkpoint (Faust keeps the broker's timestamp in seconds)."""
-    timestamp = message.timestamp
-    timestamp_ms = None if timestamp is None else round(timestamp * 1000)
-    return Mark(message.offset, fingerprint(timestamp_ms, message.key, message.value))
-
-
-def _register(record: type[StreamRecord]) -> Sink:
-    sink = Sink(record, DATABASE)
-    agent = app.agent(topics[record.topic.name], name=f"sink_{record.table.name}")(sink.consume)
-    # What `faust -A app agents` shows (Faust's default is the docstring of `consume`).
-    agent.help = (
-        f"Stores {record.__name__} records in the {record.table.name} table, batched and "
-        f"idempotent; bad messages go to {record.topic.dead_letter_name}."
-    )
-    return sink
-
-
-SINKS: dict[str, Sink] = {record.topic.name: _register(record) for record in RECORDS}
-
-
-@app.on_before_shutdown.connect
-async def _close_pool(sender: object, /, *args: object, signal: object, **kwargs: object) -> None:
-    """Runs after Faust waited for every stream to acknowledge its events: nothing is in flight."""
-    await DATABASE.close()
-    await BROKER_LOGS.close()

@@ -52,6 +52,8 @@ from faust.utils.urls import urllist
 from mode import Service, ServiceT
 from mode.utils.queues import FlowControlQueue
 
+from app.positions import seek_back
+
 log = logging.getLogger(__name__)
 
 # ---------------------------------------------------------------------------------------------
@@ -229,15 +231,9 @@ class Batches(FlowControlQueue[list[Message]]):
         if not self.app.flow_control.is_active():
             self.put_nowait([])
         for tp, offset in first.items():
-            seek = asyncio.ensure_future(self._seek_back(tp, offset))
+            seek = asyncio.ensure_future(seek_back(self.app, tp, offset))
             self.seeking.add(seek)  # a reference until it is done
             seek.add_done_callback(self.seeking.discard)
-
-    async def _seek_back(self, tp: TP, offset: int) -> None:
-        try:
-            await self.app.consumer.seek(tp, offset)
-        except Exception as error:  # no longer assigned: its new owner starts from the commit
-            log.info("%s: seek of %s back to %d skipped: %s", self.topic, tp, offset, error)
 
     async def take(self, limit: int, timeout: float | None = None) -> list[Message]:
         """Everything fetched so far, up to `limit` messages; waits only while nothing is queued,

@@ -49,7 +49,7 @@ class LazyPool:
     """
 
     def __init__(self, dsn: str, max_size: int, *, reads: bool = False) -> None:
-        self._dsn = dsn
+        self.dsn = dsn
         self._max_size = max_size
         self._reads = reads
         self._pool: asyncpg.Pool | None = None
@@ -59,7 +59,7 @@ class LazyPool:
         async with self._lock:
             if self._pool is None:
                 self._pool = await create_pool(
-                    self._dsn, min_size=1, max_size=self._max_size, reads=self._reads
+                    self.dsn, min_size=1, max_size=self._max_size, reads=self._reads
                 )
             return self._pool
 

@@ -29,7 +29,7 @@ from faust.types import TableT
 from faust.web import Request, Response, View
 from faust.web.exceptions import NotFound, ServiceUnavailable, ValidationError
 
-from agents.sink import SINK_STATUS
+from agents.sinks import SINK_STATUS
 from app.bulk import Consumer, broker_client
 from app.main import app, settings
 from coingecko.poller import POLL_STATUS

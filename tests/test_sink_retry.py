@@ -10,7 +10,8 @@ from __future__ import annotations
 import pytest
 
 import agents.sink
-from agents.sink import BACKOFF_CAP, BACKOFF_FIRST, SINKS, SinkStatus, backoff
+from agents.sink import BACKOFF_CAP, BACKOFF_FIRST, SinkStatus, backoff
+from agents.sinks import SINKS
 from models import CryptoPriceData
 
 PRICES = CryptoPriceData.topic.name

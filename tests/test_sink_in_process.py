@@ -1,0 +1,232 @@
+"""The sink's logic in-process, against the real embedded broker and database: a `Sink` built
+from its collaborators (agents/sink.py), fed batches of real messages fetched from the broker,
+with a real pool, real dead letters and the real log check. What the worker-process tests
+(test_sink.py, test_reliability.py) show end to end, in a second or two per case: rows, stored
+offsets, dead letters, replays skipped, a hole sought back, a log found reset.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from functools import partial
+
+import asyncpg
+import pytest
+from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
+from faust.types import TP, Message
+from workers import Kafka, assert_exactly, prices, stored
+
+from agents.sink import Sink, SinkLimits, SinkStatus
+from app.broker_logs import BrokerLogs
+from models import CryptoPriceData
+from models.codec import encode_record
+from store.db import LazyPool
+from store.offsets import SinkOffsets
+
+TOPIC = CryptoPriceData.topic.name
+DEAD_LETTERS = CryptoPriceData.topic.dead_letter_name
+GROUP = "in-process"
+TIMEOUT = 60.0  # generous: the suite shares two cores
+# Publication and acknowledgement right after each batch (no observers wait for more).
+LIMITS = SinkLimits(batch_size=1000, live_table_update_seconds=0.0, log_check_seconds=3600.0)
+
+
+@dataclass
+class Batches:
+    """The sink's batches as the test hands them over; records what the sink acknowledged."""
+
+    acked: list[Message] = field(default_factory=list)
+
+    async def take(self, limit: int, timeout: float | None = None) -> list[Message]:
+        raise AssertionError("the tests call Sink.flush with the batches themselves")
+
+    def ack(self, messages: Sequence[Message]) -> None:
+        self.acked.extend(messages)
+
+
+class Broker:
+    """The test's consumer of the sink's topic: fetches real messages (as Faust's `Message`s)
+    and stands in for the worker consumer's positions; seeks are recorded, not performed (the
+    test fetches what a seek would)."""
+
+    def __init__(self, bootstrap: str) -> None:
+        self.consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+        self.sought: list[tuple[int, int]] = []
+
+    async def fetch(self, partition: int, start: int, stop: int) -> list[Message]:
+        """Messages `start`..`stop - 1` of a partition."""
+        tp = TopicPartition(TOPIC, partition)
+        self.consumer.assign([tp])
+        self.consumer.seek(tp, start)
+        records: list[ConsumerRecord[bytes, bytes]] = []
+        async with asyncio.timeout(TIMEOUT):
+            while len(records) < stop - start:
+                fetched = await self.consumer.getmany(tp, timeout_ms=500)
+                records += fetched.get(tp, [])
+        return [
+            Message(
+                r.topic,
+                r.partition,
+                r.offset,
+                r.timestamp / 1000,
+                r.timestamp_type,
+                r.headers,
+                r.key,
+                r.value,
+                r.checksum,
+                tp=TP(r.topic, r.partition),
+            )
+            for r in records[: stop - start]
+        ]
+
+    def flowing(self) -> bool:
+        return True
+
+    def generation(self) -> int:
+        return 1
+
+    def assigned(self, topic: str) -> list[int]:
+        return [0]
+
+    async def earliest(self, topic: str, partitions: Sequence[int]) -> dict[int, int]:
+        tps = [TopicPartition(topic, p) for p in partitions]
+        earliest = await self.consumer.beginning_offsets(tps)
+        return {tp.partition: offset for tp, offset in earliest.items()}
+
+    async def seek(self, topic: str, partition: int, offset: int) -> None:
+        self.sought.append((partition, offset))
+
+
+@dataclass
+class Harness:
+    sink: Sink
+    broker: Broker
+    batches: Batches
+    dsn: str
+    kafka: Kafka
+
+    async def flush(self, messages: Sequence[Message]) -> None:
+        """One batch through the sink, then its publication (acknowledgement)."""
+        async with asyncio.timeout(TIMEOUT):  # a failure is retried forever: fail instead
+            await self.sink.flush(messages)
+            if self.sink.publishing is not None:
+                await self.sink.publishing
+
+    async def stored_offsets(self) -> dict[int, int]:
+        connection = await asyncpg.connect(self.dsn)
+        try:
+            return await SinkOffsets(GROUP, TOPIC).read(connection)
+        finally:
+            await connection.close()
+
+
+async def send_dead_letter(
+    kafka: Kafka, key: bytes | None, value: bytes | None, headers: list[tuple[str, bytes]]
+) -> None:
+    await kafka.producer.send_and_wait(DEAD_LETTERS, key=key, value=value, headers=headers)
+
+
+@pytest.fixture
+async def harness(kafka: Kafka, migrated: str) -> AsyncIterator[Harness]:
+    broker = Broker(kafka.bootstrap)
+    await broker.consumer.start()
+    database = LazyPool(migrated, 2)
+    logs = BrokerLogs([kafka.bootstrap], "test-log-check", {})
+    batches = Batches()
+    sink = Sink(
+        CryptoPriceData,
+        consumer_group=GROUP,
+        database=database,
+        batches=batches,
+        positions=broker,
+        look_at_logs=partial(logs.look, TOPIC),
+        dead_letters=partial(send_dead_letter, kafka),
+        status=SinkStatus(topic=TOPIC, table=CryptoPriceData.table.name),
+        limits=LIMITS,
+    )
+    yield Harness(sink, broker, batches, migrated, kafka)
+    await database.close()
+    await logs.close()
+    await broker.consumer.stop()
+
+
+async def produce(kafka: Kafka, values: Sequence[bytes], partition: int = 0) -> None:
+    for value in values:
+        await kafka.producer.send_and_wait(TOPIC, value=value, key=b"k", partition=partition)
+
+
+async def test_a_batch_is_stored_with_its_offsets_and_acknowledged(harness: Harness) -> None:
+    records = prices("stored", 12)
+    await produce(harness.kafka, [encode_record(r) for r in records[:7]], partition=0)
+    await produce(harness.kafka, [encode_record(r) for r in records[7:]], partition=3)
+    batch = await harness.broker.fetch(0, 0, 7) + await harness.broker.fetch(3, 0, 5)
+
+    await harness.flush(batch)
+
+    assert_exactly(await stored(harness.dsn, CryptoPriceData), records)
+    assert await harness.stored_offsets() == {0: 7, 3: 5}
+    assert harness.batches.acked == batch
+    assert harness.sink.status.rows_written == 12
+
+
+async def test_a_replay_writes_nothing_and_dead_letters_nothing_again(harness: Harness) -> None:
+    good = prices("replayed", 3)
+    values = [encode_record(good[0]), b"not json", encode_record(good[1]), encode_record(good[2])]
+    await produce(harness.kafka, values)
+    batch = await harness.broker.fetch(0, 0, 4)
+
+    await harness.flush(batch)
+    await harness.flush(batch)  # a consumer-group reset delivers it again
+
+    assert_exactly(await stored(harness.dsn, CryptoPriceData), good)
+    assert await harness.stored_offsets() == {0: 4}
+    dead = await harness.kafka.read_all(DEAD_LETTERS)
+    assert [(value, headers["x-original-offset"]) for _, _, _, value, headers in dead] == [
+        (b"not json", b"1")
+    ]
+    status = harness.sink.status
+    assert (status.dead_letters, status.replayed_skipped, status.rows_written) == (1, 4, 3)
+
+
+async def test_a_hole_is_not_written_past_and_the_partition_is_sought_back(
+    harness: Harness,
+) -> None:
+    records = prices("hole", 10)
+    await produce(harness.kafka, [encode_record(r) for r in records])
+    everything = await harness.broker.fetch(0, 0, 10)
+
+    await harness.flush(everything[:4] + everything[6:])  # offsets 4 and 5 went missing
+
+    assert_exactly(await stored(harness.dsn, CryptoPriceData), records[:4])
+    assert await harness.stored_offsets() == {0: 4}
+    assert harness.broker.sought == [(0, 4)]
+    assert harness.sink.status.holes_refetched == 1
+
+    await harness.flush(await harness.broker.fetch(0, 4, 10))  # what the seek fetches again
+
+    assert_exactly(await stored(harness.dsn, CryptoPriceData), records)
+    assert await harness.stored_offsets() == {0: 10}
+
+
+async def test_offsets_stored_from_another_log_start_over_instead_of_skipping_it(
+    harness: Harness,
+) -> None:
+    # The stored offsets say partition 0 is at 50 of another cluster's log (a database restored
+    # next to a new broker): without the log check, offsets 0..4 would be skipped as replays.
+    connection = await asyncpg.connect(harness.dsn)
+    try:
+        async with connection.transaction():
+            await SinkOffsets(GROUP, TOPIC).lock(connection, [0], {0: 50}, {}, "another-cluster")
+    finally:
+        await connection.close()
+    records = prices("reset", 5)
+    await produce(harness.kafka, [encode_record(r) for r in records])
+
+    await harness.flush(await harness.broker.fetch(0, 0, 5))
+
+    assert_exactly(await stored(harness.dsn, CryptoPriceData), records)
+    assert await harness.stored_offsets() == {0: 5}
+    assert harness.sink.status.log_resets == 1
+    assert harness.broker.sought == [(0, 0)]
