@@ -1,0 +1,84 @@
+"""The rooms' import rules (docs/architecture.md), read from the source with `ast`: a module that
+imports across a wall it should not fails here, naming the file and the import.
+
+Imports under `if TYPE_CHECKING:` are annotations only and are not counted.
+"""
+
+from __future__ import annotations
+
+import ast
+from collections.abc import Iterator
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# Each room: the modules of other rooms it may import (a package allows all its modules).
+ALLOWED: dict[str, set[str]] = {
+    "models": set(),
+    "coingecko": {"models"},
+    "store": {"models", "schema.sql"},
+    "schema": {"models", "store.db"},
+    "app": {"models", "schema", "store", "coingecko.fake_server"},
+    "agents": {"app", "coingecko", "models", "schema", "store"},
+    "tables": {"agents", "app", "coingecko", "models", "store"},
+    "mcpserver": {"app.settings", "models", "store"},
+}
+# The assembly: where the app meets the agents and tables it registers.
+ASSEMBLY = {"app/__init__.py"}
+# Rooms that run without Faust: the record, HTTP and database code is testable on its own.
+FRAMEWORK = ("faust", "mode", "aiokafka")
+WITHOUT_FRAMEWORK = {"models", "coingecko", "store", "schema"}
+
+
+def imports(tree: ast.Module) -> Iterator[tuple[int, str]]:
+    """(line, module) of every absolute import outside `if TYPE_CHECKING:` blocks."""
+    skipped: set[int] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            skipped.update(id(child) for child in ast.walk(node))
+    for node in ast.walk(tree):
+        if id(node) in skipped:
+            continue
+        if isinstance(node, ast.Import):
+            yield from ((node.lineno, alias.name) for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            yield node.lineno, node.module
+
+
+def allowed(module: str, rules: set[str]) -> bool:
+    return any(module == rule or module.startswith(rule + ".") for rule in rules)
+
+
+def test_every_room_imports_only_what_it_may() -> None:
+    rooms = set(ALLOWED)
+    broken = []
+    for room in sorted(path.name for path in ROOT.iterdir() if (path / "__init__.py").exists()):
+        assert room in rooms or room in {"bench", "tests"}, (
+            f"{room}/ is a room without import rules: add it to ALLOWED and docs/architecture.md"
+        )
+        if room not in rooms:
+            continue
+        for path in sorted((ROOT / room).rglob("*.py")):
+            relative = path.relative_to(ROOT).as_posix()
+            for line, module in imports(ast.parse(path.read_text(), relative)):
+                top = module.split(".")[0]
+                if top in rooms and top != room and relative not in ASSEMBLY:
+                    if not allowed(module, ALLOWED[room]):
+                        broken.append(f"{relative}:{line} imports {module}")
+                if room in WITHOUT_FRAMEWORK and top in FRAMEWORK:
+                    broken.append(f"{relative}:{line} imports {module} (a framework)")
+    assert broken == []
+
+
+def test_the_rules_see_a_forbidden_import() -> None:
+    tree = ast.parse(
+        "from typing import TYPE_CHECKING\n"
+        "import faust\n"
+        "from app.main import app\n"
+        "if TYPE_CHECKING:\n"
+        "    from app.settings import Settings\n"
+    )
+    found = [module for _, module in imports(tree)]
+    assert found == ["typing", "faust", "app.main"]
+    assert not allowed("app.main", ALLOWED["store"])
+    assert allowed("schema.sql", ALLOWED["store"])
