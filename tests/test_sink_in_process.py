@@ -2,7 +2,8 @@
 from its collaborators (agents/sink.py), fed batches of real messages fetched from the broker,
 with a real pool, real dead letters and the real log check. What the worker-process tests
 (test_sink.py, test_reliability.py) show end to end, in a second or two per case: rows, stored
-offsets, dead letters, replays skipped, a hole sought back, a log found reset.
+offsets, dead letters, replays skipped, a hole sought back, a log found reset, observers before
+acknowledgements.
 """
 
 from __future__ import annotations
@@ -230,3 +231,22 @@ async def test_offsets_stored_from_another_log_start_over_instead_of_skipping_it
     assert await harness.stored_offsets() == {0: 5}
     assert harness.sink.status.log_resets == 1
     assert harness.broker.sought == [(0, 0)]
+
+
+async def test_observers_get_a_batch_once_it_is_stored_and_before_it_is_acknowledged(
+    harness: Harness,
+) -> None:
+    records = prices("observed", 4)
+    await produce(harness.kafka, [encode_record(r) for r in records])
+    batch = await harness.broker.fetch(0, 0, 4)
+    seen: list[tuple[int, int, int]] = []  # (records given, rows stored, messages acked)
+
+    async def observer(stored_batch: Sequence[tuple[Message, object]]) -> None:
+        rows = len(await stored(harness.dsn, CryptoPriceData))
+        seen.append((len(stored_batch), rows, len(harness.batches.acked)))
+
+    harness.sink.observers.append(observer)
+    await harness.flush(batch)
+
+    assert seen == [(4, 4, 0)]
+    assert harness.batches.acked == batch
