@@ -230,7 +230,7 @@ class Sink:
         # One attempt: nothing waits for it, and a shutdown must not wait for a broker or
         # database that is down (a batch's own check is retried, as its write is).
         try:
-            await self._check_logs(assigned)
+            restarts = await self._check_logs(assigned)
         except Exception as error:
             log.warning(
                 "sink %s: log check failed, next in %gs: %s",
@@ -238,10 +238,14 @@ class Sink:
                 self.limits.log_check_seconds,
                 describe_error(error, self.database.dsn),
             )
+            return
+        for partition, offset in restarts.items():
+            await self.positions.seek(self.topic, partition, offset)
 
-    async def _check_logs(self, partitions: Sequence[int]) -> None:
+    async def _check_logs(self, partitions: Sequence[int]) -> dict[int, int]:
         """Confirm the partitions' logs; those found on another log are stored again from the
-        broker's earliest offset."""
+        broker's earliest offset. Returns those, with that offset (a batch's own check needs no
+        seek: the batch is stored from there, or shows a hole that is sought back)."""
         restarts = await self.ledger.check_logs(
             partitions, self.look_at_logs, self.positions.generation()
         )
@@ -259,8 +263,7 @@ class Sink:
                 restart.at,
             )
             self.status.log_resets += 1
-        for partition, restart in restarts.items():
-            await self.positions.seek(self.topic, partition, restart.at)
+        return {partition: restart.at for partition, restart in restarts.items()}
 
     async def _store_batch(self, messages: Sequence[Message]) -> None:
         # Before anything is decided by the stored offsets (also which bad messages are new).
