@@ -115,6 +115,14 @@ class Harness:
             if self.sink.publishing is not None:
                 await self.sink.publishing
 
+    async def produced(
+        self, prefix: str, count: int
+    ) -> tuple[list[CryptoPriceData], list[Message]]:
+        """`count` price records produced to partition 0 and fetched back as messages."""
+        records = prices(prefix, count)
+        await produce(self.kafka, [encode_record(r) for r in records])
+        return records, await self.broker.fetch(0, 0, count)
+
     async def stored_offsets(self) -> dict[int, int]:
         connection = await asyncpg.connect(self.dsn)
         try:
@@ -194,9 +202,7 @@ async def test_a_replay_writes_nothing_and_dead_letters_nothing_again(harness: H
 async def test_a_hole_is_not_written_past_and_the_partition_is_sought_back(
     harness: Harness,
 ) -> None:
-    records = prices("hole", 10)
-    await produce(harness.kafka, [encode_record(r) for r in records])
-    everything = await harness.broker.fetch(0, 0, 10)
+    records, everything = await harness.produced("hole", 10)
 
     await harness.flush(everything[:4] + everything[6:])  # offsets 4 and 5 went missing
 
@@ -222,10 +228,9 @@ async def test_offsets_stored_from_another_log_start_over_instead_of_skipping_it
             await SinkOffsets(GROUP, TOPIC).lock(connection, [0], {0: 50}, {}, "another-cluster")
     finally:
         await connection.close()
-    records = prices("reset", 5)
-    await produce(harness.kafka, [encode_record(r) for r in records])
+    records, batch = await harness.produced("reset", 5)
 
-    await harness.flush(await harness.broker.fetch(0, 0, 5))
+    await harness.flush(batch)
 
     assert_exactly(await stored(harness.dsn, CryptoPriceData), records)
     assert await harness.stored_offsets() == {0: 5}
@@ -235,9 +240,7 @@ async def test_offsets_stored_from_another_log_start_over_instead_of_skipping_it
 async def test_observers_get_a_batch_once_it_is_stored_and_before_it_is_acknowledged(
     harness: Harness,
 ) -> None:
-    records = prices("observed", 4)
-    await produce(harness.kafka, [encode_record(r) for r in records])
-    batch = await harness.broker.fetch(0, 0, 4)
+    _, batch = await harness.produced("observed", 4)
     seen: list[tuple[int, int, int]] = []  # (records given, rows stored, messages acked)
 
     async def observer(stored_batch: Sequence[tuple[Message, object]]) -> None:
