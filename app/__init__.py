@@ -19,7 +19,7 @@ def _observe_sinks(sender: object, /, *args: object, signal: object, **kwargs: o
     the worker starts, not at import: `tables` may be imported first, while this package is
     still importing it."""
     for topic, observer in tables.live.OBSERVERS.items():
-        agents.sink.SINKS[topic].observers.append(observer)
+        agents.sinks.SINKS[topic].observers.append(observer)
 
 
 __all__ = ["agents", "app", "commands", "mcpserver", "settings", "tables", "topics"]

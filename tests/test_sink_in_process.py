@@ -17,7 +17,6 @@ import asyncpg
 import pytest
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from faust.types import TP, Message
-from workers import Kafka, assert_exactly, prices, stored
 
 from agents.sink import Sink, SinkLimits, SinkStatus
 from app.broker_logs import BrokerLogs
@@ -25,6 +24,9 @@ from models import CryptoPriceData
 from models.codec import encode_record
 from store.db import LazyPool
 from store.offsets import SinkOffsets
+from testkit.databases import assert_exactly, stored
+from testkit.records import prices
+from testkit.workers import Kafka
 
 TOPIC = CryptoPriceData.topic.name
 DEAD_LETTERS = CryptoPriceData.topic.dead_letter_name
