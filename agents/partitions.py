@@ -13,7 +13,7 @@ import logging
 
 from app.checks import DATABASE_ERRORS, describe_database_error
 from app.main import app, settings
-from schema.migrate import create_partitions_ahead
+from generators.migrate import create_partitions_ahead
 
 log = logging.getLogger(__name__)
 

@@ -22,8 +22,8 @@ from faust.types.auth import CredentialsT
 
 from app.settings import OFFLINE, Settings
 from common.redaction import redact_password, redact_url
-from schema.migrate import MigrationRefused, TimescaleUnavailable, migrate_database
-from schema.sql import TimescaleMode
+from generators.migrate import MigrationRefused, TimescaleUnavailable, migrate_database
+from generators.sql import TimescaleMode
 from store.db import connect
 
 # What a database that is down, unreachable or misconfigured raises.

@@ -24,7 +24,7 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 )
 async def schema(self: AppCommand, action: str, root: Path) -> None:
     """Write the generated files (`generate`) or fail if any is stale (`check`)."""
-    from schema.artifacts import check_artifacts, write_artifacts
+    from generators.artifacts import check_artifacts, write_artifacts
 
     if action == "generate":
         for path in write_artifacts(root):
@@ -88,7 +88,7 @@ class up(AppCommand):  # the class name is the command name: `faust -A app up`
 
     def __call__(self, *args: object, **kwargs: object) -> NoReturn:
         """Not async, unlike the other commands: it supervises processes, in the foreground."""
-        from app.dev import up
+        from local.up import up
 
         raise SystemExit(up(settings, run_worker=not self.kwargs["no_worker"]))
 

@@ -1,6 +1,6 @@
 """The Faust application, built from environment settings.
 
-Every record topic (and its dead-letter topic) is declared from `schema.topics.topic_configs()`,
+Every record topic (and its dead-letter topic) is declared from `generators.topics.topic_configs()`,
 the same function that writes the operator's topic file, so the app and the file cannot disagree.
 Messages travel as raw bytes; `models.codec` decodes them, so a bad message becomes a dead letter
 instead of an exception inside Faust's deserializer.
@@ -18,8 +18,8 @@ from app.bulk import App
 from app.memory import collect_less_often
 from app.settings import SASL_PROTOCOLS, TLS_PROTOCOLS, Settings, load_settings
 from app.web import web_application_options
+from generators.topics import topic_configs
 from models.market import PARTITIONS
-from schema.topics import topic_configs
 
 
 def broker_credentials(settings: Settings) -> CredentialsT | None:

@@ -17,7 +17,7 @@ from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_va
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from common.redaction import HIDDEN, redact_url
-from schema.sql import TimescaleMode
+from generators.sql import TimescaleMode
 
 CoinGeckoPlan = Literal["keyless", "demo", "pro"]
 CoinGeckoSource = Literal["rest", "mcp"]

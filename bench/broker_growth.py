@@ -19,7 +19,6 @@ import time
 import psutil
 from aiokafka import AIOKafkaProducer
 
-from app.embedded import create_generated_topics
 from bench.common import (
     PRICES_TOPIC,
     arguments,
@@ -31,6 +30,7 @@ from bench.common import (
     table,
     timed_fetches,
 )
+from local.embedded import create_generated_topics
 from testkit.records import snapshots
 
 WINDOW = 10.0  # seconds

@@ -25,9 +25,9 @@ import faust
 import psutil
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
-from app.embedded import EmbeddedBroker, embedded_postgres, free_port
 from app.memory import GC_THRESHOLDS
 from app.settings import Settings, load_settings
+from local.embedded import EmbeddedBroker, embedded_postgres, free_port
 from models.codec import encode_record
 from models.dsl import quote_ident
 from models.market import CryptoPriceData

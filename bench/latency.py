@@ -32,7 +32,6 @@ from datetime import UTC, datetime
 import asyncpg
 from aiokafka import AIOKafkaProducer
 
-from app.embedded import create_generated_topics
 from bench.common import (
     PRICES_TABLE,
     PRICES_TOPIC,
@@ -47,6 +46,7 @@ from bench.common import (
     stack,
     table,
 )
+from local.embedded import create_generated_topics
 from models.codec import encode_record
 from testkit.records import coin_price
 from testkit.workers import Process

@@ -21,7 +21,6 @@ import time
 
 import asyncpg
 
-from app.embedded import create_generated_topics
 from bench.common import (
     PRICES_TOPIC,
     arguments,
@@ -32,6 +31,7 @@ from bench.common import (
     table,
     timed_fetches,
 )
+from local.embedded import create_generated_topics
 
 INTERVAL = 0.1  # seconds between records: 10 per second
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 from datetime import timedelta
 
-from app.embedded import create_generated_topics
 from bench.common import (
     arguments,
     describe_machine,
@@ -26,6 +25,7 @@ from bench.common import (
     table,
     watch_rows,
 )
+from local.embedded import create_generated_topics
 from testkit.records import T0, coin_price
 
 CLEANUP_WAIT = 35.0  # Faust's table_cleanup_interval (30 s) plus slack

@@ -28,7 +28,6 @@ import statistics
 import time
 from typing import Any
 
-from app.embedded import create_generated_topics
 from bench.common import (
     Run,
     Stack,
@@ -42,6 +41,7 @@ from bench.common import (
     table,
     watch_rows,
 )
+from local.embedded import create_generated_topics
 from models.market import CryptoPriceData
 from testkit.records import snapshots
 

@@ -7,10 +7,10 @@ new tool code):
   optionally filtered on the other primary-key columns (defaulting as the record's fields do);
 - `history_<table>`: one key's rows between two times, newest or oldest first, paged.
 
-Then `candles_<table>` for every candle aggregate of `schema.sql.CANDLES`, `search_coins` and
+Then `candles_<table>` for every candle aggregate of `generators.sql.CANDLES`, `search_coins` and
 `pipeline_status`. Every tool reads through `store.queries`, the layer the web views use, on a
 read pool with a statement timeout; each answer's structured content follows the tool's output
-schema, whose rows are the record's own JSON Schema (`schema.jsonschema`): decimals as exact
+schema, whose rows are the record's own JSON Schema (`generators.jsonschema`): decimals as exact
 strings in plain notation, times RFC 3339. Bad arguments are tool errors with a one-line reason.
 """
 
@@ -30,12 +30,12 @@ from mcp.server.mcpserver.tools import Tool
 from mcp_types import CallToolResult, TextContent, ToolAnnotations
 from pydantic import AwareDatetime, Field, ValidationError
 
+from generators.jsonschema import json_schema
+from generators.sql import CANDLES, CandleAggregate
 from models import RECORDS
 from models.codec import describe_validation_error, plain_decimal, plain_json
 from models.dsl import StreamRecord
 from models.market import AGGREGATE_EXCHANGE, CryptoPriceData
-from schema.jsonschema import json_schema
-from schema.sql import CANDLES, CandleAggregate
 from store import queries
 from store.db import LazyPool
 

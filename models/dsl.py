@@ -1,7 +1,7 @@
 """The record DSL: typed records that declare their topic and table in one place.
 
 A record class is the single source of truth. Its fields (with the annotated types in
-`models.types`) and its `topic`/`table` specs are all that the generators in `schema/`, the
+`models.types`) and its `topic`/`table` specs are all that the generators in `generators/`, the
 topic declarations in `app/` and the sink in `agents/` read. Specs are checked when the class is
 defined, so a bad identifier fails at import with a message naming the record and the field.
 """

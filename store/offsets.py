@@ -45,7 +45,7 @@ from typing import Generic, TypeVar
 
 import asyncpg
 
-from schema.sql import SINK_OFFSETS_TABLE
+from generators.sql import SINK_OFFSETS_TABLE
 
 T = TypeVar("T")
 

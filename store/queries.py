@@ -21,9 +21,9 @@ from typing import Any, TypeAlias, TypedDict, TypeVar
 
 import asyncpg
 
+from generators.sql import SINK_OFFSETS_TABLE, TIME_BUCKET_ORIGIN, CandleAggregate
 from models.dsl import StreamRecord, quote_ident
 from models.types import TYPE_MAP
-from schema.sql import SINK_OFFSETS_TABLE, TIME_BUCKET_ORIGIN, CandleAggregate
 
 R = TypeVar("R", bound=StreamRecord)
 Executor: TypeAlias = asyncpg.Pool | asyncpg.Connection
@@ -32,7 +32,7 @@ HISTORY_LIMIT_DEFAULT = 100
 HISTORY_LIMIT_MAX = 1000
 LATEST_LIMIT_MAX = 5000  # groups (coins) in one answer: TOP_N's own maximum
 CANDLES_MAX = 1000
-CANDLE_ORIGIN = datetime(2000, 1, 3, tzinfo=UTC)  # schema.sql.TIME_BUCKET_ORIGIN
+CANDLE_ORIGIN = datetime(2000, 1, 3, tzinfo=UTC)  # generators.sql.TIME_BUCKET_ORIGIN
 
 
 class ValueRange(TypedDict):

@@ -11,9 +11,9 @@ from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 
+from generators.migrate import migrate_database
 from models import StreamRecord
 from models.dsl import quote_ident
-from schema.migrate import migrate_database
 from store.writer import RecordWriter
 
 Rows = dict[tuple[object, ...], dict[str, object]]

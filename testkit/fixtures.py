@@ -14,9 +14,9 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from app.embedded import EmbeddedBroker, embedded_postgres
 from coingecko.fake_server import FakeCoinGecko, serve_fake_coingecko
-from schema.migrate import migrate_database
+from generators.migrate import migrate_database
+from local.embedded import EmbeddedBroker, embedded_postgres
 from store.db import create_pool
 from testkit.databases import fresh_database
 from testkit.pollers import BrokerTopics

@@ -9,11 +9,11 @@ from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
-from app.embedded import EmbeddedBroker
 from app.settings import Settings
 from coingecko.client import CoinGeckoClient
 from coingecko.fake_server import FakeCoinGecko
 from coingecko.poller import Poller, PollStatus
+from local.embedded import EmbeddedBroker
 from models.codec import decode_record, encode_record
 from models.dsl import StreamRecord
 

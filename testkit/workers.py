@@ -20,11 +20,11 @@ import psutil
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.coordinator.assignors.roundrobin import RoundRobinPartitionAssignor
 
-from app.embedded import EmbeddedBroker, create_generated_topics, free_port
 from app.settings import Settings
+from generators.topics import topic_configs
+from local.embedded import EmbeddedBroker, create_generated_topics, free_port
 from models import StreamRecord
 from models.codec import encode_record
-from schema.topics import topic_configs
 
 TIMEOUT = 60.0  # generous: the suite shares two cores
 STOP_TIMEOUT = 45.0  # the worker's own shutdown window, plus slack

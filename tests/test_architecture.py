@@ -19,21 +19,23 @@ ALLOWED: dict[str, set[str]] = {
     "common": set(),
     "models": {"common"},
     "coingecko": {"common", "models", "app.settings"},
-    "store": {"common", "models", "schema.sql"},
-    "schema": {"common", "models", "store.db"},
-    "app": {"common", "models", "schema", "store", "coingecko.fake_server"},
-    "agents": {"app", "coingecko", "common", "models", "schema", "store"},
+    "store": {"common", "models", "generators.sql"},
+    "generators": {"common", "models", "store.db"},
+    "app": {"common", "models", "generators", "store"},
+    # The stand-ins `up` starts, and the supervisor that starts the worker beside them.
+    "local": {"app", "coingecko.fake_server", "common", "generators", "models"},
+    "agents": {"app", "coingecko", "common", "models", "generators", "store"},
     "tables": {"agents", "app", "coingecko", "common", "models", "store"},
     # The read tools take their schemas from the generators; `/mcp` is a view of the worker's web
     # server, like tables.views, whose read pool it shares.
-    "mcpserver": {"app", "common", "models", "schema", "store", "tables.views"},
+    "mcpserver": {"app", "common", "models", "generators", "store", "tables.views"},
 }
 # The assembly: where the app meets the agents and tables it registers, and the commands
 # (`faust -A app <command>`) that call into every room.
 ASSEMBLY = {"app/__init__.py", "app/commands.py"}
 # Rooms that run without Faust: the record, HTTP and database code is testable on its own.
 FRAMEWORK = ("faust", "mode", "aiokafka")
-WITHOUT_FRAMEWORK = {"common", "models", "coingecko", "store", "schema"}
+WITHOUT_FRAMEWORK = {"common", "models", "coingecko", "store", "generators"}
 # Not rooms of the application: they may import anything.
 OUTSIDE = {"bench", "tests", "testkit"}
 
@@ -89,4 +91,4 @@ def test_the_rules_see_a_forbidden_import() -> None:
     found = [module for _, module in imports(tree)]
     assert found == ["typing", "faust", "app.main"]
     assert not allowed("app.main", ALLOWED["store"])
-    assert allowed("schema.sql", ALLOWED["store"])
+    assert allowed("generators.sql", ALLOWED["store"])

@@ -14,10 +14,10 @@ from typing import Any
 import avro.schema
 import pytest
 
+from generators import sql
+from generators.artifacts import GENERATED_BY, artifacts, check_artifacts, write_artifacts
 from models import RECORDS, StreamRecord, TableSpec, TopicSpec
 from models.types import DECIMAL_PRECISION, DECIMAL_SCALE, Price, Text, Timestamp
-from schema import sql
-from schema.artifacts import GENERATED_BY, artifacts, check_artifacts, write_artifacts
 
 ROOT = Path(__file__).resolve().parent.parent
 FAUST = Path(sys.executable).parent / "faust"

@@ -34,14 +34,14 @@ from hypothesis import HealthCheck, given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 
-from app.embedded import EmbeddedBroker
 from coingecko.fake_server import FakeCoinGecko, body, rate_limited, slow
 from coingecko.fake_server import truncated_json as truncated
 from coingecko.parse import Parsed, loads_exact, parse_global, parse_markets, parse_ohlc
+from generators.artifacts import artifacts
+from local.embedded import EmbeddedBroker
 from models import RECORDS, CryptoMarketAnalytics, CryptoOHLCVData, CryptoPriceData, StreamRecord
 from models.codec import MAX_MESSAGE_BYTES, RecordRejected, decode_record, encode_record
 from models.dsl import quote_ident
-from schema.artifacts import artifacts
 from testkit.databases import count_rows, create_database, drop_database
 from testkit.pollers import BrokerTopics, make_poller
 from testkit.strategies import valid

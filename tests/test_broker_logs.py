@@ -9,7 +9,7 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from app.broker_logs import BrokerLogs
-from app.embedded import EmbeddedBroker
+from local.embedded import EmbeddedBroker
 from store.offsets import Mark, fingerprint
 
 TOPIC = "logs-under-test"

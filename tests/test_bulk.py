@@ -24,7 +24,7 @@ from faust.transport.conductor import Conductor
 from faust.types import TP, ConsumerMessage, Message
 
 from app.bulk import App, Batches, Consumer
-from app.embedded import EmbeddedBroker, create_generated_topics
+from local.embedded import EmbeddedBroker, create_generated_topics
 from models import CryptoPriceData
 from testkit.records import prices
 from testkit.workers import Kafka, Worker

@@ -8,7 +8,6 @@ from typing import Any
 
 import pytest
 
-from app.embedded import free_port
 from app.settings import Settings
 from coingecko.client import (
     CoinGeckoClient,
@@ -25,6 +24,7 @@ from coingecko.fake_server import (
     slow,
     truncated_json,
 )
+from local.embedded import free_port
 
 SECRET = "CG-s3cr3t-key-never-logged"
 

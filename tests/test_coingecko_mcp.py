@@ -21,7 +21,6 @@ from typing import Any
 import psutil
 import pytest
 
-from app.embedded import free_port
 from app.settings import Settings
 from coingecko.client import (
     CoinGeckoClient,
@@ -40,6 +39,7 @@ from coingecko.fake_server import (
     truncated_json,
 )
 from coingecko.parse import parse_global, parse_markets, parse_ohlc, parse_simple_prices
+from local.embedded import free_port
 from models import RECORDS, CryptoMarketAnalytics, CryptoOHLCVData, CryptoPriceData
 from testkit.databases import assert_exactly, count_rows, stored
 from testkit.workers import Worker, eventually

@@ -12,8 +12,8 @@ from collections.abc import AsyncIterator, Callable
 import httpx
 import pytest
 
-from app.embedded import EmbeddedBroker
 from coingecko.fake_server import FakeCoinGecko, serve_fake_coingecko
+from local.embedded import EmbeddedBroker
 from testkit.workers import Worker, eventually
 
 pytestmark = pytest.mark.slow

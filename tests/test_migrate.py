@@ -13,10 +13,10 @@ from pathlib import Path
 import asyncpg
 import pytest
 
+from generators import sql
+from generators.migrate import MigrationRefused, migrate_database
 from models import RECORDS, StreamRecord, TableSpec, TopicSpec
 from models.types import Price, Text, Timestamp
-from schema import sql
-from schema.migrate import MigrationRefused, migrate_database
 
 PROJECT = Path(__file__).resolve().parent.parent
 NO_CHANGES = "no changes: the schema is up to date"

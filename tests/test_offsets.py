@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncpg
 import pytest
 
-from schema.migrate import migrate_database
+from generators.migrate import migrate_database
 from store.offsets import (
     BrokerLog,
     Delivered,

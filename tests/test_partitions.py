@@ -9,9 +9,9 @@ from datetime import datetime, timedelta
 import asyncpg
 import pytest
 
+from generators import sql
+from generators.migrate import MIGRATION_LOCK_KEY, create_partitions_ahead, migrate_database
 from models import CryptoPriceData
-from schema import sql
-from schema.migrate import MIGRATION_LOCK_KEY, create_partitions_ahead, migrate_database
 from store.db import create_pool
 from store.writer import RecordWriter
 from testkit.databases import assert_exactly, stored

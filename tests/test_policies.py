@@ -14,7 +14,7 @@ import json
 import asyncpg
 import pytest
 
-from schema import sql
+from generators import sql
 
 CANDLES = sql.CANDLES[0]
 MATERIALIZED = "_materialized_hypertable_3"

@@ -16,8 +16,8 @@ import httpx
 import psutil
 import pytest
 
-from app.dev import STAND_INS_ENV
-from app.embedded import free_port
+from local.embedded import free_port
+from local.up import STAND_INS_ENV
 
 pytestmark = pytest.mark.slow
 

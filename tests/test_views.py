@@ -19,8 +19,8 @@ import httpx
 import pytest
 from aiokafka import AIOKafkaProducer
 
-from app.embedded import EmbeddedBroker, create_generated_topics, free_port
 from app.main import app
+from local.embedded import EmbeddedBroker, create_generated_topics, free_port
 from models import RECORDS
 from models.codec import encode_record
 from models.dsl import StreamRecord, quote_ident

@@ -20,10 +20,10 @@ import pytest
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
-from app.embedded import EmbeddedBroker, free_port
+from generators.topics import topic_configs
+from local.embedded import EmbeddedBroker, free_port
 from models import RECORDS, CryptoPriceData
 from models.codec import decode_record
-from schema.topics import topic_configs
 from testkit.databases import assert_exactly, primary_key, stored
 from testkit.workers import STOP_TIMEOUT, Kafka, Process, eventually, faust_command
 

@@ -22,9 +22,9 @@ from contextlib import ExitStack
 from pathlib import Path
 from types import FrameType
 
-from app.embedded import EmbeddedBroker, embedded_postgres
 from app.settings import OFFLINE, Settings
 from common.redaction import redact_url
+from local.embedded import EmbeddedBroker, embedded_postgres
 
 # Heroku's SIGTERM -> SIGKILL window: a worker that takes longer is killed.
 WORKER_STOP_SECONDS = 30.0

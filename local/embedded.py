@@ -136,7 +136,7 @@ async def create_generated_topics(bootstrap: str) -> None:
     For tests and benchmarks on a fresh broker; the worker declares its topics itself."""
     from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
-    from schema.topics import topic_configs
+    from generators.topics import topic_configs
 
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
     await admin.start()

@@ -18,10 +18,10 @@ from typing import Any
 import asyncpg
 from pydantic_core import PydanticUndefined
 
+from generators import sql
 from models import RECORDS, StreamRecord
 from models.dsl import check_sql_identifier
 from models.types import TYPE_MAP, DSLError, FieldShape
-from schema import sql
 from store.db import connect
 
 # Arbitrary, fixed: every migrating process takes this transaction-level advisory lock, and so

@@ -22,7 +22,7 @@ from models.market import CryptoPriceData
 from models.types import TYPE_MAP, DSLError, FieldShape
 
 Dialect = Literal["timescaledb", "postgres"]
-# The TIMESCALEDB setting: which dialect `migrate` chooses (schema/migrate.py).
+# The TIMESCALEDB setting: which dialect `migrate` chooses (generators/migrate.py).
 TimescaleMode = Literal["auto", "on", "off"]
 Records = tuple[type[StreamRecord], ...]
 
