@@ -32,10 +32,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote
 
+import httpx2
 from mcp import Client
 from mcp.client.stdio import StdioServerParameters, stdio_client
 from mcp.client.streamable_http import streamable_http_client
-from mcp.shared._httpx_utils import create_mcp_http_client
 from mcp.shared.exceptions import MCPError
 from mcp_types import CallToolResult, TextContent, Tool
 
@@ -49,6 +49,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 DYNAMIC_TOOL = "invoke_api_endpoint"  # the official server's dynamic mode: endpoint_name + args
+# The SDK's defaults for its HTTP transport (30 s; 300 s to read, for a held event stream).
+SDK_HTTP_TIMEOUT = httpx2.Timeout(30.0, read=300.0)
 CONNECT_SECONDS = 60.0  # spawning a stdio server or the HTTP handshake, then listing the tools
 KEY_VARIABLES = {"demo": "COINGECKO_DEMO_API_KEY", "pro": "COINGECKO_PRO_API_KEY"}
 # A tool error's text: CoinGecko's HTTP status, then its error body ("404 {"error":...}").
@@ -163,10 +165,12 @@ class McpTransport:
         try:
             async with contextlib.AsyncExitStack() as stack:
                 if isinstance(self._target, str):
-                    # The SDK's timeouts: its idle event stream must outlive COINGECKO_TIMEOUT,
-                    # which bounds each tool call instead (read_timeout_seconds).
+                    # Headers go on a client of our own, as the SDK documents for
+                    # `streamable_http_client`, with the SDK's own default timeouts: its idle
+                    # event stream must outlive COINGECKO_TIMEOUT, which bounds each tool call
+                    # instead (read_timeout_seconds).
                     http = await stack.enter_async_context(
-                        create_mcp_http_client(headers=self._http_headers)
+                        httpx2.AsyncClient(headers=self._http_headers, timeout=SDK_HTTP_TIMEOUT)
                     )
                     transport = streamable_http_client(self._target, http_client=http)
                     client = Client(transport, read_timeout_seconds=self._timeout)
