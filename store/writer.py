@@ -113,15 +113,19 @@ class RecordWriter:
 
     def notices(self, rows: Sequence[tuple[Any, ...]]) -> list[str]:
         """`{"table": ..., "keys": [...]}` payloads naming the batch's topic keys (e.g. coin
-        ids), each under NOTIFY_PAYLOAD_BYTES."""
+        ids), each under NOTIFY_PAYLOAD_BYTES; sized as they grow, each key serialised once."""
         keys = sorted({str(self._topic_key_of(row)) for row in rows})
+        empty = len(self._notice([]))  # ASCII JSON: characters are bytes
         notices: list[str] = []
         chunk: list[str] = []
+        size = empty
         for key in keys:
-            if chunk and len(self._notice([*chunk, key]).encode()) > NOTIFY_PAYLOAD_BYTES:
+            item = len(json.dumps(key)) + (1 if chunk else 0)  # and its comma
+            if chunk and size + item > NOTIFY_PAYLOAD_BYTES:
                 notices.append(self._notice(chunk))
-                chunk = []
+                chunk, size, item = [], empty, item - 1
             chunk.append(key)
+            size += item
         return [*notices, self._notice(chunk)]
 
     def _notice(self, keys: list[str]) -> str:
