@@ -38,6 +38,7 @@ LATEST_URI = "prices://latest"
 COIN_URI = "prices://{coin_id}"
 AGGREGATE = {"exchange_id": AGGREGATE_EXCHANGE}
 PING_SECONDS = 30.0  # a quiet LISTEN connection is checked this often
+LISTEN_CONNECT_SECONDS = 5.0
 RECONNECT_MAX_SECONDS = 30.0
 
 
@@ -117,7 +118,8 @@ async def _listen(dsn: str, bus: SubscriptionBus, listening: Callable[[], None])
         for uri in uris:
             await bus.publish(ResourceUpdated(uri=uri))
 
-    connection = await connect(dsn)
+    # A short connect: the stdio server answers only once it listens (or has failed to).
+    connection = await connect(dsn, timeout=LISTEN_CONNECT_SECONDS)
     try:
         await connection.add_listener(STORED_CHANNEL, relay)
         listening()

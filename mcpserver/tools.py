@@ -446,6 +446,9 @@ def status_tool(database: LazyPool, consumer_group: str) -> Tool:
 
 
 Publish = Callable[[StreamRecord], Awaitable[None]]
+# How long the write tool waits for the broker's acknowledgement (Faust's own producer would
+# wait up to its 1,200 s request timeout, and the client with it).
+PUBLISH_SECONDS = 15.0
 
 
 def publish_tool(record: type[StreamRecord], name: str, publish: Publish) -> Tool:
@@ -458,7 +461,15 @@ def publish_tool(record: type[StreamRecord], name: str, publish: Publish) -> Too
             published = record.model_validate(fields)
         except ValidationError as error:
             raise ToolError(describe_validation_error(error)) from None
-        await publish(published)
+        try:
+            async with asyncio.timeout(PUBLISH_SECONDS):
+                await publish(published)
+        except Exception as error:  # the broker's answer, or none in time: the record may not be in
+            reason = "no answer" if isinstance(error, TimeoutError) else type(error).__name__
+            raise ToolError(
+                f"the broker did not confirm the record ({reason} within {PUBLISH_SECONDS:g} s); "
+                "it may or may not be stored: repeating it is safe (stored once per key and time)"
+            ) from None
         return answer({"topic": record.topic.name, "record": plain_json(published)})
 
     parameters = [
