@@ -283,6 +283,11 @@ class Settings(BaseSettings):
         return PRO_API if self.plan == "pro" else PUBLIC_API
 
     @property
+    def coingecko_mcp_offline(self) -> bool:
+        """COINGECKO_MCP_URL=offline: the worker starts the bundled fake MCP server itself."""
+        return self.coingecko_mcp_url == OFFLINE
+
+    @property
     def calls_per_minute(self) -> int:
         return self.coingecko_calls_per_minute or DEFAULT_CALLS_PER_MINUTE[self.plan]
 

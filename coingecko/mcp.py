@@ -30,7 +30,7 @@ import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
-from urllib.parse import unquote
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 import httpx2
 from mcp import Client
@@ -39,9 +39,8 @@ from mcp.client.streamable_http import streamable_http_client
 from mcp.shared.exceptions import MCPError
 from mcp_types import CallToolResult, TextContent, Tool
 
-from app.settings import OFFLINE
 from coingecko.client import KEY_HEADERS, Answer, CoinGeckoUnusable, TransportFailed
-from common.redaction import redact
+from common.redaction import redact, redact_url
 
 if TYPE_CHECKING:
     from app.settings import Settings
@@ -81,7 +80,7 @@ class McpTransport:
 
     def __init__(self, settings: Settings, secret: str | None) -> None:
         self.base_url = settings.coingecko_url  # the API the MCP server calls for us
-        self.server = _describe(settings)
+        self.server = describe_server(settings)
         self._target = _target(settings, secret)
         self._timeout = settings.coingecko_timeout
         self._secret = secret  # only to keep it out of this module's own log line
@@ -256,7 +255,7 @@ def _json_types(prop: Mapping[str, Any]) -> set[str]:
 
 def _target(settings: Settings, secret: str | None) -> str | StdioServerParameters:
     """A Streamable HTTP URL, or the stdio server to start (with the key in its environment)."""
-    if settings.coingecko_mcp_command is None and settings.coingecko_mcp_url != OFFLINE:
+    if settings.coingecko_mcp_command is None and not settings.coingecko_mcp_offline:
         return settings.coingecko_mcp_url
     if settings.coingecko_mcp_command is not None:
         argv = shlex.split(settings.coingecko_mcp_command)
@@ -269,10 +268,11 @@ def _target(settings: Settings, secret: str | None) -> str | StdioServerParamete
     return StdioServerParameters(command=argv[0], args=argv[1:], env=env)
 
 
-def _describe(settings: Settings) -> str:
-    """The server as logs name it (a command's arguments may hold secrets: only its program)."""
+def describe_server(settings: Settings) -> str:
+    """The server as logs and the banner name it: a command's arguments and a URL's query string
+    or password may hold secrets, so only the program, or the URL without them."""
     if settings.coingecko_mcp_command is not None:
         return f"stdio:{shlex.split(settings.coingecko_mcp_command)[0]}"
-    if settings.coingecko_mcp_url == OFFLINE:
+    if settings.coingecko_mcp_offline:
         return "offline (coingecko.fake_mcp_server over stdio)"
-    return settings.coingecko_mcp_url
+    return redact_url(urlunsplit(urlsplit(settings.coingecko_mcp_url)._replace(query="")))

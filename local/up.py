@@ -124,7 +124,9 @@ def _banner(
         _say(f"web       http://{host}:{settings.web_listen_port}/")
     coingecko = embedded.get("COINGECKO_BASE_URL", settings.coingecko_url)
     if settings.coingecko_source == "mcp":  # offline: the worker starts the fake MCP server
-        coingecko = f"MCP {settings.coingecko_mcp_command or settings.coingecko_mcp_url}"
+        from coingecko.mcp import describe_server
+
+        coingecko = f"MCP {describe_server(settings)}"
     _say(f"coingecko {coingecko}{origin('COINGECKO_BASE_URL')} ({settings.plan} plan)")
     _say(f"data      {Path(settings.data_dir).resolve()}")
 
@@ -166,6 +168,8 @@ def _serve_stand_ins(path: Path, embedded: Mapping[str, str], stops: _StopReques
     # honcho's PORT makes `web` listen beyond loopback, where /mcp needs a token: one of its own
     # for this run, kept in the file (a secret: not printed).
     token = [] if is_set("MCP_TOKEN") else [f"MCP_TOKEN={secrets.token_urlsafe(24)}"]
+    path.unlink(missing_ok=True)
+    path.touch(mode=0o600)  # the token's file: its owner's alone
     path.write_text("".join(f"{line}\n" for line in lines + token))
     _say(f"no worker (--no-worker): the stand-ins' environment, also in {path}:")
     for line in lines:

@@ -7,6 +7,8 @@ Imports under `if TYPE_CHECKING:` are annotations only and are not counted.
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,7 +25,7 @@ ALLOWED: dict[str, set[str]] = {
     "generators": {"common", "models", "store.db"},
     "app": {"common", "models", "generators", "store"},
     # The stand-ins `up` starts, and the supervisor that starts the worker beside them.
-    "local": {"app", "coingecko.fake_server", "common", "generators", "models"},
+    "local": {"app", "coingecko", "common", "generators", "models"},
     "agents": {"app", "coingecko", "common", "models", "generators", "store"},
     "tables": {"agents", "app", "coingecko", "common", "models", "store"},
     # The read tools take their schemas from the generators; `/mcp` is a view of the worker's web
@@ -92,3 +94,31 @@ def test_the_rules_see_a_forbidden_import() -> None:
     assert found == ["typing", "faust", "app.main"]
     assert not allowed("app.main", ALLOWED["store"])
     assert allowed("generators.sql", ALLOWED["store"])
+
+
+def test_the_rooms_without_faust_load_without_it() -> None:
+    """Direct imports are not the whole story: `import app.settings` runs `app/__init__.py`,
+    which builds the Faust app. Every module of a room without Faust, imported in a fresh
+    interpreter, must leave Faust unloaded."""
+    modules = sorted(
+        path.relative_to(ROOT)
+        .with_suffix("")
+        .as_posix()
+        .replace("/", ".")
+        .removesuffix(".__init__")
+        for room in WITHOUT_FRAMEWORK
+        for path in (ROOT / room).rglob("*.py")
+    )
+    loaded = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            f"import sys\nfor m in {modules!r}: __import__(m)\n"
+            "print(sorted(n for n in ('faust', 'mode', 'app.main') if n in sys.modules))",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    assert loaded == "[]", f"{loaded} loaded by importing {modules}"
