@@ -14,7 +14,8 @@ store/ledger.py's. Why a sink works the way it does:
   and the partition is sought back.
   Replays below the stored offset (a consumer-group reset) are skipped, but only in the log the
   stored offsets came from: each partition's log is confirmed (cluster id, a stored message still
-  at its offset) before its first batch after an assignment, before a replay, and every
+  at its offset) before its first batch after an assignment, before a replay of a partition
+  that stored something since its last confirmation, and every
   SINK_LOG_CHECK_SECONDS; a partition found on another log (a restarted memory broker, a
   re-created topic, another cluster) is logged once and stored again from its earliest offset.
 - Messages arrive in bulk (app/bulk.py): everything fetched while the previous batch was being

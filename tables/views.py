@@ -112,10 +112,6 @@ def parse_since(raw: str) -> datetime:
     )
 
 
-_decimal = plain_decimal
-_json = plain_json
-
-
 def _merge_newest(record: type[R], stored: list[R], key: str, table: TableT) -> dict[str, R]:
     """The stored records by `key`, each replaced by this worker's table value where newer."""
     merged = {getattr(row, key): row for row in stored}
@@ -132,8 +128,8 @@ def _bounds(*ranges: dict[str, Any]) -> dict[str, str | None]:
     if not present:
         return {"high": None, "low": None}
     return {
-        "high": _decimal(max(Decimal(str(r["high"])) for r in present)),
-        "low": _decimal(min(Decimal(str(r["low"])) for r in present)),
+        "high": plain_decimal(max(Decimal(str(r["high"])) for r in present)),
+        "low": plain_decimal(min(Decimal(str(r["low"])) for r in present)),
     }
 
 
@@ -145,7 +141,7 @@ class Prices(View):
         async with database() as db:
             stored = await queries.latest_per_group(db, CryptoPriceData, "coin_id", AGGREGATE)
         merged = _merge_newest(CryptoPriceData, stored, "coin_id", live.latest_prices)
-        prices = {coin_id: _json(merged[coin_id]) for coin_id in sorted(merged)}
+        prices = {coin_id: plain_json(merged[coin_id]) for coin_id in sorted(merged)}
         return self.json({"count": len(prices), "prices": prices})
 
 
@@ -167,7 +163,7 @@ class Price(View):
             raise NotFound(f"unknown coin {coin_id!r}")
         bounds = _bounds(dict(stored_range or {}), live.local_range(coin_id, since))
         window = {"since": since.isoformat(), "until": until.isoformat()}
-        return self.json({"price": _json(price), "range_24h": {**window, **bounds}})
+        return self.json({"price": plain_json(price), "range_24h": {**window, **bounds}})
 
 
 @app.page("/prices/{coin_id}/history")
@@ -189,7 +185,7 @@ class PriceHistory(View):
                 "coin_id": coin_id,
                 "limit": limit,
                 "count": len(rows),
-                "prices": list(map(_json, rows)),
+                "prices": list(map(plain_json, rows)),
             }
         )
 
@@ -203,7 +199,7 @@ class Analytics(View):
             stored = await queries.latest_per_group(db, CryptoMarketAnalytics, "source")
         merged = _merge_newest(CryptoMarketAnalytics, stored, "source", live.latest_analytics)
         return self.json(
-            {"analytics": {source: _json(merged[source]) for source in sorted(merged)}}
+            {"analytics": {source: plain_json(merged[source]) for source in sorted(merged)}}
         )
 
 
