@@ -13,7 +13,7 @@ and plain views instead of continuous aggregates: queries behave the same on bot
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Literal
 
 from models import RECORDS, StreamRecord
@@ -29,8 +29,10 @@ Records = tuple[type[StreamRecord], ...]
 # Plain PostgreSQL: how many chunk-sized partitions exist from the current one onwards after a
 # migration; the worker creates the next ones as time moves on (agents/partitions.py).
 PARTITIONS_AHEAD = 3
-# time_bucket's default origin for sub-month buckets (a Monday); date_bin must match it.
-TIME_BUCKET_ORIGIN = "TIMESTAMPTZ '2000-01-03 00:00:00+00'"
+# time_bucket's default origin for sub-month buckets (a Monday); date_bin must match it, and
+# so must the read side's bucket arithmetic (store/queries.py).
+CANDLE_ORIGIN = datetime(2000, 1, 3, tzinfo=UTC)
+TIME_BUCKET_ORIGIN = CANDLE_ORIGIN.strftime("TIMESTAMPTZ '%Y-%m-%d %H:%M:%S+00'")
 # TimescaleDB aligns chunks to multiples of the interval since the Unix epoch.
 CHUNK_ORIGIN = "TIMESTAMPTZ '1970-01-01 00:00:00+00'"
 NOTICE_PREFIX = "qicore: "  # marks the notices migrate reports; TimescaleDB emits its own too

@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterable, Mapping, Sequence
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any, TypeAlias, TypedDict, TypeVar
 
 import asyncpg
 
-from generators.sql import SINK_OFFSETS_TABLE, TIME_BUCKET_ORIGIN, CandleAggregate
+from generators.sql import CANDLE_ORIGIN, SINK_OFFSETS_TABLE, TIME_BUCKET_ORIGIN, CandleAggregate
 from models.dsl import StreamRecord, quote_ident
 from models.types import TYPE_MAP
 
@@ -32,7 +32,6 @@ HISTORY_LIMIT_DEFAULT = 100
 HISTORY_LIMIT_MAX = 1000
 LATEST_LIMIT_MAX = 5000  # groups (coins) in one answer: TOP_N's own maximum
 CANDLES_MAX = 1000
-CANDLE_ORIGIN = datetime(2000, 1, 3, tzinfo=UTC)  # generators.sql.TIME_BUCKET_ORIGIN
 
 
 class ValueRange(TypedDict):
