@@ -41,14 +41,6 @@ from store.db import LazyPool
 
 READ_TIMEOUT = 10.0  # seconds for one tool's database work, connecting included
 READ_ONLY = ToolAnnotations(read_only_hint=True, open_world_hint=False)
-INTERVALS = {
-    "1m": timedelta(minutes=1),
-    "5m": timedelta(minutes=5),
-    "15m": timedelta(minutes=15),
-    "1h": timedelta(hours=1),
-    "4h": timedelta(hours=4),
-    "1d": timedelta(days=1),
-}
 Interval = Literal["1m", "5m", "15m", "1h", "4h", "1d"]
 Order = Literal["newest_first", "oldest_first"]
 # The decimal column whose 24 h high/low `latest_<table>` adds, for the records that have one.
@@ -316,7 +308,9 @@ def candles_tool(candle: CandleAggregate, database: LazyPool) -> Tool:
         interval = arguments.pop("interval")
         filters = {name: value for name, value in arguments.items() if value is not None}
         async with reading(database) as db:
-            found = await queries.candles(db, candle, filters, INTERVALS[interval], since, until)
+            found = await queries.candles(
+                db, candle, filters, queries.CANDLE_INTERVALS[interval], since, until
+            )
             if not found:
                 await known(db, record, first, filters[first])
         shown = [

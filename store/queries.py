@@ -32,6 +32,16 @@ HISTORY_LIMIT_DEFAULT = 100
 HISTORY_LIMIT_MAX = 1000
 LATEST_LIMIT_MAX = 5000  # groups (coins) in one answer: TOP_N's own maximum
 CANDLES_MAX = 1000
+# The candle widths the read side offers (web views, MCP tools): whole multiples of the 1-minute
+# aggregate's bucket.
+CANDLE_INTERVALS = {
+    "1m": timedelta(minutes=1),
+    "5m": timedelta(minutes=5),
+    "15m": timedelta(minutes=15),
+    "1h": timedelta(hours=1),
+    "4h": timedelta(hours=4),
+    "1d": timedelta(days=1),
+}
 
 
 class ValueRange(TypedDict):

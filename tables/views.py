@@ -19,7 +19,7 @@ import re
 import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any, TypeVar, cast
 
@@ -33,10 +33,16 @@ from agents.sinks import SINK_STATUS
 from app.bulk import Consumer, broker_client
 from app.main import app, settings
 from coingecko.poller import POLL_STATUS
+from generators.sql import CANDLES
 from models import RECORDS
 from models.codec import plain_decimal, plain_json
 from models.dsl import StreamRecord
-from models.market import AGGREGATE_EXCHANGE, CryptoMarketAnalytics, CryptoPriceData
+from models.market import (
+    AGGREGATE_EXCHANGE,
+    CryptoMarketAnalytics,
+    CryptoOHLCVData,
+    CryptoPriceData,
+)
 from store import queries
 from store.db import LazyPool
 from tables import live
@@ -49,6 +55,21 @@ PING_TIMEOUT = 2.0
 BROKER_TIMEOUT = 2.0
 AGGREGATE = {"exchange_id": AGGREGATE_EXCHANGE}
 PROCESS = f"{socket.gethostname()}:{os.getpid()}"  # how /health names this process
+# Without `since`, a candles view reaches this far back from `until`: a useful chart of each
+# width, within queries.CANDLES_MAX candles (12 h of 1-minute candles are 720 or 721).
+CANDLE_SPANS = {
+    "1m": timedelta(hours=12),
+    "5m": timedelta(days=1),
+    "15m": timedelta(days=3),
+    "1h": timedelta(days=14),
+    "4h": timedelta(days=60),
+    "1d": timedelta(days=365),
+}
+OHLCV_SPAN = timedelta(days=30)  # CoinGecko's OHLC candles are 30 min to 4 days wide
+ANALYTICS_SPAN = timedelta(days=1)
+ANALYTICS_SOURCE: str = CryptoMarketAnalytics.model_fields["source"].default
+TIMEFRAME = re.compile(r"^[0-9]{1,4}[smhdwM]$")  # CoinGecko's candle widths: 30m, 4h, 4d
+PRICE_CANDLES = next(c for c in CANDLES if c.source is CryptoPriceData)
 
 R = TypeVar("R", bound=StreamRecord)
 
@@ -81,10 +102,10 @@ def _coin_id(value: str) -> str:
     return value
 
 
-def _limit(request: Request) -> int:
+def _limit(request: Request, default: int = queries.HISTORY_LIMIT_DEFAULT) -> int:
     raw = request.query.get("limit")
     if raw is None:
-        return queries.HISTORY_LIMIT_DEFAULT
+        return default
     if not re.fullmatch(r"[0-9]{1,7}", raw) or not 1 <= int(raw) <= queries.HISTORY_LIMIT_MAX:
         raise ValidationError(f"limit must be an integer from 1 to {queries.HISTORY_LIMIT_MAX}")
     return int(raw)
@@ -94,22 +115,34 @@ def _limit(request: Request) -> int:
 SPACE_FOR_PLUS = re.compile(r"(.*[0-9]) ([0-9]{2}(?::?[0-9]{2})?)")
 
 
-def parse_since(raw: str) -> datetime:
-    """An ISO 8601 time with a UTC offset. A space before a trailing offset is read as the `+`
-    it was before the query string was decoded: no ISO time has a space there."""
+def parse_time(raw: str, name: str) -> datetime:
+    """The query parameter `name`: an ISO 8601 time with a UTC offset. A space before a trailing
+    offset is read as the `+` it was before the query string was decoded: no ISO time has a
+    space there."""
     plus = SPACE_FOR_PLUS.fullmatch(raw)
     for text in (raw, f"{plus[1]}+{plus[2]}" if plus else raw):
         try:
-            since = datetime.fromisoformat(text)
+            moment = datetime.fromisoformat(text)
         except ValueError:
             continue
-        if since.tzinfo is None:
-            raise ValidationError("since must have a UTC offset (e.g. 2024-01-01T00:00:00Z)")
-        return since
+        if moment.tzinfo is None:
+            raise ValidationError(f"{name} must have a UTC offset (e.g. 2024-01-01T00:00:00Z)")
+        return moment
     raise ValidationError(
-        "since must be an ISO 8601 timestamp with a UTC offset, e.g. 2024-01-01T00:00:00Z "
+        f"{name} must be an ISO 8601 timestamp with a UTC offset, e.g. 2024-01-01T00:00:00Z "
         "(encode a + in the offset as %2B)"
     )
+
+
+def _window(request: Request, span: timedelta) -> tuple[datetime, datetime]:
+    """[since, until) from the query: `until` defaults to now, `since` to `span` before `until`.
+    Both are answered in UTC."""
+    raw_since, raw_until = request.query.get("since"), request.query.get("until")
+    until = datetime.now(UTC) if raw_until is None else parse_time(raw_until, "until")
+    since = until - span if raw_since is None else parse_time(raw_since, "since")
+    if since >= until:
+        raise ValidationError("since must be before until")
+    return since.astimezone(UTC), until.astimezone(UTC)
 
 
 def _merge_newest(record: type[R], stored: list[R], key: str, table: TableT) -> dict[str, R]:
@@ -173,7 +206,10 @@ class PriceHistory(View):
     async def get(self, request: Request, coin_id: str) -> Response:
         coin_id = _coin_id(coin_id)
         raw_since = request.query.get("since")
-        limit, since = _limit(request), None if raw_since is None else parse_since(raw_since)
+        limit, since = (
+            _limit(request),
+            None if raw_since is None else parse_time(raw_since, "since"),
+        )
         filters = {"coin_id": coin_id, **AGGREGATE}
         async with database() as db:
             rows = await queries.history(db, CryptoPriceData, filters, limit=limit, since=since)
@@ -188,6 +224,111 @@ class PriceHistory(View):
                 "prices": list(map(plain_json, rows)),
             }
         )
+
+
+@app.page("/prices/{coin_id}/candles")
+class PriceCandles(View):
+    """GET /prices/{coin_id}/candles?interval=1m&since=ISO&until=ISO: OHLC candles of the
+    coin's aggregate price, rolled up in the database, oldest first (see CANDLE_SPANS)."""
+
+    async def get(self, request: Request, coin_id: str) -> Response:
+        coin_id = _coin_id(coin_id)
+        interval = request.query.get("interval", "1m")
+        if interval not in queries.CANDLE_INTERVALS:
+            raise ValidationError(f"interval must be one of {', '.join(queries.CANDLE_INTERVALS)}")
+        since, until = _window(request, CANDLE_SPANS[interval])
+        filters = {"coin_id": coin_id, **AGGREGATE}
+        width = queries.CANDLE_INTERVALS[interval]
+        async with database() as db:
+            try:
+                found = await queries.candles(db, PRICE_CANDLES, filters, width, since, until)
+            except ValueError as error:  # too many candles
+                raise ValidationError(str(error)) from None
+            if not found:
+                await _known_coin(db, coin_id)
+        candles = [
+            {
+                "time": candle["bucket"].isoformat(),
+                **{part: plain_decimal(candle[part]) for part in ("open", "high", "low", "close")},
+                "snapshots": candle["snapshots"],
+            }
+            for candle in found
+        ]
+        window = {"since": since.isoformat(), "until": until.isoformat()}
+        return self.json({"coin_id": coin_id, "interval": interval, **window, "candles": candles})
+
+
+async def _known_coin(db: asyncpg.Pool, coin_id: str) -> None:
+    """404 unless the coin has a price, stored or in this worker's table."""
+    if coin_id in live.latest_prices:
+        return
+    if await queries.latest(db, CryptoPriceData, {"coin_id": coin_id, **AGGREGATE}) is None:
+        raise NotFound(f"unknown coin {coin_id!r}")
+
+
+async def _series(
+    db: asyncpg.Pool,
+    record: type[R],
+    filters: dict[str, object],
+    window: tuple[datetime, datetime],
+    limit: int,
+) -> dict[str, Any]:
+    """The newest `limit` rows in [since, until), listed oldest first, as a view shows them;
+    `next_page` is the window of the rows before them, null when there are none left."""
+    since, until = window
+    rows = await queries.history(db, record, filters, limit=limit, since=since, until=until)
+    rows.reverse()
+    next_page = None
+    if len(rows) == limit:
+        first = getattr(rows[0], record.table.time_column)
+        next_page = {"since": since.isoformat(), "until": first.isoformat()}
+    return {
+        "since": since.isoformat(),
+        "until": until.isoformat(),
+        "count": len(rows),
+        "rows": list(map(plain_json, rows)),
+        "next_page": next_page,
+    }
+
+
+@app.page("/ohlcv/{coin_id}")
+class OHLCV(View):
+    """GET /ohlcv/{coin_id}?timeframe=4h&since=ISO&until=ISO&limit=N: CoinGecko's own OHLC
+    candles as stored (by `timestamp`, the candle's close), oldest first; every timeframe
+    unless one is given."""
+
+    async def get(self, request: Request, coin_id: str) -> Response:
+        coin_id = _coin_id(coin_id)
+        timeframe = request.query.get("timeframe")
+        if timeframe is not None and not TIMEFRAME.match(timeframe):
+            raise ValidationError("timeframe must be a candle width such as 30m, 4h or 4d")
+        window = _window(request, OHLCV_SPAN)
+        limit = _limit(request, queries.HISTORY_LIMIT_MAX)
+        filters: dict[str, object] = {"coin_id": coin_id, **AGGREGATE}
+        if timeframe is not None:
+            filters["timeframe"] = timeframe
+        async with database() as db:
+            series = await _series(db, CryptoOHLCVData, filters, window, limit)
+            coin = {"coin_id": coin_id, **AGGREGATE}
+            if not series["rows"] and await queries.latest(db, CryptoOHLCVData, coin) is None:
+                raise NotFound(f"unknown coin {coin_id!r}: no OHLCV candles stored for it")
+        return self.json({"coin_id": coin_id, "timeframe": timeframe, **series})
+
+
+@app.page("/analytics/history")
+class AnalyticsHistory(View):
+    """GET /analytics/history?source=coingecko&since=ISO&until=ISO&limit=N: one source's stored
+    market analytics, oldest first."""
+
+    async def get(self, request: Request) -> Response:
+        source = request.query.get("source", ANALYTICS_SOURCE)
+        if not COIN_ID.match(source):
+            raise ValidationError("source must be a source name such as 'coingecko'")
+        window = _window(request, ANALYTICS_SPAN)
+        limit = _limit(request, queries.HISTORY_LIMIT_MAX)
+        async with database() as db:
+            series = await _series(db, CryptoMarketAnalytics, {"source": source}, window, limit)
+        return self.json({"source": source, **series})
 
 
 @app.page("/analytics")

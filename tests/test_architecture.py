@@ -27,7 +27,8 @@ ALLOWED: dict[str, set[str]] = {
     # The stand-ins `up` starts, and the supervisor that starts the worker beside them.
     "local": {"app", "coingecko", "common", "generators", "models"},
     "agents": {"app", "coingecko", "common", "models", "generators", "store"},
-    "tables": {"agents", "app", "coingecko", "common", "models", "store"},
+    # The candles views read the aggregates the generators declare.
+    "tables": {"agents", "app", "coingecko", "common", "models", "generators.sql", "store"},
     # The read tools take their schemas from the generators; `/mcp` is a view of the worker's web
     # server, like tables.views, whose read pool it shares.
     "mcpserver": {"app", "common", "models", "generators", "store", "tables.views"},
