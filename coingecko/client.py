@@ -25,7 +25,7 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -84,6 +84,26 @@ class Answer:
     @property
     def text(self) -> str:
         return self.content.decode("utf-8", "replace")
+
+
+@dataclass
+class CallTally:
+    """What one caller's requests came to (a poller endpoint's, for /health and /metrics):
+    answers by outcome (`OUTCOMES`; a path refused earlier is raised without a call and not
+    counted), and the waits for a slot of the rate limit (the plan's calls per minute, or a 429's
+    Retry-After pause)."""
+
+    calls: dict[str, int] = field(default_factory=dict)
+    rate_limit_waits: int = 0
+    rate_limit_wait_seconds: float = 0.0
+
+    def count(self, outcome: str) -> None:
+        self.calls[outcome] = self.calls.get(outcome, 0) + 1
+
+
+# What a request came to: a JSON body; a 429; a retried status (5xx, 408, 1xx-3xx); a 200 with a
+# body that is not JSON; no answer (timeout, connection); a 4xx refused until restart.
+OUTCOMES = ("ok", "rate_limited", "server_error", "invalid_body", "no_answer", "refused")
 
 
 class Transport(Protocol):
@@ -154,7 +174,10 @@ class RateLimiter:
         self._paused_until = max(self._paused_until, time.monotonic() + seconds)
 
     @asynccontextmanager
-    async def slot(self) -> AsyncIterator[None]:
+    async def slot(self) -> AsyncIterator[float]:
+        """Hold a slot for one request; yields the seconds waited for it (0.0: none)."""
+        started = time.monotonic()
+        waited = False
         async with self._lock:
             while True:
                 now = time.monotonic()
@@ -164,15 +187,17 @@ class RateLimiter:
                 if len(self._answered) + self._in_flight >= self.calls:
                     if not self._answered:  # every slot is in flight: wait for an answer
                         self._answer.clear()
+                        waited = True
                         await self._answer.wait()
                         continue
                     wait = max(wait, self._answered[0] + self.period - now)
                 if wait <= 0:
                     break
+                waited = True
                 await asyncio.sleep(wait)
             self._in_flight += 1
         try:
-            yield
+            yield time.monotonic() - started if waited else 0.0
         finally:
             self._in_flight -= 1
             self._answered.append(time.monotonic())
@@ -226,32 +251,50 @@ class CoinGeckoClient:
         """Paths disabled until restart, with the refusal that disabled them."""
         return self._refused
 
-    async def get(self, path: str, params: Mapping[str, str | int] | None = None) -> Any:
+    async def get(
+        self,
+        path: str,
+        params: Mapping[str, str | int] | None = None,
+        tally: CallTally | None = None,
+    ) -> Any:
+        """The decoded body; each request's outcome and rate-limit wait go to `tally`."""
         if path in self._refused:
             raise self._refused[path]
+        tally = tally if tally is not None else CallTally()
         reason = ""
         for attempt in range(1, self.max_attempts + 1):
             delay = jittered_backoff(attempt, self.backoff_base, self.backoff_cap)
             answer: Answer | None = None
-            async with self.limiter.slot():
+            async with self.limiter.slot() as waited:
+                if waited:
+                    tally.rate_limit_waits += 1
+                    tally.rate_limit_wait_seconds += waited
                 try:
                     answer = await self.transport.request(path, params)
                 except TransportFailed as error:
                     reason = redact(str(error), self._secret)
+                    tally.count("no_answer")
             if answer is not None:
                 status = answer.status
                 if status == 200:
                     try:
-                        return loads_exact(answer.content)
+                        body = loads_exact(answer.content)
                     except ValueError:
                         reason = f"HTTP 200 with a non-JSON body ({answer.content_type})"
+                        tally.count("invalid_body")
+                    else:
+                        tally.count("ok")
+                        return body
                 elif status == 429:
                     delay = answer.retry_after or delay
                     self.limiter.pause(delay)
                     reason = f"HTTP 429 rate limited, Retry-After {delay:g}s"
+                    tally.count("rate_limited")
                 elif status == 408 or status >= 500 or status < 400:
                     reason = f"HTTP {status} ({answer.content_type})"
+                    tally.count("server_error")
                 else:
+                    tally.count("refused")
                     raise self._refuse(path, answer)
             if attempt == self.max_attempts:
                 break

@@ -32,7 +32,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 from urllib.parse import quote
 
-from coingecko.client import CoinGeckoClient, CoinGeckoError, CoinGeckoRefused
+from coingecko.client import CallTally, CoinGeckoClient, CoinGeckoError, CoinGeckoRefused
 from coingecko.parse import (
     CrossQuote,
     Parsed,
@@ -70,6 +70,7 @@ class EndpointStatus:
     published: int = 0
     unchanged: int = 0
     skipped: int = 0
+    requests: CallTally = field(default_factory=CallTally)  # the HTTP calls of its polls
 
 
 @dataclass
@@ -288,7 +289,7 @@ class Poller:
     async def _get(self, cycle: _Cycle, path: str, params: dict[str, str | int]) -> Any:
         """The decoded body, or None after recording why there is none."""
         try:
-            return await self.client.get(path, params)
+            return await self.client.get(path, params, cycle.status.requests)
         except CoinGeckoRefused as refused:  # the client logged it, once
             self.status.refused[refused.path] = str(refused)
             cycle.fail(str(refused))

@@ -29,10 +29,12 @@ from faust.types import TableT
 from faust.web import Request, Response, View
 from faust.web.exceptions import NotFound, ServiceUnavailable, ValidationError
 
+from agents.metrics import CONSUMER_LAG
 from agents.sinks import SINK_STATUS
 from app.bulk import Consumer, broker_client
 from app.main import app, settings
 from coingecko.poller import POLL_STATUS
+from common.metrics import CONTENT_TYPE, exposition
 from generators.sql import CANDLES
 from models import RECORDS
 from models.codec import plain_decimal, plain_json
@@ -445,3 +447,12 @@ class Health(View):
             "tables": {"undecodable": dict(live.UNDECODABLE)},
         }
         return self.json(body, status=200 if healthy else 503)
+
+
+@app.page("/metrics")
+class Metrics(View):
+    """GET /metrics: this process's metrics in Prometheus' text format (agents/metrics.py)."""
+
+    async def get(self, request: Request) -> Response:
+        await CONSUMER_LAG.refresh()
+        return self.bytes(exposition(), headers={"Content-Type": CONTENT_TYPE})

@@ -20,6 +20,7 @@ from faust.types import TP, Message
 
 from agents.sink import Sink, SinkLimits, SinkStatus
 from app.broker_logs import BrokerLogs
+from common.metrics import REGISTRY
 from models import CryptoPriceData
 from models.codec import encode_record
 from store.db import LazyPool
@@ -163,6 +164,18 @@ async def harness(kafka: Kafka, migrated: str) -> AsyncIterator[Harness]:
     await broker.consumer.stop()
 
 
+def observed(histogram: str) -> tuple[float, float]:
+    """(count, sum) of the crypto-prices sink's observations of one of common.metrics'
+    histograms so far (every sink of the process shares them, by topic)."""
+    labels = {"topic": TOPIC}
+    count = REGISTRY.get_sample_value(f"{histogram}_count", labels) or 0.0
+    return count, REGISTRY.get_sample_value(f"{histogram}_sum", labels) or 0.0
+
+
+WRITES = "qicore_sink_batch_write_duration_seconds"
+DELAYS = "qicore_sink_event_delay_seconds"
+
+
 async def produce(kafka: Kafka, values: Sequence[bytes], partition: int = 0) -> None:
     for value in values:
         await kafka.producer.send_and_wait(TOPIC, value=value, key=b"k", partition=partition)
@@ -173,13 +186,21 @@ async def test_a_batch_is_stored_with_its_offsets_and_acknowledged(harness: Harn
     await produce(harness.kafka, [encode_record(r) for r in records[:7]], partition=0)
     await produce(harness.kafka, [encode_record(r) for r in records[7:]], partition=3)
     batch = await harness.broker.fetch(0, 0, 7) + await harness.broker.fetch(3, 0, 5)
+    writes, delays = observed(WRITES), observed(DELAYS)
 
     await harness.flush(batch)
 
     assert_exactly(await stored(harness.dsn, CryptoPriceData), records)
     assert await harness.stored_offsets() == {0: 7, 3: 5}
     assert harness.batches.acked == batch
-    assert harness.sink.status.rows_written == 12
+    status = harness.sink.status
+    assert (status.rows_written, status.batches) == (12, 1)
+    # One observation per batch: its write, and the delay of its oldest record until durable.
+    assert observed(WRITES)[0] == writes[0] + 1
+    count, total = observed(DELAYS)
+    assert status.last_write_at is not None and count == delays[0] + 1
+    oldest = min(record.event_time() for record in records)
+    assert total - delays[1] == pytest.approx((status.last_write_at - oldest).total_seconds())
 
 
 async def test_a_replay_writes_nothing_and_dead_letters_nothing_again(harness: Harness) -> None:
@@ -199,6 +220,7 @@ async def test_a_replay_writes_nothing_and_dead_letters_nothing_again(harness: H
     ]
     status = harness.sink.status
     assert (status.dead_letters, status.replayed_skipped, status.rows_written) == (1, 4, 3)
+    assert status.batches == 2  # the replay is a transaction too, which stores no row
 
 
 async def test_a_hole_is_not_written_past_and_the_partition_is_sought_back(
