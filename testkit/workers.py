@@ -19,6 +19,7 @@ import httpx
 import psutil
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.coordinator.assignors.roundrobin import RoundRobinPartitionAssignor
+from prometheus_client.parser import text_string_to_metric_families
 
 from app.settings import Settings
 from generators.topics import topic_configs
@@ -41,6 +42,18 @@ class Sent:
     key: bytes | None
     value: bytes | None
     record: StreamRecord | None
+
+
+@dataclass(frozen=True)
+class Family:
+    """One metric family of a /metrics scrape: its type and samples, keyed by the sample's name
+    followed by its sorted (label, value) pairs."""
+
+    type: str
+    samples: dict[tuple[Any, ...], float]
+
+    def value(self, name: str, **labels: str) -> float | None:
+        return self.samples.get((name, *sorted(labels.items())))
 
 
 @dataclass(frozen=True)
@@ -214,6 +227,24 @@ class Worker(Process):
         """This sink's SINK_STATUS entry, as the worker's /health view serves it."""
         status: dict[str, Any] = (await self.health()).body["sink"][topic]
         return status
+
+    async def metrics(self) -> dict[str, Family]:
+        """The worker's /metrics, parsed by prometheus-client's own parser: family name ->
+        (type, {sample name and sorted label pairs: value})."""
+        async with httpx.AsyncClient(timeout=10) as client:
+            answer = await client.get(f"{self.url}/metrics")
+        answer.raise_for_status()
+        assert answer.headers["content-type"].startswith("text/plain; version=0.0.4")
+        return {
+            family.name: Family(
+                family.type,
+                {
+                    (sample.name, *sorted(sample.labels.items())): sample.value
+                    for sample in family.samples
+                },
+            )
+            for family in text_string_to_metric_families(answer.text)
+        }
 
     async def terminate(self) -> int:
         return await self.stop(signal.SIGTERM)

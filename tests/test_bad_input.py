@@ -45,7 +45,7 @@ from models.dsl import quote_ident
 from testkit.databases import count_rows, create_database, drop_database
 from testkit.pollers import BrokerTopics, make_poller
 from testkit.strategies import valid
-from testkit.workers import Kafka, Worker, eventually
+from testkit.workers import Family, Kafka, Worker, eventually
 
 NOW = datetime(2024, 5, 1, 12, tzinfo=UTC)
 # Strings that have broken decimal and date parsers: NaN spellings, exponents beyond any decimal
@@ -540,6 +540,26 @@ async def test_junk_on_every_topic_is_dead_lettered_and_counted(
     worker.assert_alive()
     # The live tables are handed the same junk (as dead-lettered, undecoded) and count it.
     assert (await worker.health()).body["tables"]["undecodable"][CryptoPriceData.topic.name] > 0
+
+    # /metrics counts the same, and the lag of the partitions the junk went to comes down to 0
+    # (the producer sent them in batches: the embedded broker's ListOffsets alone lags there).
+    async def scraped() -> dict[str, Family] | None:
+        metrics = await worker.metrics()
+        lag = metrics["qicore_consumer_lag_messages"].samples
+        topics = {m.topic for m in sent}
+        lagging = {dict(key[1:])["topic"] for key in lag}
+        done = lagging >= topics and set(lag.values()) == {0}
+        return metrics if done else None
+
+    metrics = await eventually(scraped, worker, "no lag")
+    for record in good:
+        labels = {"topic": record.topic.name, "table": record.table.name}
+        letters = metrics["qicore_sink_dead_letters"].value(
+            "qicore_sink_dead_letters_total", **labels
+        )
+        assert letters == len(junk_for(record))
+        written = metrics["qicore_sink_rows_written"]
+        assert written.value("qicore_sink_rows_written_total", **labels) == 1
 
 
 @pytest.mark.slow
