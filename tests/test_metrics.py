@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
+import pytest
 from faust.types import TP
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
@@ -19,6 +20,7 @@ from coingecko.metrics import PollerCollector
 from common.metrics import exposition
 from models import RECORDS, CryptoOHLCVData, CryptoPriceData
 from testkit.pollers import BrokerTopics, make_poller
+from testkit.web import serve_views
 
 PRICES = CryptoPriceData.topic.name
 
@@ -138,3 +140,26 @@ def test_consumer_lag_uses_the_larger_end_offset_of_assigned_committed_partition
     lag = {(s.labels["topic"], s.labels["partition"]): s.value for s in family.samples}
     # Partition 5 is not assigned here; the candles' partition has no commit from this process.
     assert lag == {(PRICES, "0"): 50, (PRICES, "1"): 0, (PRICES, "2"): 0}
+
+
+async def test_the_view_serves_every_family_in_the_text_format(
+    migrated: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """GET /metrics of the assembled app, in-process (no consumer: no lag sample, no error)."""
+    async with serve_views(migrated, monkeypatch) as client:
+        answer = await client.get("/metrics")
+    assert answer.status_code == 200
+    assert answer.headers["content-type"] == "text/plain; version=0.0.4; charset=utf-8"
+    found = {family.name: family for family in text_string_to_metric_families(answer.text)}
+    for name in (
+        "qicore_sink_rows_written",
+        "qicore_sink_batch_write_duration_seconds",
+        "qicore_sink_event_delay_seconds",
+        "qicore_coingecko_requests",
+        "qicore_poller_polls",
+        "process_cpu_seconds",
+    ):
+        assert name in found, name
+    topics = {s.labels["topic"] for s in found["qicore_sink_rows_written"].samples}
+    assert topics == {record.topic.name for record in RECORDS}
+    assert found["qicore_consumer_lag_messages"].samples == []
