@@ -1,6 +1,8 @@
 """The poller agent: the `coingecko.poller.Poller` cycles, run by the consumer group's leader.
 
-Only the leader polls, so scaling out does not multiply API calls. Each endpoint is polled as soon
+Only the leader polls, so scaling out does not multiply API calls; a process with
+POLLER_ENABLED=false registers no poll task at all (its consumer group has no pollers, so no
+leader of a polling group is ever one that does not poll). Each endpoint is polled as soon
 as a process becomes the leader (a fresh start fills /analytics and the candles at once, instead
 of one full interval later, which Faust's own `app.timer` would wait), then every interval; OHLC
 waits for the first price poll, which tells it the coins. Before its first poll each task
@@ -77,20 +79,22 @@ async def poll_while_leader(
         await app.sleep(LEADER_CHECK_SECONDS)
 
 
-@app.task
 async def poll_prices() -> None:
     await poll_while_leader(settings.price_poll_seconds, lambda: _poller().poll_prices())
 
 
-@app.task
 async def poll_global() -> None:
     await poll_while_leader(settings.global_poll_seconds, lambda: _poller().poll_global())
 
 
-@app.task
 async def poll_ohlc() -> None:
     await poll_while_leader(
         settings.ohlc_poll_seconds,
         lambda: _poller().poll_ohlc(),
         ready=lambda: bool(_poller().symbols),
     )
+
+
+if settings.poller_enabled:
+    for _task in (poll_prices, poll_global, poll_ohlc):
+        app.task(_task)

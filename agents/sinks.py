@@ -1,5 +1,11 @@
-"""The sink agents: one per record in `models.RECORDS`, each an `agents.sink.Sink` given the
-worker's collaborators. Nothing here decides anything; it is where the app meets the sinks."""
+"""The sink agents: one per record topic in SINK_TOPICS (default: every record in
+`models.RECORDS`), each an `agents.sink.Sink` given the worker's collaborators. Nothing here
+decides anything; it is where the app meets the sinks.
+
+The stored offsets are kept under APP_ID, the deployment, not under the process's consumer group
+(`settings.consumer_group`): process types of one deployment that sink the same topic, or a
+deployment re-scoped from one worker to several process types, continue one stored sequence per
+partition, so every record is stored once whichever group fetched it (store/offsets.py)."""
 
 from __future__ import annotations
 
@@ -40,7 +46,7 @@ def _register(record: type[StreamRecord]) -> Sink:
     topic = record.topic.name
     sink = Sink(
         record,
-        consumer_group=app.conf.id,
+        consumer_group=settings.app_id,
         database=DATABASE,
         batches=app.batches(topic),
         positions=ConsumerPositions(app),
@@ -58,7 +64,11 @@ def _register(record: type[StreamRecord]) -> Sink:
     return sink
 
 
-SINKS: dict[str, Sink] = {record.topic.name: _register(record) for record in RECORDS}
+SINKS: dict[str, Sink] = {
+    record.topic.name: _register(record)
+    for record in RECORDS
+    if record.topic.name in settings.sink_topics
+}
 
 
 @app.on_before_shutdown.connect

@@ -19,7 +19,8 @@ def _observe_sinks(sender: object, /, *args: object, signal: object, **kwargs: o
     the worker starts, not at import: `tables` may be imported first, while this package is
     still importing it."""
     for topic, observer in tables.live.OBSERVERS.items():
-        agents.sinks.SINKS[topic].observers.append(observer)
+        if topic in agents.sinks.SINKS:  # sunk here (SINK_TOPICS)
+            agents.sinks.SINKS[topic].observers.append(observer)
 
 
 __all__ = ["agents", "app", "commands", "mcpserver", "settings", "tables", "topics"]

@@ -45,7 +45,9 @@ def broker_credentials(settings: Settings) -> CredentialsT | None:
 settings = load_settings()
 
 app = App(
-    settings.app_id,
+    # The consumer group of this process's scope (SINK_TOPICS, POLLER_ENABLED): processes that
+    # subscribe differently never share a group (docs/deployment.md).
+    settings.consumer_group,
     fetch_max_wait_ms=settings.broker_fetch_max_wait_ms,
     broker=settings.broker_url,
     broker_credentials=broker_credentials(settings),

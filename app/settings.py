@@ -18,6 +18,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from common.redaction import HIDDEN, redact_url
 from generators.sql import TimescaleMode
+from models import RECORDS
 
 CoinGeckoPlan = Literal["keyless", "demo", "pro"]
 CoinGeckoSource = Literal["rest", "mcp"]
@@ -36,6 +37,8 @@ SaslMechanism = Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"]
 # asyncpg reads these from DATABASE_URL's query string (libpq's names and values).
 SSL_MODES = frozenset({"disable", "allow", "prefer", "require", "verify-ca", "verify-full"})
 SSL_FILE_PARAMS = ("sslrootcert", "sslcert", "sslkey", "sslcrl")
+RECORD_TOPICS = tuple(record.topic.name for record in RECORDS)
+NO_TOPICS = "none"  # SINK_TOPICS value: this process sinks nothing (an empty value means all)
 MCP_TOKEN_MIN_LENGTH = 16
 
 
@@ -99,6 +102,12 @@ class Settings(BaseSettings):
     coingecko_mcp_url: str = COINGECKO_MCP
     coingecko_mcp_command: str | None = None
 
+    # What this process runs (docs/deployment.md): the record topics it sinks (unset = all,
+    # "none" = none) and whether it polls CoinGecko. Each such scope is a consumer group of its
+    # own (`consumer_group`); WEB_ENABLED says whether it serves the views and /mcp.
+    sink_topics: Annotated[tuple[str, ...], NoDecode] = RECORD_TOPICS
+    poller_enabled: bool = True
+
     sink_batch_size: int = Field(5000, ge=1, le=100_000)
     # How long stored batches are collected before the live tables get them (agents/sink.py).
     live_table_update_seconds: float = Field(1.0, ge=0, le=60)
@@ -149,7 +158,7 @@ class Settings(BaseSettings):
             )
         return value
 
-    @field_validator("coins", "mcp_allowed_hosts", mode="before")
+    @field_validator("coins", "mcp_allowed_hosts", "sink_topics", mode="before")
     @classmethod
     def _split_list(cls, value: object) -> object:
         if isinstance(value, str):
@@ -163,6 +172,20 @@ class Settings(BaseSettings):
             if not coin.replace("-", "").replace("_", "").replace(".", "").isalnum():
                 raise ValueError(f"{coin!r} is not a CoinGecko coin id")
         return value
+
+    @field_validator("sink_topics")
+    @classmethod
+    def _check_sink_topics(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if value == (NO_TOPICS,):
+            return ()
+        unknown = [topic for topic in value if topic not in RECORD_TOPICS]
+        if unknown or not value:
+            named = f"unknown topic {', '.join(map(repr, unknown))}" if unknown else "no topic"
+            raise ValueError(
+                f"{named}: the record topics are {', '.join(RECORD_TOPICS)} "
+                f"(or {NO_TOPICS!r} for no sink)"
+            )
+        return tuple(topic for topic in RECORD_TOPICS if topic in value)  # the DSL's order, once
 
     @field_validator("broker_url")
     @classmethod
@@ -269,6 +292,17 @@ class Settings(BaseSettings):
         if value in ("demo", "pro") and info.data.get("coingecko_api_key") is None:
             raise ValueError(f"the {value} plan needs COINGECKO_API_KEY")
         return value
+
+    @property
+    def consumer_group(self) -> str:
+        """The Faust app id, and so the Kafka consumer group, of this process's scope: APP_ID for
+        the full scope (every sink and the poller, today's `worker`), else APP_ID plus the scope,
+        e.g. `qicore-streams.crypto-prices`, `qicore-streams.poller`. Processes of one group
+        subscribe alike, so its leader is a process that polls (docs/deployment.md says why)."""
+        if self.sink_topics == RECORD_TOPICS and self.poller_enabled:
+            return self.app_id
+        scope = (["poller"] if self.poller_enabled else []) + list(self.sink_topics)
+        return ".".join([self.app_id, *(scope or [NO_TOPICS])])
 
     @property
     def plan(self) -> CoinGeckoPlan:

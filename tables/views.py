@@ -388,12 +388,12 @@ def _sink_status() -> dict[str, dict[str, Any]]:
 
 
 async def _stored_freshness() -> dict[str, dict[str, Any]] | None:
-    """Per record table, its newest row and when this group's sinks last stored one: the same
+    """Per record table, its newest row and when this deployment's sinks last stored one: the same
     on every process, whichever one polls. None when the database does not answer."""
     try:
         async with asyncio.timeout(PING_TIMEOUT):
             pool = await read_pool.get()
-            tables = await queries.freshness(pool, RECORDS, app.conf.id)
+            tables = await queries.freshness(pool, RECORDS, settings.app_id)
     except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError):
         return None
     now = datetime.now(UTC)
@@ -418,7 +418,7 @@ async def _poller_status() -> dict[str, Any]:
     counters of a process that does not (`polls_here` false) stay at zero; `stored` tells any
     process how fresh the polled data is."""
     return {
-        "polls_here": app.is_leader(),
+        "polls_here": settings.poller_enabled and app.is_leader(),
         "process": PROCESS,
         **POLL_STATUS.as_json(),
         "stored": await _stored_freshness(),

@@ -81,6 +81,15 @@ INVALID = [
         "DATABASE_URL",
         "sslrootcert '/no/ca.pem' is not a readable file",
     ),
+    (
+        {"SINK_TOPICS": "crypto-prices,crypto-price"},
+        "SINK_TOPICS",
+        "unknown topic 'crypto-price': the record topics are crypto-prices, crypto-ohlcv, "
+        "market-analytics (or 'none' for no sink)",
+    ),
+    ({"SINK_TOPICS": "none,crypto-prices"}, "SINK_TOPICS", "unknown topic 'none'"),
+    ({"SINK_TOPICS": " , "}, "SINK_TOPICS", "no topic: the record topics are"),
+    ({"POLLER_ENABLED": "sometimes"}, "POLLER_ENABLED", "valid boolean"),
 ]
 
 
@@ -148,6 +157,37 @@ def test_empty_variables_mean_the_defaults(environ: pytest.MonkeyPatch) -> None:
     assert settings.coins == ()
     assert settings.plan == "keyless"
     assert settings.broker_url == Settings.model_fields["broker_url"].default
+
+
+@pytest.mark.parametrize(
+    ("variables", "topics", "group"),
+    [
+        ({}, ("crypto-prices", "crypto-ohlcv", "market-analytics"), "qi"),  # today's `worker`
+        (
+            {"SINK_TOPICS": "market-analytics,crypto-ohlcv"},
+            None,
+            "qi.poller.crypto-ohlcv.market-analytics",
+        ),
+        ({"SINK_TOPICS": "crypto-prices", "POLLER_ENABLED": "false"}, None, "qi.crypto-prices"),
+        ({"SINK_TOPICS": "none"}, (), "qi.poller"),
+        ({"SINK_TOPICS": "none", "POLLER_ENABLED": "false"}, (), "qi.none"),
+        # The full list in another order is the full scope: the same group as the default.
+        ({"SINK_TOPICS": "market-analytics,crypto-prices,crypto-ohlcv"}, None, "qi"),
+    ],
+)
+def test_each_scope_is_a_consumer_group_of_its_own(
+    environ: pytest.MonkeyPatch,
+    variables: dict[str, str],
+    topics: tuple[str, ...] | None,
+    group: str,
+) -> None:
+    environ.setenv("APP_ID", "qi")
+    for name, value in variables.items():
+        environ.setenv(name, value)
+    settings = Settings()
+    if topics is not None:
+        assert settings.sink_topics == topics
+    assert settings.consumer_group == group
 
 
 def test_secrets_never_show(environ: pytest.MonkeyPatch) -> None:
