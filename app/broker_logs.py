@@ -32,6 +32,16 @@ FETCH_TIMEOUT = 30.0  # seconds
 DEFAULT_PORT = 9092
 
 
+def client_options(app: AppT, purpose: str) -> dict[str, Any]:
+    """aiokafka client arguments for the app's broker, with the app's credentials."""
+    conf = app.conf
+    return {
+        "bootstrap_servers": server_list(conf.broker, DEFAULT_PORT),
+        "client_id": f"{conf.broker_client_id}-{purpose}",
+        **credentials_to_aiokafka_auth(conf.broker_credentials),
+    }
+
+
 class BrokerLogs:
     """One admin client and one group-less consumer, started at the first look."""
 
@@ -45,12 +55,8 @@ class BrokerLogs:
     @classmethod
     def of(cls, app: AppT) -> BrokerLogs:
         """For the app's broker, with the app's credentials."""
-        conf = app.conf
-        return cls(
-            server_list(conf.broker, DEFAULT_PORT),
-            f"{conf.broker_client_id}-log-check",
-            credentials_to_aiokafka_auth(conf.broker_credentials),
-        )
+        options = client_options(app, "log-check")
+        return cls(options.pop("bootstrap_servers"), options.pop("client_id"), options)
 
     async def _clients(self) -> tuple[AIOKafkaAdminClient, AIOKafkaConsumer]:
         if self.admin is None or self.consumer is None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 from typing import NoReturn
 
@@ -72,6 +73,58 @@ async def records(self: AppCommand) -> None:
         for record in RECORDS
     ]
     self.say(self.tabulate(rows, headers=["record", "topic", "table", "help"], title="Records"))
+
+
+@app.command(
+    argument("action", type=click.Choice(["plan", "apply"])),
+    option("--json", "as_json", is_flag=True, help="The plan as JSON (plan only)."),
+    option(
+        "--recreate",
+        is_flag=True,
+        help="Drop and create again a topic with more partitions than the DSL's: LOSES ITS "
+        "RECORDS (the sinks start its new log over, docs/deployment.md).",
+    ),
+)
+async def topics(self: AppCommand, action: str, as_json: bool, recreate: bool) -> None:
+    """Compare the broker's topics with the DSL's (`plan`), or make them match (`apply`):
+    create missing topics, raise partitions, change configs; never lower partitions or delete
+    records unless --recreate."""
+    import json
+
+    from app.topic_admin import TopicAdmin, wanted_topics
+
+    async with TopicAdmin.of(app) as admin:
+        plans = await admin.plan(
+            wanted_topics(settings.topic_replication_factor), recreate=recreate
+        )
+        if action == "apply":
+            outcomes = await admin.apply(plans)
+    if as_json:
+        self.say(json.dumps([plan.as_json() for plan in plans], indent=2))
+        return
+    width = max(len(plan.topic.name) for plan in plans)
+    if action == "plan":
+        self.say(f"Topics on {settings.broker_url} against the DSL (models/):")
+        for plan in plans:
+            self.say(f"  {plan.topic.name:<{width}}  {plan.describe()}")
+        counts = Counter(plan.action for plan in plans)
+        self.say(
+            f"Plan: {counts['create']} to create, {len(plans) - counts['create'] - counts['none']} "
+            f"to change, {counts['none']} unchanged."
+        )
+        return
+    for outcome in outcomes:
+        self.say(outcome.describe())
+    for plan in plans:
+        for note in plan.notes:
+            self.say(f"{plan.topic.name}: not changed: {note}")
+    failed = sum(outcome.error is not None for outcome in outcomes)
+    self.say(
+        f"Applied: {len(outcomes) - failed} changed, {failed} failed, "
+        f"{len(plans) - len(outcomes)} already matching."
+    )
+    if failed:
+        raise SystemExit(1)
 
 
 class up(AppCommand):  # the class name is the command name: `faust -A app up`

@@ -1,26 +1,29 @@
 """The Faust application, built from environment settings.
 
 Every record topic (and its dead-letter topic) is declared from `generators.topics.topic_configs()`,
-the same function that writes the operator's topic file, so the app and the file cannot disagree.
+the same function that writes the operator's topic file and that `faust -A app topics apply`
+applies (app/topic_admin.py, whose creations the worker makes at start), so they cannot disagree.
 Messages travel as raw bytes; `models.codec` decodes them, so a bad message becomes a dead letter
 instead of an exception inside Faust's deserializer.
 """
 
 from __future__ import annotations
 
+import logging
 import ssl
 from pathlib import Path
 
 import faust
-from faust.exceptions import NotReady
 from faust.types.auth import CredentialsT
 
+from app import topic_admin
 from app.bulk import App
 from app.memory import collect_less_often
 from app.settings import SASL_PROTOCOLS, TLS_PROTOCOLS, Settings, load_settings
 from app.web import web_application_options
-from generators.topics import topic_configs
 from models.market import PARTITIONS
+
+log = logging.getLogger(__name__)
 
 
 def broker_credentials(settings: Settings) -> CredentialsT | None:
@@ -96,7 +99,7 @@ topics: dict[str, faust.TopicT] = {
     config.name: app.topic(
         config.name,
         partitions=config.partitions,
-        replicas=settings.topic_replication_factor,
+        replicas=config.replication_factor,
         config=config.config,
         key_serializer="raw",
         value_serializer="raw",
@@ -104,19 +107,18 @@ topics: dict[str, faust.TopicT] = {
         # auto-creates topics (Kafka, Tansu) creates them on subscription with its default count.
         internal=True,
     )
-    for config in topic_configs()
+    for config in topic_admin.wanted_topics(settings.topic_replication_factor)
 }
 
 
 @app.task
 async def declare_topics() -> None:
-    """Create every generated topic up front: Redpanda does not auto-create them. A shutdown
-    that stops the producer before this is done ends it quietly (the next start declares the
-    rest) instead of turning a clean SIGTERM into a crash."""
-    for topic in topics.values():
-        try:
-            await topic.maybe_declare()
-        except NotReady:
-            if app.should_stop:
-                return
-            raise
+    """Create every generated topic that is missing, up front: Redpanda does not auto-create
+    them. The same plan as `faust -A app topics apply` (app/topic_admin.py), restricted to
+    creations; any other difference from the DSL is logged for an operator to apply."""
+    for plan in await topic_admin.declare_topics(app, settings.topic_replication_factor):
+        log.warning(
+            "topics: %s %s; `faust -A app topics apply` applies it",
+            plan.topic.name,
+            plan.describe(),
+        )

@@ -1,0 +1,165 @@
+"""The broker's side of `faust -A app topics plan|apply` and of the worker's start-up
+declaration: what the broker has (Metadata, DescribeConfigs), and the changes of a plan
+(`generators.topics.plan_topics`) made through the Kafka admin API (CreateTopics,
+CreatePartitions, AlterConfigs, DeleteTopics for --recreate).
+
+Topics are always listed whole (Metadata for all topics): the embedded broker creates a topic
+that a Metadata request names, with its default partition count, so asking about a missing
+topic by name would create it. Brokers without an API (the embedded broker has neither
+CreatePartitions nor AlterConfigs) fail the change that needs it, with the API named; the
+other changes are still made.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+from aiokafka.admin import AIOKafkaAdminClient, NewPartitions, NewTopic
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
+from aiokafka.errors import IncompatibleBrokerVersion, KafkaError, for_code
+from faust.types import AppT
+
+from app.broker_logs import client_options
+from generators.topics import BrokerTopic, TopicConfig, TopicPlan, plan_topics, topic_configs
+
+log = logging.getLogger(__name__)
+
+TOPIC_ALREADY_EXISTS = 36  # Kafka's error code
+DYNAMIC_TOPIC_CONFIG = 1  # DescribeConfigs' config_source of a key set on the topic itself
+RECREATE_SECONDS = 30.0  # how long a deleted topic may take to go before its creation fails
+APIS = {"add-partitions": "CreatePartitions (Kafka API 37)", "alter-config": "AlterConfigs (33)"}
+
+
+def wanted_topics(replication_factor: int) -> list[TopicConfig]:
+    """The DSL's topics with the replication factor the app uses (TOPIC_REPLICATION_FACTOR):
+    what the worker declares and `topics apply` applies, from one source."""
+    return [replace(c, replication_factor=replication_factor) for c in topic_configs()]
+
+
+@dataclass(frozen=True)
+class Outcome:
+    plan: TopicPlan
+    error: str | None = None  # why the change was not made
+
+    def describe(self) -> str:
+        done = "created" if self.plan.action == "create" else f"{self.plan.action} done"
+        return f"{self.plan.topic.name}: {done if self.error is None else 'FAILED: ' + self.error}"
+
+
+class TopicAdmin:
+    """An admin client on the app's broker (its credentials too), for one command or start."""
+
+    def __init__(self, **options: Any) -> None:
+        """`options`: aiokafka's client arguments."""
+        self.client = AIOKafkaAdminClient(**options)
+
+    @classmethod
+    def of(cls, app: AppT) -> TopicAdmin:
+        return cls(**client_options(app, "topics"))
+
+    async def __aenter__(self) -> TopicAdmin:
+        await self.client.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.client.close()
+
+    async def describe(self, names: Sequence[str]) -> dict[str, BrokerTopic]:
+        """Those of `names` the broker has, with their partitions, replicas and configuration."""
+        listed = {t["topic"]: t for t in await self.client.describe_topics() if not t["error_code"]}
+        present = [name for name in names if name in listed]
+        configs: dict[str, list[dict[str, Any]]] = {}
+        if present:
+            resources = [ConfigResource(ConfigResourceType.TOPIC, name) for name in present]
+            for response in await self.client.describe_configs(resources):
+                for resource in response.to_object()["resources"]:
+                    configs[resource["resource_name"]] = resource["config_entries"]
+        found = {}
+        for name in present:
+            partitions = listed[name]["partitions"]
+            entries = configs.get(name, [])
+            found[name] = BrokerTopic(
+                name=name,
+                partitions=len(partitions),
+                replication_factor=len(partitions[0]["replicas"]) if partitions else 0,
+                config={e["config_names"]: e["config_value"] for e in entries},
+                overrides={
+                    e["config_names"]: e["config_value"]
+                    for e in entries
+                    if e.get("config_source") == DYNAMIC_TOPIC_CONFIG
+                },
+            )
+        return found
+
+    async def plan(self, wanted: list[TopicConfig], *, recreate: bool = False) -> list[TopicPlan]:
+        return plan_topics(wanted, await self.describe([t.name for t in wanted]), recreate=recreate)
+
+    async def apply(self, plans: Sequence[TopicPlan]) -> list[Outcome]:
+        """Make each planned change; a failed one is reported in its outcome, not raised."""
+        outcomes = []
+        for plan in plans:
+            if plan.action == "none":
+                continue
+            try:
+                await self._apply(plan)
+            except (KafkaError, TimeoutError) as error:
+                reason = f"{type(error).__name__}: {error}"
+                if isinstance(error, IncompatibleBrokerVersion):
+                    reason = f"the broker does not support {APIS.get(plan.action, plan.action)}"
+                outcomes.append(Outcome(plan, reason))
+            else:
+                outcomes.append(Outcome(plan))
+        return outcomes
+
+    async def _apply(self, plan: TopicPlan) -> None:
+        topic, name = plan.topic, plan.topic.name
+        if plan.action == "recreate":
+            for _, error_code in (await self.client.delete_topics([name])).topic_error_codes:
+                if error_code:
+                    raise for_code(error_code)(f"cannot delete {name}")
+            async with asyncio.timeout(RECREATE_SECONDS):
+                while not await self._create(topic, exists_ok=False):
+                    await asyncio.sleep(0.5)  # Kafka deletes in the background
+            return
+        if plan.action == "create":
+            await self._create(topic, exists_ok=True)
+            return
+        if plan.action == "add-partitions":
+            await self.client.create_partitions({topic.name: NewPartitions(topic.partitions)})
+        if plan.config_changes:
+            config = {**plan.kept, **topic.config}
+            resource = ConfigResource(ConfigResourceType.TOPIC, topic.name, configs=config)
+            for response in await self.client.alter_configs([resource]):
+                for error_code, message, *_ in response.resources:
+                    if error_code:
+                        raise for_code(error_code)(message)
+
+    async def _create(self, topic: TopicConfig, *, exists_ok: bool) -> bool:
+        """Create `topic`; False if it already exists (fine when `exists_ok`: someone else, a
+        worker starting, created it meanwhile)."""
+        new = NewTopic(
+            topic.name, topic.partitions, topic.replication_factor, topic_configs=topic.config
+        )
+        response = await self.client.create_topics([new])
+        for _, error_code, message in response.topic_errors:
+            if error_code == TOPIC_ALREADY_EXISTS:
+                return exists_ok
+            if error_code:
+                raise for_code(error_code)(message)
+        return True
+
+
+async def declare_topics(app: AppT, replication_factor: int) -> list[TopicPlan]:
+    """The worker's start-up declaration: `topics apply` restricted to creating missing topics.
+    Returns the other changes the DSL asks for, left to an operator's `topics apply`."""
+    async with TopicAdmin.of(app) as admin:
+        plans = await admin.plan(wanted_topics(replication_factor))
+        for outcome in await admin.apply([p for p in plans if p.action == "create"]):
+            if outcome.error is not None:
+                raise KafkaError(outcome.describe())
+            log.info("topics: %s", outcome.describe())
+    return [p for p in plans if p.action not in ("create", "none") or p.notes]

@@ -1,0 +1,113 @@
+"""`faust -A app topics plan|apply`: the plan from the DSL against the broker's topics, applied
+idempotently through the admin API, on the session's embedded broker (in-process: no worker).
+
+Each test plans topics of its own (the generated ones under a unique prefix), so the session
+broker's other topics do not matter. The embedded broker (Tansu 0.6) has neither CreatePartitions
+nor AlterConfigs: those changes are planned and fail with the API named, the others are made.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import replace
+
+import pytest
+
+from app.topic_admin import TopicAdmin, wanted_topics
+from generators.topics import BrokerTopic, TopicConfig, plan_topics
+from local.embedded import EmbeddedBroker
+
+
+@pytest.fixture
+async def admin(broker: EmbeddedBroker) -> AsyncIterator[TopicAdmin]:
+    async with TopicAdmin(bootstrap_servers=f"127.0.0.1:{broker.port}") as running:
+        yield running
+
+
+def own_topics() -> list[TopicConfig]:
+    """The generated topics under names no other test uses."""
+    prefix = f"t{uuid.uuid4().hex[:8]}-"
+    return [replace(c, name=prefix + c.name) for c in wanted_topics(1)]
+
+
+async def test_plan_on_a_fresh_broker_creates_everything_and_apply_twice_changes_nothing(
+    admin: TopicAdmin,
+) -> None:
+    wanted = own_topics()
+    first = await admin.plan(wanted)
+    assert [(p.topic.name, p.action) for p in first] == [(t.name, "create") for t in wanted]
+    assert "create: 6 partitions, cleanup.policy=delete, retention.ms=604800000" in [
+        p.describe() for p in first
+    ]
+
+    outcomes = await admin.apply(first)
+    assert [(o.plan.topic.name, o.error) for o in outcomes] == [(t.name, None) for t in wanted]
+    found = await admin.describe([t.name for t in wanted])
+    for topic in wanted:
+        assert found[topic.name].partitions == topic.partitions
+        assert found[topic.name].config == topic.config  # what the broker reports back
+
+    second = await admin.plan(wanted)
+    assert {p.action for p in second} == {"none"}
+    assert await admin.apply(second) == []
+
+
+async def test_differences_are_planned_made_where_the_broker_can_and_never_lose_records(
+    admin: TopicAdmin,
+) -> None:
+    prices, prices_dlq, ohlcv, *_ = wanted = own_topics()
+    # On the broker: prices with fewer partitions and another retention, the candles with more
+    # partitions than the DSL's, the prices' dead letters missing.
+    await admin.apply(
+        plan_topics(
+            [
+                replace(prices, partitions=4, config={**prices.config, "retention.ms": "1000"}),
+                replace(ohlcv, partitions=8),
+            ],
+            {},
+        )
+    )
+    plans = {p.topic.name: p for p in await admin.plan(wanted)}
+    assert plans[prices.name].action == "add-partitions"
+    assert plans[prices.name].changes == ("partitions 4 → 6", "retention.ms 1000 → 604800000")
+    assert plans[prices_dlq.name].action == "create"
+    assert plans[ohlcv.name].action == "none"  # fewer partitions only with --recreate
+    assert plans[ohlcv.name].notes == (
+        "8 partitions, the DSL wants 6: partitions cannot be removed; --recreate drops the "
+        "topic and its records",
+    )
+
+    outcomes = {o.plan.topic.name: o.error for o in await admin.apply(list(plans.values()))}
+    assert outcomes[prices.name] == "the broker does not support CreatePartitions (Kafka API 37)"
+    assert outcomes[prices_dlq.name] is None  # a failed change does not stop the others
+    found = await admin.describe([prices.name, prices_dlq.name, ohlcv.name])
+    assert (found[prices.name].partitions, found[ohlcv.name].partitions) == (4, 8)
+    assert found[prices_dlq.name].partitions == 6
+
+    recreated = {p.topic.name: p for p in await admin.plan(wanted, recreate=True)}
+    assert recreated[ohlcv.name].action == "recreate"
+    assert [(o.plan.topic.name, o.error) for o in await admin.apply([recreated[ohlcv.name]])] == [
+        (ohlcv.name, None)
+    ]
+    assert (await admin.describe([ohlcv.name]))[ohlcv.name].partitions == 6
+
+
+def test_a_config_change_keeps_the_topics_own_other_settings_and_names_what_it_cannot_change() -> (
+    None
+):
+    topic = wanted_topics(3)[0]
+    found = BrokerTopic(
+        topic.name,
+        partitions=topic.partitions,
+        replication_factor=1,
+        config={"cleanup.policy": "delete", "retention.ms": "1", "segment.ms": "60000"},
+        overrides={"retention.ms": "1", "segment.ms": "60000"},
+    )
+    (plan,) = plan_topics([topic], {topic.name: found})
+    assert plan.action == "alter-config"
+    assert plan.config_changes == {"retention.ms": topic.config["retention.ms"]}
+    assert plan.kept == {"segment.ms": "60000"}  # AlterConfigs would reset it otherwise
+    assert plan.notes == (
+        "replication factor 1, wanted 3: not changed here (a partition reassignment)",
+    )
