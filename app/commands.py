@@ -77,7 +77,7 @@ async def records(self: AppCommand) -> None:
 
 @app.command(
     argument("action", type=click.Choice(["plan", "apply"])),
-    option("--json", "as_json", is_flag=True, help="The plan as JSON (plan only)."),
+    option("--json", "as_json", is_flag=True, help="The plan as JSON (after apply, with errors)."),
     option(
         "--recreate",
         is_flag=True,
@@ -88,42 +88,49 @@ async def records(self: AppCommand) -> None:
 async def topics(self: AppCommand, action: str, as_json: bool, recreate: bool) -> None:
     """Compare the broker's topics with the DSL's (`plan`), or make them match (`apply`):
     create missing topics, raise partitions, change configs; never lower partitions or delete
-    records unless --recreate."""
+    records unless --recreate. The live tables' changelog topics follow their source topics'
+    partitions. Exits 1 if a change failed."""
     import json
 
-    from app.topic_admin import TopicAdmin, wanted_topics
+    from app.topic_admin import TopicAdmin, changelog_topics, wanted_topics
 
+    replication = settings.topic_replication_factor
+    tables = [(table.name, table.partitions or 0) for table in app.tables.values()]
     async with TopicAdmin.of(app) as admin:
-        plans = await admin.plan(
-            wanted_topics(settings.topic_replication_factor), recreate=recreate
+        changelogs = changelog_topics(
+            await admin.topic_names(), settings.app_id, tables, replication
         )
-        if action == "apply":
-            outcomes = await admin.apply(plans)
+        plans = await admin.plan(wanted_topics(replication) + changelogs, recreate=recreate)
+        outcomes = await admin.apply(plans) if action == "apply" else []
     if as_json:
-        self.say(json.dumps([plan.as_json() for plan in plans], indent=2))
-        return
-    width = max(len(plan.topic.name) for plan in plans)
-    if action == "plan":
+        errors = {outcome.plan.topic.name: outcome.error for outcome in outcomes}
+        answer = [plan.as_json() for plan in plans]
+        for entry in answer:  # after apply: what failed, null for what was done
+            if entry["topic"] in errors:
+                entry["error"] = errors[entry["topic"]]
+        self.say(json.dumps(answer, indent=2))
+    elif action == "plan":
         self.say(f"Topics on {settings.broker_url} against the DSL (models/):")
+        width = max(len(plan.topic.name) for plan in plans)
         for plan in plans:
             self.say(f"  {plan.topic.name:<{width}}  {plan.describe()}")
         counts = Counter(plan.action for plan in plans)
+        changed = len(plans) - counts["create"] - counts["none"]
         self.say(
-            f"Plan: {counts['create']} to create, {len(plans) - counts['create'] - counts['none']} "
-            f"to change, {counts['none']} unchanged."
+            f"Plan: {counts['create']} to create, {changed} to change, {counts['none']} unchanged."
         )
-        return
-    for outcome in outcomes:
-        self.say(outcome.describe())
-    for plan in plans:
-        for note in plan.notes:
-            self.say(f"{plan.topic.name}: not changed: {note}")
-    failed = sum(outcome.error is not None for outcome in outcomes)
-    self.say(
-        f"Applied: {len(outcomes) - failed} changed, {failed} failed, "
-        f"{len(plans) - len(outcomes)} already matching."
-    )
-    if failed:
+    else:
+        for outcome in outcomes:
+            self.say(outcome.describe())
+        for plan in plans:
+            for note in plan.notes:
+                self.say(f"{plan.topic.name}: not changed: {note}")
+        failed = sum(outcome.error is not None for outcome in outcomes)
+        self.say(
+            f"Applied: {len(outcomes) - failed} done, {failed} failed, "
+            f"{len(plans) - len(outcomes)} left as they are."
+        )
+    if any(outcome.error is not None for outcome in outcomes):
         raise SystemExit(1)
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -31,7 +31,17 @@ log = logging.getLogger(__name__)
 TOPIC_ALREADY_EXISTS = 36  # Kafka's error code
 DYNAMIC_TOPIC_CONFIG = 1  # DescribeConfigs' config_source of a key set on the topic itself
 RECREATE_SECONDS = 30.0  # how long a deleted topic may take to go before its creation fails
-APIS = {"add-partitions": "CreatePartitions (Kafka API 37)", "alter-config": "AlterConfigs (33)"}
+# The admin API each change needs, by aiokafka's request name (in its IncompatibleBrokerVersion).
+APIS = {
+    "CreatePartitionsRequest": "CreatePartitions (Kafka API 37)",
+    "AlterConfigsRequest": "AlterConfigs (Kafka API 33)",
+}
+DONE = {
+    "create": "created",
+    "add-partitions": "partitions raised",
+    "alter-config": "config changed",
+    "recreate": "dropped and created again: its records are gone",
+}
 
 
 def wanted_topics(replication_factor: int) -> list[TopicConfig]:
@@ -40,13 +50,30 @@ def wanted_topics(replication_factor: int) -> list[TopicConfig]:
     return [replace(c, replication_factor=replication_factor) for c in topic_configs()]
 
 
+def changelog_topics(
+    listed: Iterable[str], app_id: str, tables: Iterable[tuple[str, int]], replication_factor: int
+) -> list[TopicConfig]:
+    """The live tables' changelog topics on the broker, of every consumer group of the
+    deployment (`APP_ID-<table>-changelog`, `APP_ID.<scope>-<table>-changelog`), each wanted with
+    its table's partitions (`tables`: name and partitions), which are its source topic's: a record
+    topic's partitions raised in the DSL raise them too, or the table would refuse the writes
+    (`tables.live.LiveTable`). Their configuration is Faust's, and left alone."""
+    return [
+        TopicConfig(name, partitions, replication_factor, None, {}, None)
+        for name in sorted(listed)
+        for table, partitions in tables
+        if name.endswith(f"-{table}-changelog")
+        and (name == f"{app_id}-{table}-changelog" or name.startswith(f"{app_id}."))
+    ]
+
+
 @dataclass(frozen=True)
 class Outcome:
     plan: TopicPlan
     error: str | None = None  # why the change was not made
 
     def describe(self) -> str:
-        done = "created" if self.plan.action == "create" else f"{self.plan.action} done"
+        done = DONE.get(self.plan.action, self.plan.action)
         return f"{self.plan.topic.name}: {done if self.error is None else 'FAILED: ' + self.error}"
 
 
@@ -67,6 +94,9 @@ class TopicAdmin:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.client.close()
+
+    async def topic_names(self) -> list[str]:
+        return list(await self.client.list_topics())
 
     async def describe(self, names: Sequence[str]) -> dict[str, BrokerTopic]:
         """Those of `names` the broker has, with their partitions, replicas and configuration."""
@@ -109,7 +139,8 @@ class TopicAdmin:
             except (KafkaError, TimeoutError) as error:
                 reason = f"{type(error).__name__}: {error}"
                 if isinstance(error, IncompatibleBrokerVersion):
-                    reason = f"the broker does not support {APIS.get(plan.action, plan.action)}"
+                    request = str(error).split(": ")[-1].split()[0]
+                    reason = f"the broker does not support {APIS.get(request, request)}"
                 outcomes.append(Outcome(plan, reason))
             else:
                 outcomes.append(Outcome(plan))
@@ -128,15 +159,15 @@ class TopicAdmin:
         if plan.action == "create":
             await self._create(topic, exists_ok=True)
             return
-        if plan.action == "add-partitions":
-            await self.client.create_partitions({topic.name: NewPartitions(topic.partitions)})
-        if plan.config_changes:
+        if plan.config_changes:  # first: a retention change does not wait for partitions
             config = {**plan.kept, **topic.config}
-            resource = ConfigResource(ConfigResourceType.TOPIC, topic.name, configs=config)
+            resource = ConfigResource(ConfigResourceType.TOPIC, name, configs=config)
             for response in await self.client.alter_configs([resource]):
                 for error_code, message, *_ in response.resources:
                     if error_code:
                         raise for_code(error_code)(message)
+        if plan.action == "add-partitions":
+            await self.client.create_partitions({name: NewPartitions(topic.partitions)})
 
     async def _create(self, topic: TopicConfig, *, exists_ok: bool) -> bool:
         """Create `topic`; False if it already exists (fine when `exists_ok`: someone else, a

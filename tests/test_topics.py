@@ -14,7 +14,7 @@ from dataclasses import replace
 
 import pytest
 
-from app.topic_admin import TopicAdmin, wanted_topics
+from app.topic_admin import TopicAdmin, changelog_topics, wanted_topics
 from generators.topics import BrokerTopic, TopicConfig, plan_topics
 from local.embedded import EmbeddedBroker
 
@@ -56,14 +56,15 @@ async def test_plan_on_a_fresh_broker_creates_everything_and_apply_twice_changes
 async def test_differences_are_planned_made_where_the_broker_can_and_never_lose_records(
     admin: TopicAdmin,
 ) -> None:
-    prices, prices_dlq, ohlcv, *_ = wanted = own_topics()
+    prices, prices_dlq, ohlcv, ohlcv_dlq, *_ = wanted = own_topics()
     # On the broker: prices with fewer partitions and another retention, the candles with more
-    # partitions than the DSL's, the prices' dead letters missing.
+    # partitions than the DSL's, their dead letters with fewer, the prices' dead letters missing.
     await admin.apply(
         plan_topics(
             [
                 replace(prices, partitions=4, config={**prices.config, "retention.ms": "1000"}),
                 replace(ohlcv, partitions=8),
+                replace(ohlcv_dlq, partitions=4),
             ],
             {},
         )
@@ -78,8 +79,11 @@ async def test_differences_are_planned_made_where_the_broker_can_and_never_lose_
         "topic and its records",
     )
 
+    assert plans[ohlcv_dlq.name].changes == ("partitions 4 → 6",)
+
     outcomes = {o.plan.topic.name: o.error for o in await admin.apply(list(plans.values()))}
-    assert outcomes[prices.name] == "the broker does not support CreatePartitions (Kafka API 37)"
+    assert outcomes[prices.name] == "the broker does not support AlterConfigs (Kafka API 33)"
+    assert outcomes[ohlcv_dlq.name] == "the broker does not support CreatePartitions (Kafka API 37)"
     assert outcomes[prices_dlq.name] is None  # a failed change does not stop the others
     found = await admin.describe([prices.name, prices_dlq.name, ohlcv.name])
     assert (found[prices.name].partitions, found[ohlcv.name].partitions) == (4, 8)
@@ -111,3 +115,21 @@ def test_a_config_change_keeps_the_topics_own_other_settings_and_names_what_it_c
     assert plan.notes == (
         "replication factor 1, wanted 3: not changed here (a partition reassignment)",
     )
+
+
+def test_the_changelogs_of_every_group_of_the_deployment_follow_their_tables() -> None:
+    listed = [
+        "qi-latest-prices-changelog",  # the full scope's group: APP_ID
+        "qi.crypto-prices-latest-prices-changelog",
+        "qi.crypto-prices-price-ranges-changelog",
+        "other-latest-prices-changelog",  # another deployment's
+        "qi-unknown-changelog",
+        "crypto-prices",
+    ]
+    tables = [("latest-prices", 6), ("price-ranges", 6)]
+    found = changelog_topics(listed, "qi", tables, replication_factor=1)
+    assert [(c.name, c.partitions, c.config) for c in found] == [
+        ("qi-latest-prices-changelog", 6, {}),
+        ("qi.crypto-prices-latest-prices-changelog", 6, {}),
+        ("qi.crypto-prices-price-ranges-changelog", 6, {}),
+    ]
