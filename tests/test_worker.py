@@ -267,13 +267,20 @@ async def test_up_stops_everything_when_the_worker_dies(
     assert _leftovers(up.output, data_dir) == []
 
 
-def test_procfile_is_valid() -> None:
+@pytest.mark.parametrize(
+    ("procfile", "types"),
+    [
+        ("Procfile", "release, web, worker"),
+        ("Procfile.topics", "release, web, poller, prices, analytics"),
+    ],
+)
+def test_procfile_is_valid(procfile: str, types: str) -> None:
     result = subprocess.run(
-        [str(Path(sys.executable).parent / "honcho"), "check"],
+        [str(Path(sys.executable).parent / "honcho"), "-f", procfile, "check"],
         cwd=Path(__file__).resolve().parent.parent,
         capture_output=True,
         text=True,
         timeout=30,
     )
     assert result.returncode == 0, result.stderr
-    assert "(release, web, worker)" in result.stderr
+    assert f"({types})" in result.stderr
