@@ -103,11 +103,16 @@ class TopicAdmin:
         listed = {t["topic"]: t for t in await self.client.describe_topics() if not t["error_code"]}
         present = [name for name in names if name in listed]
         configs: dict[str, list[dict[str, Any]]] = {}
+        errors: dict[str, str] = {}
         if present:
             resources = [ConfigResource(ConfigResourceType.TOPIC, name) for name in present]
             for response in await self.client.describe_configs(resources):
                 for resource in response.to_object()["resources"]:
-                    configs[resource["resource_name"]] = resource["config_entries"]
+                    name = resource["resource_name"]
+                    configs[name] = resource["config_entries"]
+                    if resource["error_code"]:
+                        error = for_code(resource["error_code"])
+                        errors[name] = f"{error.__name__} ({resource['error_message']})"
         found = {}
         for name in present:
             partitions = listed[name]["partitions"]
@@ -122,6 +127,7 @@ class TopicAdmin:
                     for e in entries
                     if e.get("config_source") == DYNAMIC_TOPIC_CONFIG
                 },
+                config_error=errors.get(name),
             )
         return found
 

@@ -71,6 +71,7 @@ class BrokerTopic:
     replication_factor: int
     config: dict[str, str]  # effective values, defaults included
     overrides: dict[str, str] = field(default_factory=dict)  # the keys set on the topic itself
+    config_error: str | None = None  # why the config could not be read (e.g. an ACL)
 
 
 # What `topics apply` does for a topic: create it, raise its partitions, change its config, drop
@@ -126,6 +127,9 @@ def plan_topics(
         changes: list[str] = []
         notes: list[str] = []
         config = {k: v for k, v in topic.config.items() if broker.config.get(k) != v}
+        if broker.config_error is not None:
+            config = {}
+            notes.append(f"config not compared: {broker.config_error}")
         changes += [f"{k} {broker.config.get(k, 'default')} → {v}" for k, v in config.items()]
         if broker.replication_factor != topic.replication_factor:
             notes.append(

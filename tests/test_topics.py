@@ -115,6 +115,11 @@ def test_a_config_change_keeps_the_topics_own_other_settings_and_names_what_it_c
     assert plan.notes == (
         "replication factor 1, wanted 3: not changed here (a partition reassignment)",
     )
+    # A config the broker would not show (an ACL) is not taken for the defaults.
+    hidden = replace(found, config={}, overrides={}, config_error="TopicAuthorizationFailedError")
+    (unread,) = plan_topics([topic], {topic.name: hidden})
+    assert (unread.action, unread.config_changes) == ("none", {})
+    assert "config not compared: TopicAuthorizationFailedError" in unread.notes
 
 
 def test_the_changelogs_of_every_group_of_the_deployment_follow_their_tables() -> None:
