@@ -1,5 +1,5 @@
 """Record factories for the tests and the benchmarks: one valid price to vary, many distinct ones
-with values a float would mangle, and realistic polling cycles."""
+with values a float would mangle, realistic polling cycles, and candles."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
-from models import CryptoPriceData
+from models import CryptoOHLCVData, CryptoPriceData
 
 T0 = datetime(2024, 5, 1, tzinfo=UTC)
 
@@ -82,3 +82,17 @@ def snapshots(count: int, coins: int = 100, start: datetime = T0) -> list[Crypto
         coin_price(i % coins, i // coins, start + timedelta(minutes=i // coins))
         for i in range(count)
     ]
+
+
+def candle(i: int, prefix: str = "coin", coins: int = 5) -> CryptoOHLCVData:
+    """The i-th of `coins` coins' 30-minute candles, with values a float would mangle."""
+    return CryptoOHLCVData(
+        coin_id=f"{prefix}-{i % coins}",
+        symbol="sym",
+        timestamp=T0 + timedelta(minutes=30 * i),
+        open=Decimal("1.1"),
+        high=Decimal(f"2.{i}"),
+        low=Decimal("0.000000001"),
+        close=Decimal(f"1.{i}"),
+        timeframe="30m",
+    )

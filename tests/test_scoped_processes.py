@@ -18,7 +18,7 @@ from coingecko.fake_server import FakeCoinGecko, serve_fake_coingecko
 from models import CryptoMarketAnalytics, CryptoOHLCVData, CryptoPriceData
 from models.dsl import StreamRecord
 from testkit.databases import Rows, assert_exactly, stored
-from testkit.records import T0, prices
+from testkit.records import T0, candle, prices
 from testkit.workers import Kafka, Worker, eventually
 
 pytestmark = pytest.mark.slow
@@ -31,22 +31,6 @@ PREFIX = "scoped"
 async def fakes() -> AsyncIterator[tuple[FakeCoinGecko, FakeCoinGecko]]:
     async with serve_fake_coingecko() as first, serve_fake_coingecko() as second:
         yield first, second
-
-
-def candles(count: int) -> list[CryptoOHLCVData]:
-    return [
-        CryptoOHLCVData(
-            coin_id=f"{PREFIX}-{i % 4}",
-            symbol="sym",
-            timestamp=T0 + timedelta(minutes=30 * i),
-            open=Decimal("1.1"),
-            high=Decimal(f"2.{i}"),
-            low=Decimal("0.000000001"),
-            close=Decimal(f"1.{i}"),
-            timeframe="30m",
-        )
-        for i in range(count)
-    ]
 
 
 def analytics(count: int) -> list[CryptoMarketAnalytics]:
@@ -95,7 +79,11 @@ async def test_scoped_process_types_sink_only_their_topics_once_and_only_the_pol
             **fast_polls,
         },
     )
-    sent_prices, sent_candles, sent_analytics = prices(PREFIX, 300), candles(40), analytics(30)
+    sent_prices, sent_candles, sent_analytics = (
+        prices(PREFIX, 300),
+        [candle(i, PREFIX, coins=4) for i in range(40)],
+        analytics(30),
+    )
     sent = await kafka.send_records([*sent_prices, *sent_candles, *sent_analytics])
 
     async def all_stored() -> bool | None:

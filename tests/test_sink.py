@@ -29,7 +29,7 @@ from local.embedded import embedded_postgres as run_postgres
 from models import CryptoMarketAnalytics, CryptoOHLCVData, CryptoPriceData, StreamRecord
 from models.codec import encode_record
 from testkit.databases import assert_exactly, count_rows, stored
-from testkit.records import T0, prices
+from testkit.records import T0, candle, prices
 from testkit.workers import Kafka, Worker, eventually
 
 pytestmark = pytest.mark.slow
@@ -237,20 +237,6 @@ async def test_sigterm_hands_stored_records_to_the_tables_at_once_and_commits_th
     assert set((await kafka.committed({PRICES})).values()) == {0}  # held for the tables
     assert await worker.terminate() == 0  # within STOP_TIMEOUT (45 s), well before the minute
     await kafka.wait_committed(sent, worker)  # committed already: the worker is gone
-
-
-def candle(i: int) -> CryptoOHLCVData:
-    """The i-th of five coins' 30-minute candles, with values a float would mangle."""
-    return CryptoOHLCVData(
-        coin_id=f"coin-{i % 5}",
-        symbol="sym",
-        timestamp=T0 + timedelta(minutes=30 * i),
-        open=Decimal("1.1"),
-        high=Decimal(f"2.{i}"),
-        low=Decimal("0.000000001"),
-        close=Decimal(f"1.{i}"),
-        timeframe="30m",
-    )
 
 
 async def price_rows(dsn: str, expected: int) -> int | None:
