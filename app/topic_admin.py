@@ -134,6 +134,16 @@ class TopicAdmin:
     async def plan(self, wanted: list[TopicConfig], *, recreate: bool = False) -> list[TopicPlan]:
         return plan_topics(wanted, await self.describe([t.name for t in wanted]), recreate=recreate)
 
+    async def create_missing(self, replication_factor: int) -> list[TopicPlan]:
+        """`topics apply` restricted to creating missing topics: what a worker does at start.
+        Returns the other differences from the DSL, left to an operator's `topics apply`."""
+        plans = await self.plan(wanted_topics(replication_factor))
+        for outcome in await self.apply([p for p in plans if p.action == "create"]):
+            if outcome.error is not None:
+                raise KafkaError(outcome.describe())
+            log.info("topics: %s", outcome.describe())
+        return [p for p in plans if p.action not in ("create", "none") or p.notes]
+
     async def apply(self, plans: Sequence[TopicPlan]) -> list[Outcome]:
         """Make each planned change; a failed one is reported in its outcome, not raised."""
         outcomes = []
@@ -191,12 +201,6 @@ class TopicAdmin:
 
 
 async def declare_topics(app: AppT, replication_factor: int) -> list[TopicPlan]:
-    """The worker's start-up declaration: `topics apply` restricted to creating missing topics.
-    Returns the other changes the DSL asks for, left to an operator's `topics apply`."""
+    """The worker's start-up declaration (`TopicAdmin.create_missing`) on the app's broker."""
     async with TopicAdmin.of(app) as admin:
-        plans = await admin.plan(wanted_topics(replication_factor))
-        for outcome in await admin.apply([p for p in plans if p.action == "create"]):
-            if outcome.error is not None:
-                raise KafkaError(outcome.describe())
-            log.info("topics: %s", outcome.describe())
-    return [p for p in plans if p.action not in ("create", "none") or p.notes]
+        return await admin.create_missing(replication_factor)

@@ -133,16 +133,9 @@ def embedded_postgres(data_dir: Path) -> Iterator[str]:
 async def create_generated_topics(bootstrap: str) -> None:
     """Create every generated topic with its generated partitions and configuration, before any
     client asks for it (a metadata request would auto-create it with the broker's default count).
-    For tests and benchmarks on a fresh broker; the worker declares its topics itself."""
-    from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+    For tests and benchmarks on a fresh broker: the worker's own start-up declaration, i.e.
+    `faust -A app topics apply` restricted to creations (app/topic_admin.py)."""
+    from app.topic_admin import TopicAdmin
 
-    from generators.topics import topic_configs
-
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
-    await admin.start()
-    try:
-        await admin.create_topics(
-            [NewTopic(c.name, c.partitions, 1, topic_configs=c.config) for c in topic_configs()]
-        )
-    finally:
-        await admin.close()
+    async with TopicAdmin(bootstrap_servers=bootstrap) as admin:
+        await admin.create_missing(replication_factor=1)
