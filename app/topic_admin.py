@@ -51,7 +51,7 @@ def wanted_topics(replication_factor: int) -> list[TopicConfig]:
 
 
 def changelog_topics(
-    listed: Iterable[str], app_id: str, tables: Iterable[tuple[str, int]], replication_factor: int
+    listed: Iterable[str], app_id: str, tables: Sequence[tuple[str, int]], replication_factor: int
 ) -> list[TopicConfig]:
     """The live tables' changelog topics on the broker, of every consumer group of the
     deployment (`APP_ID-<table>-changelog`, `APP_ID.<scope>-<table>-changelog`), each wanted with
