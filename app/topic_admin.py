@@ -134,10 +134,10 @@ class TopicAdmin:
     async def plan(self, wanted: list[TopicConfig], *, recreate: bool = False) -> list[TopicPlan]:
         return plan_topics(wanted, await self.describe([t.name for t in wanted]), recreate=recreate)
 
-    async def create_missing(self, replication_factor: int) -> list[TopicPlan]:
+    async def create_missing(self, wanted: list[TopicConfig]) -> list[TopicPlan]:
         """`topics apply` restricted to creating missing topics: what a worker does at start.
         Returns the other differences from the DSL, left to an operator's `topics apply`."""
-        plans = await self.plan(wanted_topics(replication_factor))
+        plans = await self.plan(wanted)
         for outcome in await self.apply([p for p in plans if p.action == "create"]):
             if outcome.error is not None:
                 raise KafkaError(outcome.describe())
@@ -203,4 +203,4 @@ class TopicAdmin:
 async def declare_topics(app: AppT, replication_factor: int) -> list[TopicPlan]:
     """The worker's start-up declaration (`TopicAdmin.create_missing`) on the app's broker."""
     async with TopicAdmin.of(app) as admin:
-        return await admin.create_missing(replication_factor)
+        return await admin.create_missing(wanted_topics(replication_factor))

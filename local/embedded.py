@@ -135,7 +135,7 @@ async def create_generated_topics(bootstrap: str) -> None:
     client asks for it (a metadata request would auto-create it with the broker's default count).
     For tests and benchmarks on a fresh broker: the worker's own start-up declaration, i.e.
     `faust -A app topics apply` restricted to creations (app/topic_admin.py)."""
-    from app.topic_admin import TopicAdmin
+    from app.topic_admin import TopicAdmin, wanted_topics
 
     async with TopicAdmin(bootstrap_servers=bootstrap) as admin:
-        await admin.create_missing(replication_factor=1)
+        await admin.create_missing(wanted_topics(replication_factor=1))

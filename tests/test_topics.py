@@ -97,6 +97,20 @@ async def test_differences_are_planned_made_where_the_broker_can_and_never_lose_
     assert (await admin.describe([ohlcv.name]))[ohlcv.name].partitions == 6
 
 
+async def test_the_start_up_declaration_creates_what_is_missing_and_leaves_the_rest(
+    admin: TopicAdmin,
+) -> None:
+    """What a worker does at start (`create_missing`), on a broker whose prices topic differs."""
+    prices, prices_dlq, *others = wanted = own_topics()
+    await admin.apply(plan_topics([replace(prices, partitions=4)], {}))
+    pending = await admin.create_missing(wanted)
+    assert [(p.topic.name, p.action) for p in pending] == [(prices.name, "add-partitions")]
+    found = await admin.describe([t.name for t in wanted])
+    assert found[prices.name].partitions == 4  # left to `topics apply`
+    assert {found[t.name].partitions for t in [prices_dlq, *others]} == {6}
+    assert await admin.create_missing(wanted) == pending  # nothing else to do the next time
+
+
 def test_a_config_change_keeps_the_topics_own_other_settings_and_names_what_it_cannot_change() -> (
     None
 ):
