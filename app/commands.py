@@ -103,12 +103,13 @@ async def topics(self: AppCommand, action: str, as_json: bool, recreate: bool) -
         plans = await admin.plan(wanted_topics(replication) + changelogs, recreate=recreate)
         outcomes = await admin.apply(plans) if action == "apply" else []
     if as_json:
-        errors = {outcome.plan.topic.name: outcome.error for outcome in outcomes}
+        applied = {outcome.plan.topic.name for outcome in outcomes}
+        failed = {o.plan.topic.name: o.error for o in outcomes if o.error is not None}
         answer = [plan.as_json() for plan in plans]
         for entry in answer:  # after apply: what failed, null for what was done
-            if entry["topic"] in errors:
-                entry["error"] = errors[entry["topic"]]
-        self.say(json.dumps(answer, indent=2))
+            if entry["topic"] in applied:
+                entry["error"] = failed.get(entry["topic"])
+        self.say(json.dumps(answer, indent=2, ensure_ascii=False))
     elif action == "plan":
         self.say(f"Topics on {settings.broker_url} against the DSL (models/):")
         width = max(len(plan.topic.name) for plan in plans)
@@ -125,10 +126,11 @@ async def topics(self: AppCommand, action: str, as_json: bool, recreate: bool) -
         for plan in plans:
             for note in plan.notes:
                 self.say(f"{plan.topic.name}: not changed: {note}")
-        failed = sum(outcome.error is not None for outcome in outcomes)
+        failures = sum(outcome.error is not None for outcome in outcomes)
+        untouched = len(plans) - len({outcome.plan.topic.name for outcome in outcomes})
         self.say(
-            f"Applied: {len(outcomes) - failed} done, {failed} failed, "
-            f"{len(plans) - len(outcomes)} left as they are."
+            f"Applied: {len(outcomes) - failures} done, {failures} failed, "
+            f"{untouched} of {len(plans)} topics left as they are."
         )
     if any(outcome.error is not None for outcome in outcomes):
         raise SystemExit(1)

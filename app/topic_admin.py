@@ -1,26 +1,35 @@
 """The broker's side of `faust -A app topics plan|apply` and of the worker's start-up
 declaration: what the broker has (Metadata, DescribeConfigs), and the changes of a plan
 (`generators.topics.plan_topics`) made through the Kafka admin API (CreateTopics,
-CreatePartitions, AlterConfigs, DeleteTopics for --recreate).
+CreatePartitions, IncrementalAlterConfigs, DeleteTopics for --recreate).
+
+A config change is IncrementalAlterConfigs (Kafka 2.3+, Redpanda, the embedded broker): it sets
+the keys it names and leaves the topic's other settings alone, where AlterConfigs, the only one
+aiokafka's admin client speaks, replaces them all. aiokafka has no request class for it, so its
+wire format (Kafka's protocol, version 0) is declared here, with aiokafka's own protocol types.
 
 Topics are always listed whole (Metadata for all topics): the embedded broker creates a topic
 that a Metadata request names, with its default partition count, so asking about a missing
-topic by name would create it. Brokers without an API (the embedded broker has neither
-CreatePartitions nor AlterConfigs) fail the change that needs it, with the API named; the
-other changes are still made.
+topic by name would create it. Brokers without an API (the embedded broker has no
+CreatePartitions) fail the change that needs it, with the API named; the other changes are still
+made.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
+from functools import partial
 from typing import Any
 
+from aiokafka import AIOKafkaClient
 from aiokafka.admin import AIOKafkaAdminClient, NewPartitions, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.errors import IncompatibleBrokerVersion, KafkaError, for_code
+from aiokafka.protocol.api import Request, RequestStruct, Response
+from aiokafka.protocol.types import Array, Boolean, Int8, Int16, Int32, Schema, String
 from faust.types import AppT
 
 from app.broker_logs import client_options
@@ -29,19 +38,72 @@ from generators.topics import BrokerTopic, TopicConfig, TopicPlan, plan_topics, 
 log = logging.getLogger(__name__)
 
 TOPIC_ALREADY_EXISTS = 36  # Kafka's error code
-DYNAMIC_TOPIC_CONFIG = 1  # DescribeConfigs' config_source of a key set on the topic itself
+SET = 0  # IncrementalAlterConfigs' operation on a key
 RECREATE_SECONDS = 30.0  # how long a deleted topic may take to go before its creation fails
 # The admin API each change needs, by aiokafka's request name (in its IncompatibleBrokerVersion).
 APIS = {
     "CreatePartitionsRequest": "CreatePartitions (Kafka API 37)",
-    "AlterConfigsRequest": "AlterConfigs (Kafka API 33)",
+    "IncrementalAlterConfigsRequest": "IncrementalAlterConfigs (Kafka API 44)",
 }
-DONE = {
-    "create": "created",
-    "add-partitions": "partitions raised",
-    "alter-config": "config changed",
-    "recreate": "dropped and created again: its records are gone",
-}
+
+
+class IncrementalAlterConfigsResponse_v0(Response):  # aiokafka names its versions so
+    API_KEY = 44
+    API_VERSION = 0
+    SCHEMA = Schema(
+        ("throttle_time_ms", Int32),
+        (
+            "responses",
+            Array(
+                ("error_code", Int16),
+                ("error_message", String("utf-8")),
+                ("resource_type", Int8),
+                ("resource_name", String("utf-8")),
+            ),
+        ),
+    )
+
+
+class IncrementalAlterConfigsRequest_v0(RequestStruct):
+    API_KEY = 44
+    API_VERSION = 0
+    RESPONSE_TYPE = IncrementalAlterConfigsResponse_v0
+    SCHEMA = Schema(
+        (
+            "resources",
+            Array(
+                ("resource_type", Int8),
+                ("resource_name", String("utf-8")),
+                (
+                    "configs",
+                    Array(
+                        ("name", String("utf-8")),
+                        ("config_operation", Int8),
+                        ("value", String("utf-8")),
+                    ),
+                ),
+            ),
+        ),
+        ("validate_only", Boolean),
+    )
+
+
+class IncrementalAlterConfigsRequest(Request[IncrementalAlterConfigsRequest_v0]):
+    """Set `configs` on topic `topic`, each key alone."""
+
+    API_KEY = 44
+
+    def __init__(self, topic: str, configs: dict[str, str]) -> None:
+        self.resource = (
+            int(ConfigResourceType.TOPIC),
+            topic,
+            [(key, SET, value) for key, value in configs.items()],
+        )
+
+    def build(
+        self, request_struct_class: type[IncrementalAlterConfigsRequest_v0]
+    ) -> IncrementalAlterConfigsRequest_v0:
+        return request_struct_class([self.resource], False)
 
 
 def wanted_topics(replication_factor: int) -> list[TopicConfig]:
@@ -69,12 +131,15 @@ def changelog_topics(
 
 @dataclass(frozen=True)
 class Outcome:
+    """One step of a plan: what it does, and why it was not done (None: done)."""
+
     plan: TopicPlan
-    error: str | None = None  # why the change was not made
+    done: str
+    error: str | None = None
 
     def describe(self) -> str:
-        done = DONE.get(self.plan.action, self.plan.action)
-        return f"{self.plan.topic.name}: {done if self.error is None else 'FAILED: ' + self.error}"
+        what = self.done if self.error is None else f"FAILED ({self.done}): {self.error}"
+        return f"{self.plan.topic.name}: {what}"
 
 
 class TopicAdmin:
@@ -83,6 +148,7 @@ class TopicAdmin:
     def __init__(self, **options: Any) -> None:
         """`options`: aiokafka's client arguments."""
         self.client = AIOKafkaAdminClient(**options)
+        self.wire = AIOKafkaClient(**options)  # for what the admin client cannot send
 
     @classmethod
     def of(cls, app: AppT) -> TopicAdmin:
@@ -90,9 +156,15 @@ class TopicAdmin:
 
     async def __aenter__(self) -> TopicAdmin:
         await self.client.start()
+        try:
+            await self.wire.bootstrap()
+        except BaseException:
+            await self.client.close()
+            raise
         return self
 
     async def __aexit__(self, *exc: object) -> None:
+        await self.wire.close()
         await self.client.close()
 
     async def topic_names(self) -> list[str]:
@@ -122,11 +194,6 @@ class TopicAdmin:
                 partitions=len(partitions),
                 replication_factor=len(partitions[0]["replicas"]) if partitions else 0,
                 config={e["config_names"]: e["config_value"] for e in entries},
-                overrides={
-                    e["config_names"]: e["config_value"]
-                    for e in entries
-                    if e.get("config_source") == DYNAMIC_TOPIC_CONFIG
-                },
                 config_error=errors.get(name),
             )
         return found
@@ -145,45 +212,56 @@ class TopicAdmin:
         return [p for p in plans if p.action not in ("create", "none") or p.notes]
 
     async def apply(self, plans: Sequence[TopicPlan]) -> list[Outcome]:
-        """Make each planned change; a failed one is reported in its outcome, not raised."""
+        """Make each planned change, step by step (a topic's config, then its partitions); a
+        failed step is reported in its outcome, not raised, and ends that topic's steps."""
         outcomes = []
         for plan in plans:
-            if plan.action == "none":
-                continue
-            try:
-                await self._apply(plan)
-            except (KafkaError, TimeoutError) as error:
-                reason = f"{type(error).__name__}: {error}"
-                if isinstance(error, IncompatibleBrokerVersion):
-                    request = str(error).split(": ")[-1].split()[0]
-                    reason = f"the broker does not support {APIS.get(request, request)}"
-                outcomes.append(Outcome(plan, reason))
-            else:
-                outcomes.append(Outcome(plan))
+            for done, step in self._steps(plan):
+                try:
+                    await step()
+                except (KafkaError, TimeoutError) as error:
+                    reason = f"{type(error).__name__}: {error}"
+                    if isinstance(error, IncompatibleBrokerVersion):
+                        request = str(error).split(": ")[-1].split()[0]
+                        reason = f"the broker does not support {APIS.get(request, request)}"
+                    outcomes.append(Outcome(plan, done, reason))
+                    break
+                outcomes.append(Outcome(plan, done))
         return outcomes
 
-    async def _apply(self, plan: TopicPlan) -> None:
-        topic, name = plan.topic, plan.topic.name
+    def _steps(self, plan: TopicPlan) -> list[tuple[str, Callable[[], Awaitable[object]]]]:
+        """What `plan` takes, each step with what it does once done."""
+        topic = plan.topic
         if plan.action == "recreate":
-            for _, error_code in (await self.client.delete_topics([name])).topic_error_codes:
-                if error_code:
-                    raise for_code(error_code)(f"cannot delete {name}")
-            async with asyncio.timeout(RECREATE_SECONDS):
-                while not await self._create(topic, exists_ok=False):
-                    await asyncio.sleep(0.5)  # Kafka deletes in the background
-            return
+            return [
+                ("dropped and created again: its records are gone", partial(self._recreate, topic))
+            ]
         if plan.action == "create":
-            await self._create(topic, exists_ok=True)
-            return
+            return [("created", partial(self._create, topic, exists_ok=True))]
+        steps: list[tuple[str, Callable[[], Awaitable[object]]]] = []
         if plan.config_changes:  # first: a retention change does not wait for partitions
-            config = {**plan.kept, **topic.config}
-            resource = ConfigResource(ConfigResourceType.TOPIC, name, configs=config)
-            for response in await self.client.alter_configs([resource]):
-                for error_code, message, *_ in response.resources:
-                    if error_code:
-                        raise for_code(error_code)(message)
+            steps.append(
+                ("config changed", partial(self._configure, topic.name, plan.config_changes))
+            )
         if plan.action == "add-partitions":
-            await self.client.create_partitions({name: NewPartitions(topic.partitions)})
+            raised = {topic.name: NewPartitions(topic.partitions)}
+            steps.append(("partitions raised", partial(self.client.create_partitions, raised)))
+        return steps
+
+    async def _configure(self, name: str, changes: dict[str, str]) -> None:
+        request = IncrementalAlterConfigsRequest(name, changes)
+        response = await self.wire.send(self.wire.get_random_node(), request)
+        for error_code, message, *_ in response.responses:
+            if error_code:
+                raise for_code(error_code)(message)
+
+    async def _recreate(self, topic: TopicConfig) -> None:
+        for _, error_code in (await self.client.delete_topics([topic.name])).topic_error_codes:
+            if error_code:
+                raise for_code(error_code)(f"cannot delete {topic.name}")
+        async with asyncio.timeout(RECREATE_SECONDS):
+            while not await self._create(topic, exists_ok=False):
+                await asyncio.sleep(0.5)  # Kafka deletes in the background
 
     async def _create(self, topic: TopicConfig, *, exists_ok: bool) -> bool:
         """Create `topic`; False if it already exists (fine when `exists_ok`: someone else, a

@@ -70,7 +70,6 @@ class BrokerTopic:
     partitions: int
     replication_factor: int
     config: dict[str, str]  # effective values, defaults included
-    overrides: dict[str, str] = field(default_factory=dict)  # the keys set on the topic itself
     config_error: str | None = None  # why the config could not be read (e.g. an ACL)
 
 
@@ -87,9 +86,6 @@ class TopicPlan:
     changes: tuple[str, ...] = ()  # what the action changes, one "what: from → to" each
     notes: tuple[str, ...] = ()  # what it will not change, and why
     config_changes: dict[str, str] = field(default_factory=dict)  # key → the DSL's value
-    # The topic's own settings of keys the DSL does not name: sent along with a config change,
-    # since a (non-incremental) AlterConfigs resets every key it does not mention.
-    kept: dict[str, str] = field(default_factory=dict)
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -148,6 +144,5 @@ def plan_topics(
                 f"{broker.partitions} partitions, the DSL wants {topic.partitions}: partitions "
                 "cannot be removed; --recreate drops the topic and its records"
             )
-        kept = {k: v for k, v in broker.overrides.items() if k not in topic.config}
-        plans.append(TopicPlan(topic, action, tuple(changes), tuple(notes), config, kept))
+        plans.append(TopicPlan(topic, action, tuple(changes), tuple(notes), config))
     return plans

@@ -2,8 +2,8 @@
 idempotently through the admin API, on the session's embedded broker (in-process: no worker).
 
 Each test plans topics of its own (the generated ones under a unique prefix), so the session
-broker's other topics do not matter. The embedded broker (Tansu 0.6) has neither CreatePartitions
-nor AlterConfigs: those changes are planned and fail with the API named, the others are made.
+broker's other topics do not matter. The embedded broker (Tansu 0.6) has no CreatePartitions: a
+partition raise is planned and fails with the API named, the other changes are made.
 """
 
 from __future__ import annotations
@@ -57,12 +57,17 @@ async def test_differences_are_planned_made_where_the_broker_can_and_never_lose_
     admin: TopicAdmin,
 ) -> None:
     prices, prices_dlq, ohlcv, ohlcv_dlq, *_ = wanted = own_topics()
-    # On the broker: prices with fewer partitions and another retention, the candles with more
+    # On the broker: prices with fewer partitions, another retention and a setting of its own
+    # (segment.ms), the candles with more
     # partitions than the DSL's, their dead letters with fewer, the prices' dead letters missing.
     await admin.apply(
         plan_topics(
             [
-                replace(prices, partitions=4, config={**prices.config, "retention.ms": "1000"}),
+                replace(
+                    prices,
+                    partitions=4,
+                    config={**prices.config, "retention.ms": "1000", "segment.ms": "60000"},
+                ),
                 replace(ohlcv, partitions=8),
                 replace(ohlcv_dlq, partitions=4),
             ],
@@ -81,13 +86,25 @@ async def test_differences_are_planned_made_where_the_broker_can_and_never_lose_
 
     assert plans[ohlcv_dlq.name].changes == ("partitions 4 → 6",)
 
-    outcomes = {o.plan.topic.name: o.error for o in await admin.apply(list(plans.values()))}
-    assert outcomes[prices.name] == "the broker does not support AlterConfigs (Kafka API 33)"
-    assert outcomes[ohlcv_dlq.name] == "the broker does not support CreatePartitions (Kafka API 37)"
-    assert outcomes[prices_dlq.name] is None  # a failed change does not stop the others
+    applied = await admin.apply(list(plans.values()))
+    steps = {
+        name: [(o.done, o.error) for o in applied if o.plan.topic.name == name] for name in plans
+    }
+    raise_failed = "the broker does not support CreatePartitions (Kafka API 37)"
+    assert steps[prices.name] == [
+        ("config changed", None),  # first, so it does not wait for the partitions
+        ("partitions raised", raise_failed),
+    ]
+    assert steps[ohlcv_dlq.name] == [("partitions raised", raise_failed)]
+    assert steps[prices_dlq.name] == [("created", None)]  # a failure does not stop the others
+    assert steps[ohlcv.name] == []
     found = await admin.describe([prices.name, prices_dlq.name, ohlcv.name])
     assert (found[prices.name].partitions, found[ohlcv.name].partitions) == (4, 8)
+    # Set alone: the topic's own other settings stay (AlterConfigs would have reset them).
+    assert found[prices.name].config == {**prices.config, "segment.ms": "60000"}
     assert found[prices_dlq.name].partitions == 6
+    again = {p.topic.name: p for p in await admin.plan(wanted)}
+    assert again[prices.name].changes == ("partitions 4 → 6",)  # the config is done
 
     recreated = {p.topic.name: p for p in await admin.plan(wanted, recreate=True)}
     assert recreated[ohlcv.name].action == "recreate"
@@ -111,29 +128,21 @@ async def test_the_start_up_declaration_creates_what_is_missing_and_leaves_the_r
     assert await admin.create_missing(wanted) == pending  # nothing else to do the next time
 
 
-def test_a_config_change_keeps_the_topics_own_other_settings_and_names_what_it_cannot_change() -> (
-    None
-):
+def test_a_config_the_broker_would_not_show_is_not_compared_and_replicas_are_not_changed() -> None:
     topic = wanted_topics(3)[0]
-    found = BrokerTopic(
+    hidden = BrokerTopic(
         topic.name,
         partitions=topic.partitions,
         replication_factor=1,
-        config={"cleanup.policy": "delete", "retention.ms": "1", "segment.ms": "60000"},
-        overrides={"retention.ms": "1", "segment.ms": "60000"},
+        config={},
+        config_error="TopicAuthorizationFailedError",  # an ACL
     )
-    (plan,) = plan_topics([topic], {topic.name: found})
-    assert plan.action == "alter-config"
-    assert plan.config_changes == {"retention.ms": topic.config["retention.ms"]}
-    assert plan.kept == {"segment.ms": "60000"}  # AlterConfigs would reset it otherwise
+    (plan,) = plan_topics([topic], {topic.name: hidden})
+    assert (plan.action, plan.config_changes) == ("none", {})  # not taken for the defaults
     assert plan.notes == (
+        "config not compared: TopicAuthorizationFailedError",
         "replication factor 1, wanted 3: not changed here (a partition reassignment)",
     )
-    # A config the broker would not show (an ACL) is not taken for the defaults.
-    hidden = replace(found, config={}, overrides={}, config_error="TopicAuthorizationFailedError")
-    (unread,) = plan_topics([topic], {topic.name: hidden})
-    assert (unread.action, unread.config_changes) == ("none", {})
-    assert "config not compared: TopicAuthorizationFailedError" in unread.notes
 
 
 def test_the_changelogs_of_every_group_of_the_deployment_follow_their_tables() -> None:
