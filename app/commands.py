@@ -136,6 +136,77 @@ async def topics(self: AppCommand, action: str, as_json: bool, recreate: bool) -
         raise SystemExit(1)
 
 
+@app.command(
+    option("--coins", help="CoinGecko ids, comma-separated, e.g. bitcoin,ethereum."),
+    option(
+        "--top", type=click.IntRange(1, 5000), help="Instead of --coins: the top N by market cap."
+    ),
+    option("--days", type=click.IntRange(1), help="How many days back from now."),
+    option("--since", help="Instead of --days: an ISO date or time, UTC (2026-01-31)."),
+    option("--until", help="With --since: the end of the range, excluded (default: now)."),
+    option(
+        "--ohlc",
+        is_flag=True,
+        help="Also the candles of /coins/{id}/ohlc in the range: one call per coin; 4-hour "
+        "candles within 30 days back, 4-day ones beyond.",
+    ),
+)
+async def backfill(
+    self: AppCommand,
+    coins: str | None,
+    top: int | None,
+    days: int | None,
+    since: str | None,
+    until: str | None,
+    ohlc: bool,
+) -> None:
+    """Publish CoinGecko's price history as backfilled prices; a re-run resumes where it stopped."""
+    from agents.poller import publish_to_topics
+    from app import checks, topic_admin
+    from app.main import broker_credentials
+    from coingecko.backfill import (
+        Backfill,
+        BackfillError,
+        BackfillRequest,
+        ProgressFile,
+        parse_moment,
+        progress_for,
+    )
+    from coingecko.client import CoinGeckoClient
+
+    if (coins is None) == (top is None) or (days is None) == (since is None) or (days and until):
+        raise click.UsageError("give --coins or --top, and --days or --since [--until]")
+    problem = await checks.broker_problem(settings, broker_credentials(settings))
+    if problem:
+        checks.say(problem)
+        raise SystemExit(1)
+    try:
+        request = BackfillRequest(
+            coins=tuple(coin.strip() for coin in (coins or "").split(",") if coin.strip()),
+            top=top,
+            days=days,
+            since=parse_moment(since) if since else None,
+            until=parse_moment(until) if until else None,
+            ohlc=ohlc,
+        )
+        # Redpanda creates no topic itself: the worker's start-up declaration, done here too.
+        await topic_admin.declare_topics(app, settings.topic_replication_factor)
+        async with CoinGeckoClient(settings) as client:
+            store = ProgressFile(Path(settings.data_dir))
+            run = Backfill(client, settings.plan, publish_to_topics, store, progress_for())
+            summary = await run.run(request)
+    except BackfillError as error:
+        checks.say(f"backfill: {error}")
+        raise SystemExit(1) from None
+    finally:
+        await app.producer.stop()
+    self.say(f"backfill: {summary}")
+    for coin, why in summary.failed.items():
+        checks.say(f"backfill: {coin} left out: {why}")
+    if summary.failed:
+        raise SystemExit(1)
+
+
 class up(AppCommand):  # the class name is the command name: `faust -A app up`
     """Run the worker on embedded defaults: broker and PostgreSQL when their URLs are unset."""
 

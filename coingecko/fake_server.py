@@ -2,7 +2,9 @@
 
 It serves `/api/v3/ping`, `/coins/markets` (honouring `vs_currency`, `ids`, `order`, `per_page`,
 `page`, `price_change_percentage`), `/global`, `/coins/{id}/ohlc` and `/simple/price` from the
-bundled fixture files in `coingecko/fixtures/`, writing numbers exactly as the fixtures spell them
+bundled fixture files in `coingecko/fixtures/`, and `/coins/{id}/market_chart/range` from a
+formula (`FakeCoinGecko.chart_point`; granularity and history limit as CoinGecko's, see
+`chart_times`), writing numbers exactly as the fixtures spell them
 (`7.14159e-6`, `2.1e+10`, `1.0`), with CoinGecko's nulls, ISO/second/millisecond timestamps and
 error bodies (`404 {"error":"coin not found"}`, `429` with a `retry-after` header).
 
@@ -56,6 +58,13 @@ ORDERS = {
     "id_asc": ("id", False),
     "id_desc": ("id", True),
 }
+HOUR_MS = 3_600_000
+DAY_MS = 24 * HOUR_MS
+HISTORY_DAYS = 365  # how far back keyless and Demo keys may ask for market charts
+HISTORY_LIMIT_BODY = (
+    '{"error":{"status":{"error_code":10012,"error_message":"Your request exceeds the allowed time'
+    ' range. Public API users are limited to querying historical data within the past 365 days."}}}'
+)
 PRICE_CHANGE_WINDOWS = {"1h", "24h", "7d", "14d", "30d", "200d", "1y"}
 RATE_LIMIT_BODY = (
     '{"status":{"error_code":429,"error_message":"You\'ve exceeded the Rate Limit. Please visit'
@@ -89,6 +98,23 @@ def dump_raw(value: Any) -> str:
 
 def _number(value: Any) -> Decimal | None:
     return None if value is None else Decimal(str(value))
+
+
+def chart_times(start_ms: int, end_ms: int, now_ms: int) -> range:
+    """The times a market chart of [start_ms, end_ms] holds, by CoinGecko's automatic granularity:
+    5-minutely for one day up to now, hourly up to 90 days, daily (00:00 UTC) beyond."""
+    span = end_ms - start_ms
+    if span <= DAY_MS and end_ms >= now_ms - HOUR_MS:
+        step = 5 * 60 * 1000
+    else:
+        step = HOUR_MS if span <= 90 * DAY_MS else DAY_MS
+    return range(-(-start_ms // step) * step, end_ms + 1, step)
+
+
+def _exponent(value: Decimal) -> str:
+    """`value` in exponent notation with a two-digit exponent, as in `7.1487e-06`, `3.2e+10`."""
+    mantissa, exponent = f"{value:e}".split("e")
+    return f"{mantissa}e{exponent[0]}{abs(int(exponent)):02d}"
 
 
 def _iso(moment: datetime) -> str:
@@ -150,6 +176,7 @@ class FakeCoinGecko:
         self.ohlc: dict[str, list[list[Any]]] = _load((fixtures / "coins_ohlc.json").read_text())
         self.coins.extend(_synthetic_coin(n, self.coins[0]) for n in range(1, extra_coins + 1))
         self.requests: list[RecordedRequest] = []
+        self.clock_offset = 0.0  # seconds this CoinGecko's clock runs ahead of ours
         self._faults: dict[str, deque[Fault]] = {}
         self._host, self._port = host, port
         self._runner: web.AppRunner | None = None
@@ -168,6 +195,30 @@ class FakeCoinGecko:
         """A new snapshot: every coin's last_updated and /global's updated_at move by `seconds`;
         each OHLC series gains the candles (copies of its last) that have closed by then."""
         self._shift_times(timedelta(seconds=seconds))
+
+    def chart_point(self, coin_id: str, ms: int) -> tuple[str | None, str | None, str | None]:
+        """The price, market cap and volume (JSON number texts, or None for null) of a coin's
+        market chart at `ms`: the fixture's values moved by at most ±2% with the hour, so a test
+        can compute every stored row. Some are null (every 29th hour's price, every 11th hour's
+        market cap, every 13th hour's volume); tiny prices and every 5th hour's volume are in
+        exponent notation."""
+        row = next(row for row in self.coins if row["id"] == coin_id)
+        hour = ms // HOUR_MS
+        factor = 1 + Decimal((hour + len(coin_id)) % 41 - 20).scaleb(-3)
+        exact = Context(prec=60)
+
+        def moved(value: Any, by: Decimal, null: bool) -> Decimal | None:
+            number = _number(value)
+            return None if null or number is None else exact.multiply(number, by)
+
+        price = moved(row["current_price"], factor, hour % 29 == 7)
+        cap = moved(row["market_cap"], factor, hour % 11 == 0)
+        volume = moved(row["total_volume"], 1 + Decimal(hour * 7 % 19).scaleb(-2), hour % 13 == 5)
+        return (
+            None if price is None else _exponent(price) if price < Decimal("0.001") else str(price),
+            None if cap is None else str(cap),
+            None if volume is None else _exponent(volume) if hour % 5 == 0 else str(volume),
+        )
 
     def wander(self, rng: random.Random) -> None:
         """Offline runs: every known price takes a random step of up to ±0.5%, rounded to 12
@@ -210,6 +261,7 @@ class FakeCoinGecko:
         app.router.add_get(API_PREFIX + "/global", self._global)
         app.router.add_get(API_PREFIX + "/coins/{coin_id}/ohlc", self._ohlc)
         app.router.add_get(API_PREFIX + "/simple/price", self._simple_price)
+        app.router.add_get(API_PREFIX + "/coins/{coin_id}/market_chart/range", self._chart_range)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self._host, self._port)
@@ -303,6 +355,35 @@ class FakeCoinGecko:
             return self._json({"error": "Missing parameter vs_currency or days"}, 400)
         return self._json(self.ohlc.get(coin_id, []))
 
+    async def _chart_range(self, request: web.Request) -> web.Response:
+        """`from`/`to` in UNIX seconds or ISO dates; without a Pro key (x-cg-pro-api-key) only the
+        last HISTORY_DAYS may be asked for (401, error_code 10012, as CoinGecko answers)."""
+        coin_id = request.match_info["coin_id"]
+        if not any(row["id"] == coin_id for row in self.coins):
+            return self._json({"error": "coin not found"}, 404)
+        query = request.query
+        if query.get("vs_currency", "").lower() != "usd":
+            return self._json({"error": "Missing parameter vs_currency"}, 400)
+        try:
+            start, end = (_unix_ms(query[name]) for name in ("from", "to"))
+        except (KeyError, ValueError):
+            return self._json({"error": "invalid from or to"}, 400)
+        now_ms = int((time.time() + self.clock_offset) * 1000)
+        if "x-cg-pro-api-key" not in request.headers and start < now_ms - HISTORY_DAYS * DAY_MS:
+            return web.Response(
+                status=401, text=HISTORY_LIMIT_BODY, content_type="application/json"
+            )
+        times = chart_times(start, min(end, now_ms), now_ms)
+        points = [(ms, self.chart_point(coin_id, ms)) for ms in times]
+        chart = {
+            series: [
+                [ms, RawNumber(v) if (v := values[i]) is not None else None]
+                for ms, values in points
+            ]
+            for i, series in enumerate(("prices", "market_caps", "total_volumes"))
+        }
+        return self._json(chart)
+
     async def _simple_price(self, request: web.Request) -> web.Response:
         """usd is the coin's current_price; btc and eth are divided by theirs (8 digits)."""
         ids = [i.strip() for i in request.query.get("ids", "").split(",") if i.strip()]
@@ -331,6 +412,15 @@ class FakeCoinGecko:
                 quotes["last_updated_at"] = int(moment.timestamp())
             answer[coin_id] = quotes
         return self._json(answer)
+
+
+def _unix_ms(text: str) -> int:
+    """CoinGecko's `from`/`to`: UNIX seconds, or an ISO date (`2026-01-31`, `2026-01-31T12:00`)."""
+    try:
+        return int(Decimal(text) * 1000)
+    except ArithmeticError:
+        moment = datetime.fromisoformat(text)
+        return int(moment.replace(tzinfo=moment.tzinfo or UTC).timestamp() * 1000)
 
 
 def _synthetic_coin(n: int, template: dict[str, Any]) -> dict[str, Any]:

@@ -298,6 +298,67 @@ def parse_ohlc(body: object, coin_id: str, symbol: str, days: int) -> Parsed[Cry
     return parsed
 
 
+BACKFILL_SOURCE = "coingecko-backfill"  # `source` of backfilled prices, to tell them from polls
+CHART_SERIES = ("prices", "market_caps", "total_volumes")
+
+
+def parse_market_chart(
+    body: object, coin_id: str, symbol: str, name: str, start: datetime, end: datetime
+) -> Parsed[CryptoPriceData]:
+    """/coins/{id}/market_chart/range `{prices, market_caps, total_volumes}` of `[ms, value]`
+    -> one backfilled price per point of `prices` in [start, end).
+
+    The three series are joined on their millisecond times: a market cap or volume that is
+    null or absent at a price's time is stored as null; a point whose price is null is skipped.
+    Points outside [start, end) belong to a neighbouring chunk (CoinGecko's `to` is inclusive).
+    """
+    parsed: Parsed[CryptoPriceData] = Parsed()
+    where = f"coins/{coin_id}/market_chart/range"
+    if not isinstance(body, dict) or not isinstance(body.get("prices"), list):
+        parsed.problems.append(f"{where}: expected {{'prices': [...], ...}}, got {_kind(body)}")
+        return parsed
+    others: dict[str, dict[object, object]] = {}
+    for series in CHART_SERIES[1:]:
+        points = body.get(series)
+        if not isinstance(points, list):
+            parsed.problems.append(f"{where}: {series} is {_kind(points)}; stored as null")
+            points = []
+        others[series] = {
+            point[0]: point[1] for point in points if isinstance(point, list) and len(point) == 2
+        }
+    first, after = _milliseconds(start), _milliseconds(end)
+    for index, point in enumerate(body["prices"]):
+        if isinstance(point, list) and point and _is_number(point[0]):
+            if not first <= point[0] < after:
+                continue
+
+        def build(point: object = point) -> CryptoPriceData:
+            if not isinstance(point, list) or len(point) != 2:
+                raise _Bad(f"expected [time, price], got {_kind(point)}")
+            moment, value = point
+            at = _epoch(moment, "time", "milliseconds")
+            price = _decimal(value, "price")
+            if price is None:
+                raise _Bad("price is null")
+            return CryptoPriceData(
+                coin_id=coin_id,
+                symbol=symbol,
+                name=name,
+                usd_price=price,
+                market_cap=_decimal(others["market_caps"].get(moment), "market_cap"),
+                volume_24h=_decimal(others["total_volumes"].get(moment), "total_volume"),
+                last_updated=at,
+                source=BACKFILL_SOURCE,
+            )
+
+        parsed.keep(f"{where} point {index}", build)
+    return parsed
+
+
+def _milliseconds(moment: datetime) -> int:
+    return (moment - EPOCH) // timedelta(milliseconds=1)
+
+
 def _kind(value: object) -> str:
     """A short description of a JSON value for messages (never the whole, possibly huge, value)."""
     names = {dict: "an object", list: "a list", str: "a string", bool: "a boolean"}
