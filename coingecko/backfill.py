@@ -74,9 +74,13 @@ class BackfillRequest:
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     def window(self, now: datetime) -> tuple[datetime, datetime]:
-        """[since, until), with --days counted back from `now`, and `until` at most `now`."""
-        until = min(self.until or now, now)
+        """[since, until), with --days counted back from `now`, and `until` at most `now`, in
+        whole seconds: CoinGecko's `from` and `to` are, and a 90-day chunk must not ask for a
+        second more (CoinGecko would answer it daily instead of hourly)."""
+        now = now.replace(microsecond=0)
+        until = min(self.until or now, now).replace(microsecond=0)
         since = now - timedelta(days=self.days) if self.days is not None else self.since
+        since = since and since.replace(microsecond=0)
         if since is None or since >= until:
             raise BackfillError(f"nothing to backfill: the range {since} to {until} is empty")
         return since, until
@@ -343,7 +347,7 @@ class Backfill:
         params: dict[str, str | int] = {
             "vs_currency": "usd",
             "from": int(start.timestamp()),
-            "to": math.ceil(end.timestamp()),  # inclusive; the parser keeps [start, end)
+            "to": int(end.timestamp()),  # inclusive: the parser keeps [start, end)
         }
         body = await self.client.get(f"/coins/{quote(coin.id, safe='')}/market_chart/range", params)
         parsed = parse_market_chart(body, coin.id, coin.symbol, coin.name, start, end)

@@ -161,13 +161,19 @@ async def test_an_interrupted_backfill_continues_with_the_chunks_it_had_not_publ
     assert list(tmp_path.iterdir()) == []
 
 
-async def test_the_top_coins_by_market_cap_are_backfilled(
+async def test_the_top_coins_by_market_cap_are_backfilled_hourly(
     fake_coingecko: FakeCoinGecko, topics: BrokerTopics, tmp_path: Path
 ) -> None:
-    request = BackfillRequest(top=3, days=2)
+    request = BackfillRequest(top=2, days=90)
     await make_backfill(fake_coingecko, topics, tmp_path).run(request)
-    coins = {coin for (coin, _), _ in published(await topics.read(CryptoPriceData))}
-    assert coins == {"bitcoin", "ethereum", "tether"}
+    times: dict[str, list[datetime]] = {}
+    for (coin, at), _ in published(await topics.read(CryptoPriceData)):
+        times.setdefault(coin, []).append(at)
+    assert set(times) == {"bitcoin", "ethereum"}
+    # 90 days up to now is one chunk, and CoinGecko answers it hourly (a second more: daily).
+    for moments in times.values():
+        assert min(b - a for a, b in pairwise(sorted(moments))) == timedelta(hours=1)
+        assert len(moments) > 85 * 24  # every 29th hour has no price
 
 
 async def test_history_beyond_the_plan_is_refused_with_one_clear_line(
