@@ -218,9 +218,11 @@ class BarProgress:
 
 
 class LogProgress:
-    """A log line at most every `every` seconds, and one at the end, where no one sees a bar."""
+    """A line at most every `every` seconds, and one at the end, where no one sees a bar (a CI
+    log, a Heroku one-off dyno's output)."""
 
-    def __init__(self, every: float = LOG_EVERY_SECONDS) -> None:
+    def __init__(self, stream: TextIO, every: float = LOG_EVERY_SECONDS) -> None:
+        self.stream = stream
         self.every = every
         self.records = 0
         self.total = self.done = self._first = 0
@@ -234,30 +236,29 @@ class LogProgress:
         self.records += records
         self.done += 1
         if time.monotonic() - self._logged >= self.every:
-            self._log()
+            self._line()
 
     def close(self) -> None:
-        self._log()
+        self._line()
 
-    def _log(self) -> None:
+    def _line(self) -> None:
         now = time.monotonic()
         self._logged = now
         rate = (self.done - self._first) / max(now - self._started, 1e-9)
         left = self.total - self.done
         eta = f"{left / rate:.0f}s" if rate > 0 else "unknown"
-        log.info(
-            "backfill: %d/%d chunks, %d records, %.2f chunks/s, ETA %s",
-            self.done,
-            self.total,
-            self.records,
-            rate,
-            eta,
+        at = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        print(
+            f"{at} backfill: {self.done}/{self.total} chunks, {self.records} records, "
+            f"{rate * 60:.1f} chunks/min, ETA {eta}",
+            file=self.stream,
+            flush=True,
         )
 
 
 def progress_for(stream: TextIO = sys.stderr) -> Progress:
-    """A bar on a terminal, log lines otherwise (a CI log, a Heroku one-off dyno's output)."""
-    return BarProgress(stream) if stream.isatty() else LogProgress()
+    """A bar where `stream` is a terminal, lines otherwise."""
+    return BarProgress(stream) if stream.isatty() else LogProgress(stream)
 
 
 @dataclass
@@ -296,7 +297,7 @@ class Backfill:
         self.plan = plan
         self.publish = publish
         self.store = store
-        self.progress = progress or LogProgress()
+        self.progress = progress or LogProgress(sys.stderr)
 
     async def run(self, request: BackfillRequest, now: datetime | None = None) -> Summary:
         now = now or datetime.now(UTC)
@@ -400,7 +401,7 @@ def _market_pages(request: BackfillRequest) -> Iterator[dict[str, str | int]]:
         batch = coins[start : start + MAX_PER_PAGE]
         yield {**common, "ids": ",".join(batch), "per_page": MAX_PER_PAGE, "page": 1}
     if not coins:
-        top = request.top or 0
+        top = request.top or 1
         per_page = min(MAX_PER_PAGE, top)
-        for page in range(1, math.ceil(top / per_page) + 1 if per_page else 1):
+        for page in range(1, math.ceil(top / per_page) + 1):
             yield {**common, "per_page": per_page, "page": page}
