@@ -26,32 +26,8 @@ from coingecko.client import CoinGeckoClient
 from coingecko.fake_server import HOUR_MS, FakeCoinGecko, Fault, server_error
 from coingecko.parse import BACKFILL_SOURCE, loads_exact, parse_market_chart
 from models.market import CryptoPriceData
+from testkit.charts import CHART, expected_rows, hour_floor
 from testkit.pollers import BrokerTopics
-
-CHART = "/coins/{}/market_chart/range"
-
-
-def hour_floor(moment: datetime) -> datetime:
-    return moment.replace(minute=0, second=0, microsecond=0)
-
-
-def expected_rows(
-    fake: FakeCoinGecko, coins: list[str], since: datetime, until: datetime
-) -> dict[tuple[str, datetime], tuple[Decimal, Decimal | None, Decimal | None]]:
-    """What the fake's hourly charts hold in [since, until), null prices left out."""
-    rows = {}
-    first = int(since.timestamp()) * 1000
-    for coin in coins:
-        for ms in range(first, int(until.timestamp()) * 1000, HOUR_MS):
-            price, cap, volume = fake.chart_point(coin, ms)
-            if price is not None:
-                at = datetime.fromtimestamp(ms / 1000, UTC)
-                rows[coin, at] = (
-                    Decimal(price),
-                    None if cap is None else Decimal(cap),
-                    None if volume is None else Decimal(volume),
-                )
-    return rows
 
 
 def published(

@@ -15,9 +15,9 @@ import pytest
 
 from coingecko.fake_server import FakeCoinGecko, Fault, slow
 from models.market import CryptoPriceData
+from testkit.charts import CHART, expected_rows, hour_floor
 from testkit.databases import assert_exactly, stored
 from testkit.workers import Kafka, Process, Worker, eventually, faust_command
-from tests.test_backfill import CHART, expected_rows, hour_floor
 
 pytestmark = pytest.mark.slow
 
