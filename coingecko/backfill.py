@@ -271,12 +271,12 @@ class Summary:
 
 
 def history_limit_message(plan: str, since: datetime, now: datetime) -> str:
-    days = HISTORY_DAYS.get(plan)
+    days = HISTORY_DAYS.get(plan, HISTORY_DAYS["keyless"])  # a paid plan told 10012: the same
     back = (now - since) / timedelta(days=1)
     return (
         f"CoinGecko's {plan} plan serves market charts of the past {days} days only "
         f"(error_code {HISTORY_LIMIT_CODE}); this range starts {back:.0f} days back: ask for at "
-        f"most {(timedelta(days=days or 0) - HISTORY_MARGIN).days} days, or use a paid plan "
+        f"most {(timedelta(days=days) - HISTORY_MARGIN).days} days, or use a paid plan "
         "(COINGECKO_PLAN=pro with its key)"
     )
 
@@ -317,7 +317,7 @@ class Backfill:
             for coin in job.coins:
                 for index in range(job.done.get(coin.id, 0), len(chunks)):
                     try:
-                        await self._chunk(job, coin, index, chunks[index], summary, now)
+                        await self._chunk(job, coin, index, chunks[index], summary)
                     except CoinGeckoRefused as refused:
                         if refused.error_code == HISTORY_LIMIT_CODE:
                             raise BackfillError(
@@ -342,7 +342,6 @@ class Backfill:
         index: int,
         chunk: tuple[datetime, datetime],
         summary: Summary,
-        now: datetime,
     ) -> None:
         start, end = chunk
         params: dict[str, str | int] = {
