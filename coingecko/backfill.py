@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any, Protocol, TextIO
 from urllib.parse import quote
 
 from coingecko.client import CoinGeckoClient, CoinGeckoError, CoinGeckoRefused
-from coingecko.parse import parse_market_chart
+from coingecko.parse import BACKFILL_SOURCE, Parsed, parse_market_chart, parse_ohlc
 from coingecko.poller import MAX_PER_PAGE, Publish
 
 if TYPE_CHECKING:  # importing app.* at run time would build the whole Faust app
@@ -49,6 +49,7 @@ CHUNK = timedelta(days=90)  # the longest range CoinGecko answers hourly
 # chunk is sent minutes after the check.
 HISTORY_DAYS: dict[str, int] = {"keyless": 365, "demo": 365}
 HISTORY_MARGIN = timedelta(days=1)
+OHLC_DAYS = (1, 7, 14, 30, 90, 180, 365)  # the `days` /coins/{id}/ohlc takes
 HISTORY_LIMIT_CODE = 10012
 LOG_EVERY_SECONDS = 10.0  # progress lines when not on a terminal
 
@@ -66,6 +67,7 @@ class BackfillRequest:
     days: int | None = None  # or since/until
     since: datetime | None = None
     until: datetime | None = None
+    ohlc: bool = False  # also the candles of /coins/{id}/ohlc, one call per coin
 
     def key(self) -> str:
         asked = asdict(self)
@@ -111,10 +113,15 @@ class Job:
     since: datetime
     until: datetime
     coins: list[Coin]
-    done: dict[str, int] = field(default_factory=dict)
+    done: dict[str, int] = field(default_factory=dict)  # steps: the chunks, then the candles
+    ohlc: bool = False
 
     def chunks(self) -> list[tuple[datetime, datetime]]:
         return plan_chunks(self.since, self.until)
+
+    def steps(self) -> int:
+        """Per coin: one call per chunk, and one for the candles if asked for."""
+        return len(self.chunks()) + self.ohlc
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -123,6 +130,7 @@ class Job:
             "until": self.until.isoformat(),
             "coins": [asdict(coin) for coin in self.coins],
             "done": self.done,
+            "ohlc": self.ohlc,
         }
 
     @classmethod
@@ -133,6 +141,7 @@ class Job:
             until=datetime.fromisoformat(data["until"]),
             coins=[Coin(**coin) for coin in data["coins"]],
             done={str(coin): int(count) for coin, count in data["done"].items()},
+            ohlc=bool(data.get("ohlc", False)),
         )
 
 
@@ -306,18 +315,22 @@ class Backfill:
         if job is None:
             since, until = request.window(now)
             self._check_history(since, now)
-            job = Job(request.key(), since, until, await self._coins(request))
+            job = Job(request.key(), since, until, await self._coins(request), ohlc=request.ohlc)
             self.store.save(job)
         else:
             log.info("backfill: continuing the unfinished run from %s", self.store.path(job.key))
-        chunks = job.chunks()
-        summary.resumed_from = sum(min(job.done.get(c.id, 0), len(chunks)) for c in job.coins)
-        self.progress.start(len(job.coins) * len(chunks), summary.resumed_from)
+        chunks, steps = job.chunks(), job.steps()
+        summary.resumed_from = sum(min(job.done.get(c.id, 0), steps) for c in job.coins)
+        self.progress.start(len(job.coins) * steps, summary.resumed_from)
         try:
             for coin in job.coins:
-                for index in range(job.done.get(coin.id, 0), len(chunks)):
+                for index in range(job.done.get(coin.id, 0), steps):
                     try:
-                        await self._chunk(job, coin, index, chunks[index], summary)
+                        if index < len(chunks):
+                            parsed = await self._chart(coin, chunks[index])
+                        else:
+                            parsed = await self._candles(job, coin, now)
+                        await self._publish(job, coin, index, parsed, summary)
                     except CoinGeckoRefused as refused:
                         if refused.error_code == HISTORY_LIMIT_CODE:
                             raise BackfillError(
@@ -335,14 +348,7 @@ class Backfill:
             self.store.finish(job.key)
         return summary
 
-    async def _chunk(
-        self,
-        job: Job,
-        coin: Coin,
-        index: int,
-        chunk: tuple[datetime, datetime],
-        summary: Summary,
-    ) -> None:
+    async def _chart(self, coin: Coin, chunk: tuple[datetime, datetime]) -> Parsed[Any]:
         start, end = chunk
         params: dict[str, str | int] = {
             "vs_currency": "usd",
@@ -350,13 +356,32 @@ class Backfill:
             "to": int(end.timestamp()),  # inclusive: the parser keeps [start, end)
         }
         body = await self.client.get(f"/coins/{quote(coin.id, safe='')}/market_chart/range", params)
-        parsed = parse_market_chart(body, coin.id, coin.symbol, coin.name, start, end)
+        return parse_market_chart(body, coin.id, coin.symbol, coin.name, start, end)
+
+    async def _candles(self, job: Job, coin: Coin, now: datetime) -> Parsed[Any]:
+        """The candles of /coins/{id}/ohlc within the range and closed by now. Every plan has
+        this endpoint, with `days` counted back from now (the widths follow it: 4 hours up to 30
+        days, 4 days beyond); /ohlc/range, with hourly candles, is for paid plans only."""
+        days = next((d for d in OHLC_DAYS if now - timedelta(days=d) <= job.since), OHLC_DAYS[-1])
+        params: dict[str, str | int] = {"vs_currency": "usd", "days": days}
+        body = await self.client.get(f"/coins/{quote(coin.id, safe='')}/ohlc", params)
+        parsed = parse_ohlc(body, coin.id, coin.symbol, days)
+        parsed.records = [
+            record.model_copy(update={"source": BACKFILL_SOURCE})
+            for record in parsed.records
+            if job.since <= record.timestamp < job.until and record.timestamp <= now
+        ]
+        return parsed
+
+    async def _publish(
+        self, job: Job, coin: Coin, index: int, parsed: Parsed[Any], summary: Summary
+    ) -> None:
         for problem in parsed.problems:
             log.debug("coingecko data: %s", problem)
         if parsed.records:
             await self.publish(parsed.records)
         job.done[coin.id] = index + 1
-        self.store.save(job)  # only now: the broker has every record of the chunk
+        self.store.save(job)  # only now: the broker has every record of the step
         summary.chunks += 1
         summary.records += len(parsed.records)
         summary.skipped += parsed.skipped

@@ -60,6 +60,7 @@ ORDERS = {
 }
 HOUR_MS = 3_600_000
 DAY_MS = 24 * HOUR_MS
+OHLC_DAYS = {"1", "2", "7", "14", "30", "90", "180", "365"}
 HISTORY_DAYS = 365  # how far back keyless and Demo keys may ask for market charts
 HISTORY_LIMIT_BODY = (
     '{"error":{"status":{"error_code":10012,"error_message":"Your request exceeds the allowed time'
@@ -220,6 +221,22 @@ class FakeCoinGecko:
             None if volume is None else _exponent(volume) if hour % 5 == 0 else str(volume),
         )
 
+    def ohlc_candles(self, coin_id: str, days: int, now_ms: int) -> list[list[Any]]:
+        """/coins/{id}/ohlc of more than 2 days: candles 4 hours wide (up to 30 days) or 4 days
+        (beyond), `[close_ms, open, high, low, close]` closing on multiples of their width within
+        the last `days` (the last one may still be open, as CoinGecko's is), from the market
+        chart's hourly prices at the candle's open and close; none where either is null."""
+        width = (4 * HOUR_MS) if days <= 30 else (4 * DAY_MS)
+        first = now_ms - days * DAY_MS
+        candles: list[list[Any]] = []
+        for close in range(-(-first // width) * width, now_ms + width, width):
+            opened, closed = (self.chart_point(coin_id, ms)[0] for ms in (close - width, close))
+            if opened is None or closed is None:
+                continue
+            low, high = sorted((opened, closed), key=Decimal)
+            candles.append([close, *(RawNumber(v) for v in (opened, high, low, closed))])
+        return candles
+
     def wander(self, rng: random.Random) -> None:
         """Offline runs: every known price takes a random step of up to ±0.5%, rounded to 12
         significant digits (Decimal's text: exponent form for the tiniest, as CoinGecko)."""
@@ -353,7 +370,13 @@ class FakeCoinGecko:
             return self._json({"error": "coin not found"}, 404)
         if request.query.get("vs_currency", "").lower() != "usd" or "days" not in request.query:
             return self._json({"error": "Missing parameter vs_currency or days"}, 400)
-        return self._json(self.ohlc.get(coin_id, []))
+        days = request.query["days"]
+        if days in ("1", "2"):  # the fixture's 30-minute candles
+            return self._json(self.ohlc.get(coin_id, []))
+        if days not in OHLC_DAYS:
+            return self._json({"error": "invalid days"}, 400)
+        now_ms = int((time.time() + self.clock_offset) * 1000)
+        return self._json(self.ohlc_candles(coin_id, int(days), now_ms))
 
     async def _chart_range(self, request: web.Request) -> web.Response:
         """`from`/`to` in UNIX seconds or ISO dates; without a Pro key (x-cg-pro-api-key) only the

@@ -25,7 +25,7 @@ from coingecko.backfill import (
 from coingecko.client import CoinGeckoClient
 from coingecko.fake_server import HOUR_MS, FakeCoinGecko, Fault, server_error
 from coingecko.parse import BACKFILL_SOURCE, loads_exact, parse_market_chart
-from models.market import CryptoPriceData
+from models.market import CryptoOHLCVData, CryptoPriceData
 from testkit.charts import CHART, expected_rows, hour_floor
 from testkit.pollers import BrokerTopics
 
@@ -206,3 +206,27 @@ async def test_a_chunk_the_broker_did_not_take_is_not_recorded_as_done(
     assert (asked_before, summary.resumed_from, summary.chunks) == (2, 1, 1)
     expected = expected_rows(fake_coingecko, ["bitcoin"], since, until)
     assert dict(published(await topics.read(CryptoPriceData))) == expected
+
+
+async def test_candles_of_the_range_come_with_ohlc(
+    fake_coingecko: FakeCoinGecko, topics: BrokerTopics, tmp_path: Path
+) -> None:
+    now = datetime.now(UTC)
+    until = hour_floor(now) - timedelta(days=1)
+    since = until - timedelta(days=20)  # /ohlc?days=30: 4-hour candles
+    request = BackfillRequest(coins=("ethereum",), since=since, until=until, ohlc=True)
+    summary = await make_backfill(fake_coingecko, topics, tmp_path).run(request)
+    assert summary.chunks == 2  # the chart, then the candles
+    asked = [r.query for r in fake_coingecko.requests if r.path == "/coins/ethereum/ohlc"]
+    assert asked == [{"vs_currency": "usd", "days": "30"}]
+
+    candles = [record for _, record in await topics.read(CryptoOHLCVData)]
+    served = fake_coingecko.ohlc_candles("ethereum", 30, int(now.timestamp() * 1000))
+    expected = {
+        datetime.fromtimestamp(close / 1000, UTC): tuple(Decimal(v) for v in values)
+        for close, *values in served
+        if since <= datetime.fromtimestamp(close / 1000, UTC) < until
+    }
+    got = {c.timestamp: (c.open, c.high, c.low, c.close) for c in candles}
+    assert got == expected and len(candles) == len(expected) > 100
+    assert {(c.timeframe, c.source, c.volume) for c in candles} == {("4h", BACKFILL_SOURCE, None)}
