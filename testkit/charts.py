@@ -5,8 +5,14 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 from decimal import Decimal
+from pathlib import Path
+from typing import Any
 
+from app.settings import Settings
+from coingecko.backfill import Backfill, ProgressFile
+from coingecko.client import CoinGeckoClient
 from coingecko.fake_server import HOUR_MS, FakeCoinGecko
+from coingecko.poller import Publish
 
 CHART = "/coins/{}/market_chart/range"
 
@@ -32,3 +38,20 @@ def expected_rows(
                     None if volume is None else Decimal(volume),
                 )
     return rows
+
+
+def backfill_of(
+    fake: FakeCoinGecko, publish: Publish, directory: Path, **settings: Any
+) -> Backfill:
+    """A `Backfill` on the fake (no rate limit to speak of, quick retries), keeping its progress
+    in `directory`."""
+    values: dict[str, Any] = {
+        "coingecko_base_url": fake.base_url,
+        "coingecko_calls_per_minute": 1000,
+        "coingecko_api_key": None,
+        "coingecko_plan": None,
+        **settings,
+    }
+    configured = Settings(**values)
+    client = CoinGeckoClient(configured, backoff_base=0.01, max_attempts=2)
+    return Backfill(client, configured.plan, publish, ProgressFile(directory))

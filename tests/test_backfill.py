@@ -12,21 +12,18 @@ from typing import Any
 
 import pytest
 
-from app.settings import Settings
 from coingecko.backfill import (
     CHUNK,
     Backfill,
     BackfillError,
     BackfillRequest,
     LogProgress,
-    ProgressFile,
     plan_chunks,
 )
-from coingecko.client import CoinGeckoClient
 from coingecko.fake_server import HOUR_MS, FakeCoinGecko, Fault, server_error
 from coingecko.parse import BACKFILL_SOURCE, loads_exact, parse_market_chart
 from models.market import CryptoOHLCVData, CryptoPriceData
-from testkit.charts import CHART, expected_rows, hour_floor
+from testkit.charts import CHART, backfill_of, expected_rows, hour_floor
 from testkit.pollers import BrokerTopics
 
 
@@ -42,16 +39,7 @@ def published(
 def make_backfill(
     fake: FakeCoinGecko, topics: BrokerTopics, directory: Path, **overrides: Any
 ) -> Backfill:
-    values: dict[str, Any] = {
-        "coingecko_base_url": fake.base_url,
-        "coingecko_calls_per_minute": 1000,
-        "coingecko_api_key": None,
-        "coingecko_plan": None,
-        **overrides,
-    }
-    settings = Settings(**values)
-    client = CoinGeckoClient(settings, backoff_base=0.01, max_attempts=2)
-    return Backfill(client, settings.plan, topics.publish, ProgressFile(directory))
+    return backfill_of(fake, topics.publish, directory, **overrides)
 
 
 def test_a_long_range_is_cut_into_contiguous_chunks_of_at_most_90_days() -> None:
