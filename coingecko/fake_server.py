@@ -178,6 +178,11 @@ class FakeCoinGecko:
         self.coins.extend(_synthetic_coin(n, self.coins[0]) for n in range(1, extra_coins + 1))
         self.requests: list[RecordedRequest] = []
         self.clock_offset = 0.0  # seconds this CoinGecko's clock runs ahead of ours
+        # The market charts' history stays put while offline runs make the prices wander.
+        self._history = {
+            row["id"]: (row["current_price"], row["market_cap"], row["total_volume"])
+            for row in self.coins
+        }
         self._faults: dict[str, deque[Fault]] = {}
         self._host, self._port = host, port
         self._runner: web.AppRunner | None = None
@@ -203,7 +208,7 @@ class FakeCoinGecko:
         can compute every stored row. Some are null (every 29th hour's price, every 11th hour's
         market cap, every 13th hour's volume); tiny prices and every 5th hour's volume are in
         exponent notation."""
-        row = next(row for row in self.coins if row["id"] == coin_id)
+        base_price, base_cap, base_volume = self._history[coin_id]
         hour = ms // HOUR_MS
         factor = 1 + Decimal((hour + len(coin_id)) % 41 - 20).scaleb(-3)
         exact = Context(prec=60)
@@ -212,9 +217,9 @@ class FakeCoinGecko:
             number = _number(value)
             return None if null or number is None else exact.multiply(number, by)
 
-        price = moved(row["current_price"], factor, hour % 29 == 7)
-        cap = moved(row["market_cap"], factor, hour % 11 == 0)
-        volume = moved(row["total_volume"], 1 + Decimal(hour * 7 % 19).scaleb(-2), hour % 13 == 5)
+        price = moved(base_price, factor, hour % 29 == 7)
+        cap = moved(base_cap, factor, hour % 11 == 0)
+        volume = moved(base_volume, 1 + Decimal(hour * 7 % 19).scaleb(-2), hour % 13 == 5)
         return (
             None if price is None else _exponent(price) if price < Decimal("0.001") else str(price),
             None if cap is None else str(cap),
