@@ -235,6 +235,7 @@ class LogProgress:
         self.every = every
         self.records = 0
         self.total = self.done = self._first = 0
+        self._shown = -1  # `done` when the last line was printed
         self._started = self._logged = 0.0
 
     def start(self, total: int, done: int) -> None:
@@ -248,11 +249,12 @@ class LogProgress:
             self._line()
 
     def close(self) -> None:
-        self._line()
+        if self._shown != self.done:
+            self._line()
 
     def _line(self) -> None:
         now = time.monotonic()
-        self._logged = now
+        self._logged, self._shown = now, self.done
         rate = (self.done - self._first) / max(now - self._started, 1e-9)
         left = self.total - self.done
         eta = f"{left / rate:.0f}s" if rate > 0 else "unknown"

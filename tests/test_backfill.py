@@ -164,10 +164,18 @@ def test_progress_lines_tell_the_rate_and_what_is_left() -> None:
     progress = LogProgress(out, every=0)
     progress.start(total=4, done=1)
     progress.advance(records=2160)
-    progress.close()
+    progress.close()  # nothing new since the last line: no line
     lines = out.getvalue().splitlines()
     assert "backfill: 2/4 chunks, 2160 records," in lines[0] and "ETA" in lines[0]
-    assert len(lines) == 2
+    assert len(lines) == 1
+
+    quiet = LogProgress(out, every=3600)
+    quiet.start(total=2, done=0)
+    quiet.advance(records=5)
+    quiet.advance(records=5)
+    quiet.close()
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 2 and "backfill: 2/2 chunks, 10 records," in lines[1]
 
 
 async def test_a_chunk_the_broker_did_not_take_is_not_recorded_as_done(
