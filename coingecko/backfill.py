@@ -280,6 +280,18 @@ class Summary:
     resumed_from: int = 0  # chunks an earlier run had published
     failed: dict[str, str] = field(default_factory=dict)  # coin -> why it was left out
 
+    def __str__(self) -> str:
+        told = f"published {_many(self.records, 'record')} in {_many(self.chunks, 'chunk')}"
+        if self.resumed_from:
+            told += f" (continued after {self.resumed_from} done before)"
+        if self.skipped:
+            told += f"; {_many(self.skipped, 'point')} without a price skipped"
+        return told
+
+
+def _many(count: int, thing: str) -> str:
+    return f"{count} {thing}{'' if count == 1 else 's'}"
+
 
 def history_limit_message(plan: str, since: datetime, now: datetime) -> str:
     days = HISTORY_DAYS.get(plan, HISTORY_DAYS["keyless"])  # a paid plan told 10012: the same
