@@ -117,9 +117,8 @@ async def test_an_interrupted_backfill_continues_with_the_chunks_it_had_not_publ
     assert [r.path for r in again] == [CHART.format("tether")] * 2  # no markets call either
     assert int(again[0].query["from"]) == int((since + CHUNK).timestamp())
     assert (summary.resumed_from, summary.chunks) == (4, 2)
-    assert str(summary).startswith("published 2") and "(continued after 4 done before)" in str(
-        summary
-    )
+    told = str(summary)
+    assert told.startswith("published ") and "in 2 chunks (continued after 4 done before)" in told
 
     everything = published(await topics.read(CryptoPriceData))
     expected = expected_rows(fake_coingecko, ["ethereum", "tether"], since, until)
