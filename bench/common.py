@@ -98,13 +98,16 @@ async def produce(bootstrap: str, records: Sequence[CryptoPriceData]) -> float:
 
 @dataclass
 class Run:
-    """When rows started and finished arriving (commit times), and the processes' peak RSS."""
+    """When rows started and finished arriving (commit times), when the processes were started,
+    their peak RSS and the CPU time they had used when the last row was in."""
 
     rows: int
     first_commit_at: float
     last_commit_at: float
     rows_at_first: int  # rows of the first transaction: they arrived at the start of the timing
     peak_rss: int = 0
+    started_at: float = float("nan")  # wall-clock time just before the processes were spawned
+    cpu_seconds: float = float("nan")  # the processes' user + system time, start to last row
 
     @property
     def rate(self) -> float:
@@ -113,24 +116,43 @@ class Run:
             self.last_commit_at - self.first_commit_at, 1e-9
         )
 
+    @property
+    def rate_from_start(self) -> float:
+        """Rows per second from spawning the processes to the last row: what a user waits for
+        (start-up, group join, table recovery and the first fetch included)."""
+        return self.rows / max(self.last_commit_at - self.started_at, 1e-9)
 
-# Every row's commit time, from `track_commit_timestamp` (stack() turns it on).
-COMMIT_TIMES = f"""
-    WITH rows AS (SELECT pg_xact_commit_timestamp(xmin) AS at FROM {PRICES_TABLE})
-    SELECT count(*) AS rows,
-           extract(epoch FROM min(at)) AS first,
-           extract(epoch FROM max(at)) AS last,
-           count(*) FILTER (WHERE at = (SELECT min(at) FROM rows)) AS at_first
-    FROM rows
-"""  # noqa: S608
+    @property
+    def first_row_after(self) -> float:
+        """Seconds from spawning the processes to the first committed row."""
+        return self.first_commit_at - self.started_at
+
+
+def commit_times(table: str) -> str:
+    """Every row's commit time, from `track_commit_timestamp` (stack() turns it on)."""
+    return f"""
+        WITH rows AS (SELECT pg_xact_commit_timestamp(xmin) AS at FROM {table})
+        SELECT count(*) AS rows,
+               extract(epoch FROM min(at)) AS first,
+               extract(epoch FROM max(at)) AS last,
+               count(*) FILTER (WHERE at = (SELECT min(at) FROM rows)) AS at_first
+        FROM rows
+    """  # noqa: S608
 
 
 async def watch_rows(
-    dsn: str, target: int, processes: Sequence[Process], timeout: float = 900.0
+    dsn: str,
+    target: int,
+    processes: Sequence[Process],
+    timeout: float = 900.0,
+    *,
+    table: str = PRICES_TABLE,
+    started_at: float = float("nan"),
 ) -> Run:
-    """Wait until `target` rows are in, sampling RSS every 50 ms; time the rows by their commit
-    timestamps. Polling COUNT(*) often enough to time the run would itself load the database
-    (~20 ms of a core per count at 200k rows): it is only polled every half second."""
+    """Wait until `target` rows are in `table` (quoted), sampling RSS every 50 ms; time the rows
+    by their commit timestamps, and take the processes' CPU time once they are all in. Polling
+    COUNT(*) often enough to time the run would itself load the database (~20 ms of a core per
+    count at 200k rows): it is only polled every half second."""
     connection = await asyncpg.connect(dsn)
     peak = 0
     deadline = time.perf_counter() + timeout
@@ -141,11 +163,12 @@ async def watch_rows(
                     break
                 peak = max([peak, *(process.rss() for process in processes)])
                 await asyncio.sleep(0.05)
-            count = await connection.fetchval(f"SELECT count(*) FROM {PRICES_TABLE}")  # noqa: S608
+            count = await connection.fetchval(f"SELECT count(*) FROM {table}")  # noqa: S608
             if count >= target:
-                times = await connection.fetchrow(COMMIT_TIMES)
+                cpu = sum(process.cpu_seconds() for process in processes)
+                times = await connection.fetchrow(commit_times(table))
                 first, last = float(times["first"]), float(times["last"])
-                return Run(times["rows"], first, last, times["at_first"], peak)
+                return Run(times["rows"], first, last, times["at_first"], peak, started_at, cpu)
             for process in processes:
                 process.assert_alive()  # exited before every row was in
             if time.perf_counter() > deadline:

@@ -1,15 +1,20 @@
-"""Sink throughput, worker peak RSS and scale-out, against two baselines measured in the same run.
+"""Sink throughput, CPU, peak RSS and scale-out, against a peer and two baselines of the same run.
 
     .venv/bin/python -m bench.sink_throughput [--rows 200000] [--naive-rows 20000]
-                                              [--only bare,naive,worker,two-workers,public]
+                                              [--only bare,quix,naive,worker,two-workers,public]
                                               [--rounds 1]
 
 One embedded broker and one embedded PostgreSQL; `crypto-prices` is created with its generated 6
 partitions and pre-filled with `--rows` snapshots of 100 coins (one minute apart per coin). Each
-contender gets its own consumer group and a fresh database and is timed from the first row in
-the table to the last by their commit timestamps, so start-up and group joining are excluded:
+contender gets its own consumer group and a fresh database and is timed two ways from the rows'
+commit timestamps: steady state, from the first row in the table to the last (start-up and group
+joining excluded), and as a user waits for it, from spawning its process to the last row
+(start-up, group join, table recovery and first fetch included); with the time to the first row
+and the process's CPU time (user + system, all threads) when the last row is in:
 
 - bare:        baseline (a), `bench.bare_sink` (aiokafka + the app's decode and COPY-upsert);
+- quix:        the peer, Quix Streams' `PostgreSQLSink` (`bench.quix_sink`, pinned in a venv of
+               its own under .data/, made on first use from bench/quix-requirements.txt);
 - naive:       baseline (b), `bench.naive_agent`, one INSERT per event, timed on `--naive-rows`;
 - worker:      ours, `faust -A app worker` exactly as deployed (sinks, live tables, views);
 - two-workers: two `faust -A app worker` processes of one group, started together;
@@ -17,16 +22,22 @@ the table to the last by their commit timestamps, so start-up and group joining 
                consumer seeking to the stored offsets, inside a Faust worker); not run by default.
 
 Peak RSS is sampled (psutil) every 50 ms over each worker process. `--rounds N` runs the
-contenders N times in turn (fresh database and group each time) and prints every round and the
-medians, each ratio taken within its own round: on a shared 2-core VM single runs move by ±30 %.
+contenders N times in turn (alternating; fresh database and group each time) and prints every
+round and the medians, each ratio taken within its own round: on a shared 2-core VM single runs
+move by ±30 %, and CPU seconds per row move far less than rows/s.
 """
 
 from __future__ import annotations
 
 import asyncio
 import statistics
+import subprocess
+import sys
 import time
+from pathlib import Path
 from typing import Any
+
+import asyncpg
 
 from bench.common import (
     Run,
@@ -41,28 +52,85 @@ from bench.common import (
     table,
     watch_rows,
 )
-from local.embedded import create_generated_topics
+from local.embedded import create_generated_topics, free_port
+from models.dsl import quote_ident
 from models.market import CryptoPriceData
 from testkit.records import snapshots
+from testkit.workers import Process, env_without_settings, worker_env
 
-CONTENDERS = ("bare", "naive", "worker", "two-workers")  # the default; also: public
+CONTENDERS = ("bare", "quix", "naive", "worker", "two-workers")  # the default; also: public
+QUIX_REQUIREMENTS = Path(__file__).with_name("quix-requirements.txt")
+QUIX_VENV = Path(__file__).parent.parent / ".data" / "bench-quix-venv"
 
 COLUMNS = (  # of the printed table
     "contender",
-    "rows timed",
-    "rows/s",
+    "rows/s start→all",
     "of (a) bare",
-    "x (b) naive",
+    "x quix",
+    "rows/s after first row",
+    "of (a) bare",
+    "first row s",
+    "CPU s (µs/row)",
     "peak RSS MiB",
+    "x (b) naive",
     "rows (partitions) per worker",
 )
 
 
 async def bare(s: Stack, rows: int) -> Run:
     dsn = await s.database()
-    process = bare_sink(s, dsn, rows)
+    started = time.time()
+    process = bare_sink(s, dsn)  # until stopped: its CPU time is taken when the rows are in
     async with running(process):
-        return await watch_rows(dsn, rows, [process])
+        return await watch_rows(dsn, rows, [process], started_at=started)
+
+
+def quix_python() -> Path:
+    """The interpreter of Quix's own venv, made (or brought up to the pinned requirements)."""
+    python = QUIX_VENV / "bin" / "python"
+    stamp = QUIX_VENV / "installed-requirements.txt"
+    wanted = QUIX_REQUIREMENTS.read_text()
+    if not python.exists():
+        subprocess.run([sys.executable, "-m", "venv", str(QUIX_VENV)], check=True)
+    if not stamp.exists() or stamp.read_text() != wanted:
+        pip = [str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
+        subprocess.run([*pip, "-r", str(QUIX_REQUIREMENTS)], check=True)
+        stamp.write_text(wanted)
+    return python
+
+
+async def quix(s: Stack, rows: int) -> Run:
+    """The peer: Quix Streams' PostgreSQLSink into a table of its own (`bench.quix_sink`)."""
+    python = await asyncio.to_thread(quix_python)
+    dsn = await s.database()
+    group = f"bench-quix-{time.monotonic_ns()}"
+    env = worker_env(
+        env_without_settings(),
+        s.broker,
+        dsn,
+        group,
+        s.directory,
+        free_port(),
+        {"BENCH_BOOTSTRAP": s.bootstrap, "PYTHONPATH": str(Path(__file__).parent.parent)},
+    )
+    log_path = s.directory / f"quix-{time.monotonic_ns()}.log"
+    started = time.time()
+    process = Process([str(python), "-m", "bench.quix_sink"], env, log_path)
+    async with running(process):
+        table = quote_ident("quix_prices")
+        await wait_for_table(dsn, process)
+        return await watch_rows(dsn, rows, [process], table=table, started_at=started)
+
+
+async def wait_for_table(dsn: str, process: Process) -> None:
+    """Quix creates its table with its first batch: until then there is nothing to count."""
+    connection = await asyncpg.connect(dsn)
+    try:
+        while not await connection.fetchval("SELECT to_regclass('quix_prices') IS NOT NULL"):
+            process.assert_alive()
+            await asyncio.sleep(0.05)
+    finally:
+        await connection.close()
 
 
 async def workers(
@@ -71,9 +139,10 @@ async def workers(
     """`count` workers of one fresh group; their runs and their sinks' /health status."""
     dsn = await s.database()
     group = f"bench-{module.replace('.', '-')}-{count}-{time.monotonic_ns()}"
+    started = time.time()
     processes = [faust_worker(s, module, dsn, group) for _ in range(count)]
     async with running(*processes):
-        run = await watch_rows(dsn, rows, processes)
+        run = await watch_rows(dsn, rows, processes, started_at=started)
         statuses = []
         if module == "app":  # the naive agent serves no /health
             for process in processes:
@@ -95,6 +164,8 @@ async def main(rows: int, naive_rows: int, only: set[str], rounds: int) -> None:
             results: dict[str, Run] = {}
             if "bare" in only:
                 results["bare"] = await bare(s, rows)
+            if "quix" in only:
+                results["quix"] = await quix(s, rows)
             if "naive" in only:
                 results["naive"] = (await workers(s, "bench.naive_agent", naive_rows))[0]
             if "worker" in only:
@@ -124,19 +195,27 @@ def print_results(rounds: list[dict[str, Run]], notes: dict[str, str]) -> None:
             return middle
         return f"{middle} [{format(min(values), form)}-{format(max(values), form)}]"
 
+    def ratio(name: str, to: str, rate: str, form: str, suffix: str = "") -> str:
+        values = [getattr(r[name], rate) / getattr(r[to], rate) for r in rounds if to in r]
+        return shown(values, form) + suffix if values else "-"
+
     lines = []
     for name in rounds[0]:
         runs = [results[name] for results in rounds]
-        of_bare = [r[name].rate / r["bare"].rate for r in rounds if "bare" in r]
-        of_naive = [r[name].rate / r["naive"].rate for r in rounds if "naive" in r]
+        cpu = statistics.median(run.cpu_seconds for run in runs)
+        per_row = statistics.median(run.cpu_seconds / run.rows * 1e6 for run in runs)
         lines.append(
             (
                 name,
-                f"{statistics.median(run.rows - run.rows_at_first for run in runs):,.0f}",
+                shown([run.rate_from_start for run in runs], ",.0f"),
+                ratio(name, "bare", "rate_from_start", ".0%"),
+                ratio(name, "quix", "rate_from_start", ".2f", "x"),
                 shown([run.rate for run in runs], ",.0f"),
-                shown(of_bare, ".0%") if of_bare else "-",
-                shown(of_naive, ".1f") + "x" if of_naive else "-",
+                ratio(name, "bare", "rate", ".0%"),
+                shown([run.first_row_after for run in runs], ".1f"),
+                f"{cpu:.1f} ({per_row:.1f})",
                 f"{max(run.peak_rss for run in runs) / 2**20:.0f}",
+                ratio(name, "naive", "rate", ".1f", "x"),
                 notes.get(name, ""),
             )
         )

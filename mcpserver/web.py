@@ -8,6 +8,9 @@ response (an SSE stream stays open as long as the SDK writes to it). That is the
 so no adapter package is needed; the SDK's session handling, DNS-rebinding protection and body
 limit all run unchanged behind it.
 
+The SDK (with Starlette, its schemas and the MCP types: ~30 MiB of RSS) is imported on the first
+request to `/mcp`, not when the worker starts: a worker that never serves MCP does not carry it.
+
 Safety: a request must carry `Authorization: Bearer <MCP_TOKEN>` whenever a token is set (the
 settings require one when the web server listens beyond loopback), and the SDK's DNS-rebinding
 protection accepts only loopback Host/Origin values and MCP_ALLOWED_HOSTS.
@@ -17,22 +20,21 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import anyio
 from aiohttp import web
 from faust.web import Request, View
-from mcp.server.subscriptions import InMemorySubscriptionBus
-from mcp.server.transport_security import TransportSecuritySettings
 
 from app.main import app, settings, topics
 from app.settings import Settings
 from app.web import json_error
-from mcpserver.feeds import relay_stored_prices
-from mcpserver.server import build_server
 from models.codec import encode_record
 from models.dsl import StreamRecord
 from tables.views import read_pool
+
+if TYPE_CHECKING:
+    from mcp.server.streamable_http_manager import StreamableHTTPSessionManager
+    from mcp.server.transport_security import TransportSecuritySettings
 
 PATH = "/mcp"
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]")
@@ -42,6 +44,8 @@ READY_TIMEOUT = 10.0  # a request that arrives before the session manager runs w
 
 def transport_security(settings: Settings) -> TransportSecuritySettings:
     """The SDK's DNS-rebinding protection: loopback hosts (any port) and MCP_ALLOWED_HOSTS."""
+    from mcp.server.transport_security import TransportSecuritySettings
+
     hosts = [*LOOPBACK_HOSTS, *settings.mcp_allowed_hosts]
     return TransportSecuritySettings(
         enable_dns_rebinding_protection=True,
@@ -130,15 +134,8 @@ async def publish(record: StreamRecord) -> None:
     await delivered
 
 
-bus = InMemorySubscriptionBus()
-# The write tool only with a token: the settings refuse MCP_WRITE_ENABLED without one.
-mcp_server = build_server(
-    read_pool, settings, bus, publish if settings.mcp_write_enabled and settings.mcp_token else None
-)
-mcp_server.streamable_http_app(
-    transport_security=transport_security(settings), host=settings.web_bind
-)
-sessions = mcp_server.session_manager
+wanted = asyncio.Event()  # set by the first request: the SDK is imported and started then
+sessions: list[StreamableHTTPSessionManager] = []  # the running session manager, once it runs
 sessions_running = asyncio.Event()
 
 
@@ -148,21 +145,37 @@ async def handle(request: web.Request) -> web.StreamResponse:
         refused = json_error(401, "a bearer token is required (Authorization: Bearer <MCP_TOKEN>)")
         refused.headers["WWW-Authenticate"] = 'Bearer realm="mcp"'
         return refused
+    wanted.set()
     try:
         await asyncio.wait_for(sessions_running.wait(), READY_TIMEOUT)
     except TimeoutError:
         return json_error(503, "the MCP session manager is not running yet")
-    return await serve_asgi(sessions.handle_request, request)
+    return await serve_asgi(sessions[0].handle_request, request)
 
 
 if settings.web_enabled and settings.mcp_http_enabled:
 
     @app.task
     async def run_mcp_sessions() -> None:
-        """The session manager's task group and the stored-price relay live as long as the
-        worker (cancelled at stop)."""
-        async with sessions.run(), anyio.create_task_group() as tasks:
+        """From the first request on, the session manager's task group and the stored-price
+        relay live as long as the worker (cancelled at stop)."""
+        await wanted.wait()
+        import anyio
+        from mcp.server.subscriptions import InMemorySubscriptionBus
+
+        from mcpserver.feeds import relay_stored_prices
+        from mcpserver.server import build_server
+
+        bus = InMemorySubscriptionBus()
+        # The write tool only with a token: the settings refuse MCP_WRITE_ENABLED without one.
+        write = publish if settings.mcp_write_enabled and settings.mcp_token else None
+        server = build_server(read_pool, settings, bus, write)
+        server.streamable_http_app(
+            transport_security=transport_security(settings), host=settings.web_bind
+        )
+        async with server.session_manager.run(), anyio.create_task_group() as tasks:
             await tasks.start(relay_stored_prices, settings.database_dsn, bus)
+            sessions.append(server.session_manager)
             sessions_running.set()
 
     @app.page(PATH)

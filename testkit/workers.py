@@ -155,6 +155,14 @@ class Process:
         except psutil.Error:
             return 0
 
+    def cpu_seconds(self) -> float:
+        """User + system CPU time so far, all threads; 0 once the process is gone."""
+        try:
+            times = self._measured.cpu_times()
+        except psutil.Error:
+            return 0.0
+        return float(times.user + times.system)
+
     async def stop(self, signum: signal.Signals = signal.SIGTERM) -> int:
         """Send `signum` and wait for the exit status (within the worker's shutdown window)."""
         self.popen.send_signal(signum)
