@@ -44,6 +44,7 @@ from typing import Any, cast
 
 import faust
 from aiokafka import TopicPartition
+from faust import tables as faust_tables
 from faust.exceptions import ConsumerNotStarted
 from faust.transport import consumer as faust_consumer
 from faust.transport.drivers import aiokafka as faust_aiokafka
@@ -177,6 +178,15 @@ UPSTREAM = (
         "called by broker_client(): /health asks the broker for metadata on the producer's own "
         "connection, in the app's event loop; Faust has no public accessor for it",
         "that it still returns the started aiokafka producer",
+    ),
+    Upstream(
+        "faust.tables.manager:TableManager.on_start",
+        "365dd25fbc0e0684",
+        ("_update_channels",),
+        "overridden by TableManager.on_start without its fixed `sleep(1.0)`: a second of every "
+        "worker start (and of its first stored row) spent waiting for tables that are all "
+        "declared at import",
+        "that the rest of on_start is still _update_channels() then recovery.start()",
     ),
     Upstream(
         "mode.utils.queues:FlowControlQueue.clear",
@@ -527,6 +537,18 @@ def broker_client(app: AppT) -> Any:
     return cast(faust_aiokafka.Producer, app.producer)._ensure_producer().client
 
 
+class TableManager(faust_tables.TableManager):
+    """Faust's table manager, started without Faust's fixed one-second sleep: it gives tables
+    declared after the app starts time to register, and every table of this app is declared when
+    its module is imported (tables/), long before. Its channels are set up and recovery starts at
+    once, so the consumer subscribes, joins the group and fetches a second earlier."""
+
+    async def on_start(self) -> None:
+        if not self.should_stop:
+            await self._update_channels()
+            await self.recovery.start()
+
+
 class App(faust.App):
     """A Faust app whose sinks can take their topics in bulk (`App.bulk`): it consumes through
     `Transport`, at the addresses of its `broker` setting; it produces through Faust's own."""
@@ -549,6 +571,7 @@ class App(faust.App):
             )
         urls = urllist(broker, default_scheme="kafka")
         consumer = [url.with_scheme(TRANSPORT_SCHEME) for url in urls]
+        kwargs.setdefault("TableManager", TableManager)
         super().__init__(*args, broker=broker, broker_consumer=consumer, **kwargs)
         self.fetch_max_wait_ms = fetch_max_wait_ms
         self.bulk: dict[str, Batches] = {}
