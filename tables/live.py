@@ -36,7 +36,7 @@ import asyncio
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, time, timedelta
 from decimal import Decimal
 from operator import attrgetter
 from typing import TYPE_CHECKING, Any, TypeVar, cast
@@ -230,11 +230,12 @@ async def _newest_per_key(
 async def _ranges(batch: Iterable[tuple[Message, CryptoPriceData]]) -> None:
     """Merge the batch's high/low per coin and hour into the hourly windows: one write for each
     window the batch widens, none for the others (most snapshots set no new high or low)."""
-    step = RANGE_STEP.total_seconds()
-    # [message, high, low] per coin and hour (hours since the epoch: cheaper than _hour()).
-    merged: dict[tuple[str, float], list[Any]] = {}
+    # [message, high, low] per coin and hour; the hour as (day ordinal, hour of the day) of the
+    # UTC time the record holds: a third of what timestamp() costs, and far cheaper than _hour().
+    merged: dict[tuple[str, int, int], list[Any]] = {}
     for message, price in batch:
-        where = (price.coin_id, price.last_updated.timestamp() // step)
+        at = price.last_updated
+        where = (price.coin_id, at.toordinal(), at.hour)
         value = price.usd_price
         seen = merged.get(where)
         if seen is None:
@@ -243,8 +244,9 @@ async def _ranges(batch: Iterable[tuple[Message, CryptoPriceData]]) -> None:
             seen[1] = value
         elif value < seen[2]:
             seen[2] = value
-    async for (coin_id, hours), (message, high, low) in _yielding(merged.items()):
-        window = price_ranges.relative_to(datetime.fromtimestamp(hours * step, UTC))
+    async for (coin_id, day, hour), (message, high, low) in _yielding(merged.items()):
+        start = datetime.combine(date.fromordinal(day), time(hour), UTC)
+        window = price_ranges.relative_to(start)
         held = window[coin_id].value()
         bounds = merge_bounds(held, {"high": str(high), "low": str(low)})
         if bounds != held:
