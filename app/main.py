@@ -21,6 +21,7 @@ from app.bulk import App
 from app.memory import collect_less_often
 from app.settings import SASL_PROTOCOLS, TLS_PROTOCOLS, Settings, load_settings
 from app.web import web_application_options
+from common.logs import logging_config
 from models.market import PARTITIONS
 
 log = logging.getLogger(__name__)
@@ -74,6 +75,7 @@ app = App(
     web_bind=settings.web_bind,
     web_port=settings.web_listen_port,
     web_application_options=web_application_options(),  # JSON errors, quiet oversized requests
+    logging_config=logging_config(settings.log_format),  # LOG_FORMAT=json: one object a line
     # Checks the broker, the database and the settings before it starts (app/worker.py).
     Worker="app.worker:Worker",
 )

@@ -115,12 +115,17 @@ class Settings(BaseSettings):
     # came from (store/offsets.py): a topic re-created under a running worker is found this late.
     sink_log_check_seconds: float = Field(30.0, gt=0, le=3600)
 
+    # How long a read view's answer is reused for the same request (tables/answers.py); 0 = never.
+    view_cache_seconds: float = Field(1.0, ge=0, le=60)
+
     port: int | None = Field(None, ge=1, le=65535, description="set by Heroku; binds 0.0.0.0")
     web_host: str = "127.0.0.1"
     web_port: int = Field(6066, ge=1, le=65535)
     web_enabled: bool = True
     # The names `faust worker -l` accepts (it rejects "warning"), so LOG_LEVEL can be passed on.
     log_level: Literal["debug", "info", "warn", "error", "crit"] = "info"
+    # "json": one JSON object per line for log shippers (common/logs.py); "text": Faust's lines.
+    log_format: Literal["text", "json"] = "text"
     data_dir: str = ".data"
     # The MCP server at /mcp on the web server (mcpserver/web.py). Its bearer token is required
     # whenever the web server listens beyond loopback; allowed hosts are the Host header values
@@ -205,7 +210,7 @@ class Settings(BaseSettings):
     def _upper(cls, value: object) -> object:
         return value.upper() if isinstance(value, str) else value
 
-    @field_validator("timescaledb", mode="before")
+    @field_validator("timescaledb", "log_format", mode="before")
     @classmethod
     def _lower(cls, value: object) -> object:
         return value.lower() if isinstance(value, str) else value

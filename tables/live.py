@@ -61,6 +61,20 @@ RANGE_STEP = timedelta(hours=1)
 RANGE_EXPIRES = timedelta(hours=25)
 WRITES_PER_SLICE = 20  # table writes between two turns of the event loop (~2 ms here)
 
+# How many stored batches the tables have been given: an answer of the views computed at
+# another count may lack this worker's newest data (`tables.answers`).
+_batches_given = 0
+
+
+def generation() -> int:
+    return _batches_given
+
+
+def _given() -> None:
+    global _batches_given
+    _batches_given += 1
+
+
 # Messages that could not be decoded, per topic. The sink dead-letters them; the tables only
 # skip and count them (shown by /health).
 UNDECODABLE: Counter[str] = Counter()
@@ -268,6 +282,7 @@ async def track_prices(batch: Sequence[Stored]) -> None:
     prices = [stored for stored in decoded if stored[1].exchange_id == AGGREGATE_EXCHANGE]
     await _newest_per_key(latest_prices, CryptoPriceData, "coin_id", prices)
     await _ranges(prices)
+    _given()
 
 
 async def track_analytics(batch: Sequence[Stored]) -> None:
@@ -278,6 +293,7 @@ async def track_analytics(batch: Sequence[Stored]) -> None:
         "source",
         _decoded(CryptoMarketAnalytics.topic.name, batch),
     )
+    _given()
 
 
 # What each sink hands its stored batches to; the app wires them up (app/__init__.py).

@@ -14,14 +14,15 @@ Decimals are JSON strings (exact); timestamps RFC 3339. No view writes anything.
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import re
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
-from typing import Any, TypeVar, cast
+from typing import Any, Concatenate, ParamSpec, TypeVar, cast
 
 import asyncpg
 from faust.exceptions import ConsumerNotStarted
@@ -48,6 +49,7 @@ from models.market import (
 from store import queries
 from store.db import LazyPool
 from tables import live
+from tables.answers import Answer, Answers
 
 # CoinGecko ids are lower-case words joined by hyphens; allow a little more, never quotes,
 # slashes, spaces or a leading dot.
@@ -74,6 +76,8 @@ TIMEFRAME = re.compile(r"^[0-9]{1,4}[smhdwM]$")  # CoinGecko's candle widths: 30
 PRICE_CANDLES = next(c for c in CANDLES if c.source is CryptoPriceData)
 
 R = TypeVar("R", bound=StreamRecord)
+V = TypeVar("V", bound=View)
+P = ParamSpec("P")
 
 
 # One pool for every view's reads, apart from the sinks' writes.
@@ -85,6 +89,28 @@ async def _close_read_pool(
     sender: object, /, *args: object, signal: object, **kwargs: object
 ) -> None:
     await read_pool.close()
+
+
+answers = Answers(settings.view_cache_seconds)
+
+
+def shared(
+    get: Callable[Concatenate[V, Request, P], Awaitable[Response]],
+) -> Callable[Concatenate[V, Request, P], Awaitable[Response]]:
+    """A view's GET whose answer is reused for the same path and query (`tables.answers`)."""
+
+    @functools.wraps(get)
+    async def answer(view: V, request: Request, *args: P.args, **kwargs: P.kwargs) -> Response:
+        async def compute() -> Answer:
+            response = await get(view, request, *args, **kwargs)
+            return Answer(response.body, response.headers["Content-Type"], response.status)
+
+        found = await answers.get(f"{type(view).__name__} {request.rel_url}", compute)
+        return view.bytes(
+            found.body, status=found.status, headers={"Content-Type": found.content_type}
+        )
+
+    return answer
 
 
 @asynccontextmanager
@@ -148,12 +174,18 @@ def _window(request: Request, span: timedelta) -> tuple[datetime, datetime]:
 
 
 def _merge_newest(record: type[R], stored: list[R], key: str, table: TableT) -> dict[str, R]:
-    """The stored records by `key`, each replaced by this worker's table value where newer."""
+    """The stored records by `key`, each replaced by this worker's table value where newer (a
+    tie keeps the stored one). Only the table values that win are validated: usually none."""
     merged = {getattr(row, key): row for row in stored}
+    time_column = record.table.time_column
     for name, value in list(table.items()):
-        candidate = live.newest(merged.get(name), live.stored(record, value))
-        if candidate is not None:
-            merged[name] = candidate
+        held = merged.get(name)
+        if value is None or (
+            held is not None
+            and datetime.fromisoformat(value[time_column]) <= getattr(held, time_column)
+        ):
+            continue
+        merged[name] = record.model_validate(value)
     return merged
 
 
@@ -172,6 +204,7 @@ def _bounds(*ranges: dict[str, Any]) -> dict[str, str | None]:
 class Prices(View):
     """GET /prices: the latest aggregate price of every coin, keyed by coin id."""
 
+    @shared
     async def get(self, request: Request) -> Response:
         async with database() as db:
             stored = await queries.latest_per_group(db, CryptoPriceData, "coin_id", AGGREGATE)
@@ -184,6 +217,7 @@ class Prices(View):
 class Price(View):
     """GET /prices/{coin_id}: one coin's latest price and its 24 h high/low."""
 
+    @shared
     async def get(self, request: Request, coin_id: str) -> Response:
         coin_id = _coin_id(coin_id)
         since, until = live.range_window(datetime.now(UTC))
@@ -205,6 +239,7 @@ class Price(View):
 class PriceHistory(View):
     """GET /prices/{coin_id}/history?limit=N&since=ISO: stored snapshots, newest first."""
 
+    @shared
     async def get(self, request: Request, coin_id: str) -> Response:
         coin_id = _coin_id(coin_id)
         raw_since = request.query.get("since")
@@ -337,6 +372,7 @@ class AnalyticsHistory(View):
 class Analytics(View):
     """GET /analytics: the latest market-wide analytics, keyed by source."""
 
+    @shared
     async def get(self, request: Request) -> Response:
         async with database() as db:
             stored = await queries.latest_per_group(db, CryptoMarketAnalytics, "source")

@@ -39,6 +39,8 @@ INVALID = [
     ({"BROKER_SESSION_TIMEOUT": "2"}, "BROKER_HEARTBEAT_INTERVAL", "shorter than"),
     ({"LOG_LEVEL": "warning"}, "LOG_LEVEL", "Input should be 'debug', 'info', 'warn', 'error' or"),
     ({"WEB_ENABLED": "maybe"}, "WEB_ENABLED", "valid boolean"),
+    ({"LOG_FORMAT": "yaml"}, "LOG_FORMAT", "Input should be 'text' or 'json'"),
+    ({"VIEW_CACHE_SECONDS": "-1"}, "VIEW_CACHE_SECONDS", "greater than or equal to 0"),
     # Broker TLS/SASL and database TLS.
     ({"BROKER_SECURITY_PROTOCOL": "TLS"}, "BROKER_SECURITY_PROTOCOL", "'SASL_SSL'"),
     (
