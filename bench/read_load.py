@@ -4,7 +4,7 @@
                                   # one in Python would take the CPU it measures on 2 cores
     .venv/bin/python -m bench.read_load [--seconds 20] [--connections 50] [--rounds 1]
                                         [--backlog 60000] [--only latest,all,history,candles]
-                                        [--code DIR[,DIR...]]
+                                        [--code DIR[,DIR...]] [--identity]
 
 One embedded broker and PostgreSQL; the fake CoinGecko (`coingecko/fake_server.py`) serves 1,000
 coins, moving every `POLL_SECONDS`, and `faust -A app worker` polls it (TOP_N=1000) and sinks the
@@ -17,11 +17,17 @@ snapshots up to now, so history and candles have rows to read. Each endpoint is 
 - history: /prices/bitcoin/history?limit=1000;
 - candles: /prices/bitcoin/candles?interval=5m over the last day (skipped where not served).
 
-The sink's throughput is measured right before each load (unloaded) and during it (loaded): the
-benchmark produces `--backlog` snapshots of 100 of the coins, each backlog in a day of its own
-long ago (so the latest prices do not move), and times them from the first committed row to the
-last by their commit timestamps. The ratio is taken within each pair, the two measured a few
-seconds apart. wrk's requests that were not answered 200 are counted apart (errors column).
+wrk asks for gzip (`Accept-Encoding: gzip`) as browsers and HTTP libraries do; `--identity`
+asks for uncompressed answers.
+
+Each endpoint is loaded twice. First with the worker sinking only the polls (1,000 snapshots
+every POLL_SECONDS, as an offline run): req/s, p50 and p99. Then again while the sink stores a
+backlog as fast as it can: the sink's throughput under that load, against its throughput
+measured right before without load (the ratio is taken within the pair, measured a minute
+apart), and the views' req/s and p99 meanwhile. A backlog is `--backlog` snapshots of 100 of the
+coins in a day of its own long ago (so the latest prices do not move), timed from its first
+committed row to its last by their commit timestamps. Answers other than 200 and socket errors
+are counted in the errors column.
 
 `--code DIR,DIR` runs the worker from each source tree in turn (e.g. an export of `main`:
 `git archive main | tar -x -C /tmp/base`), alternating per round, on the same broker, database
@@ -79,6 +85,7 @@ COLUMNS = (
     "p50 ms",
     "p99 ms",
     "errors",
+    "req/s, p99 ms during a backlog",
     "sink rows/s unloaded",
     "sink rows/s loaded",
     "sink loaded/unloaded",
@@ -134,9 +141,11 @@ def parse_wrk(output: str) -> Load:
     )
 
 
-async def wrk(url: str, connections: int, seconds: int) -> Load:
+async def wrk(url: str, connections: int, seconds: int, gzip: bool) -> Load:
     """Two wrk threads (one per core), a 10 s timeout so slow answers count in the p99."""
     command = ["wrk", "-t2", f"-c{connections}", f"-d{seconds}s", "--timeout", "10s", "--latency"]
+    if gzip:  # as browsers and HTTP libraries (httpx, requests, curl --compressed) ask
+        command += ["-H", "Accept-Encoding: gzip"]
     process = await asyncio.create_subprocess_exec(
         *command, url, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
     )
@@ -276,6 +285,7 @@ async def one_worker(
     only: list[str],
     connections: int,
     seconds: int,
+    gzip: bool,
 ) -> list[tuple[object, ...]]:
     """Start a worker, load each endpoint in turn (the sink timed unloaded, then loaded)."""
     with in_directory(code):
@@ -296,10 +306,13 @@ async def one_worker(
         for endpoint, path in served.items():
             await settled(worker)
             unloaded = await sinking.measure(worker)
-            loading = asyncio.ensure_future(wrk(worker.url + path, connections, seconds))
+            await settled(worker)
+            load = await wrk(worker.url + path, connections, seconds, gzip)  # polls sinking
+            loading = asyncio.ensure_future(wrk(worker.url + path, connections, seconds, gzip))
             await asyncio.sleep(2)  # wrk's connections open and warm up
             loaded = await sinking.measure(worker)
-            load = await loading
+            during = await loading
+            errors = load.errors + during.errors
             rows.append(
                 (
                     name,
@@ -307,7 +320,8 @@ async def one_worker(
                     f"{load.rate:,.0f}",
                     f"{load.p50_ms:.1f}",
                     f"{load.p99_ms:.1f}",
-                    f"{load.errors:,} of {load.requests:,}" if load.errors else "0",
+                    f"{errors:,} of {load.requests + during.requests:,}" if errors else "0",
+                    f"{during.rate:,.0f}, {during.p99_ms:.1f}",
                     f"{unloaded.rate:,.0f}",
                     f"{loaded.rate:,.0f}",
                     f"{loaded.rate / unloaded.rate:.0%}",
@@ -326,9 +340,11 @@ async def main(
     connections: int,
     seconds: int,
     rows: int,
+    gzip: bool,
 ) -> None:
     print(describe_machine())
-    print(f"load: wrk -t2 -c{connections} -d{seconds}s; sink backlogs of {rows:,} rows")
+    accept = "Accept-Encoding: gzip" if gzip else "no Accept-Encoding"
+    print(f"load: wrk -t2 -c{connections} -d{seconds}s, {accept}; sink backlogs of {rows:,} rows")
     now = datetime.now(UTC)
     urls = paths(now)
     with (
@@ -348,7 +364,7 @@ async def main(
                     print(f"round {number}, worker from {code or 'this checkout'}:", flush=True)
                     print(table(COLUMNS, []), flush=True)
                     every += await one_worker(
-                        s, dsn, code, coingecko, sinking, urls, only, connections, seconds
+                        s, dsn, code, coingecko, sinking, urls, only, connections, seconds, gzip
                     )
         finally:
             await kafka.stop()
@@ -392,10 +408,23 @@ if __name__ == "__main__":
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--backlog", type=int, default=60_000, help="rows per sink measurement")
     parser.add_argument("--only", default=",".join(ENDPOINTS))
+    parser.add_argument(
+        "--identity", action="store_true", help="no Accept-Encoding: gzip (uncompressed answers)"
+    )
     parser.add_argument("--code", default="", help="source trees to run the worker from, in turn")
     args = parser.parse_args()
     if shutil.which("wrk") is None:
         sys.exit("bench.read_load needs wrk: apt-get install -y wrk (macOS: brew install wrk)")
     trees: list[Path | None] = [Path(p).resolve() for p in args.code.split(",") if p] or [None]
     selected = [name for name in args.only.split(",") if name]
-    asyncio.run(main(trees, args.rounds, selected, args.connections, args.seconds, args.backlog))
+    asyncio.run(
+        main(
+            trees,
+            args.rounds,
+            selected,
+            args.connections,
+            args.seconds,
+            args.backlog,
+            not args.identity,
+        )
+    )

@@ -26,7 +26,7 @@ class Source:
             await self.gate.wait()
         if self.fail:
             raise LookupError("unknown coin")
-        return Answer(f'{{"n":{number}}}'.encode(), "application/json")
+        return Answer(f'{{"n":{number}}}'.encode(), b"")
 
 
 @pytest.fixture

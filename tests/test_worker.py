@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 import socket
 import subprocess
@@ -60,6 +61,7 @@ async def test_worker_declares_generated_topics_and_stops_cleanly(
         "BROKER_SESSION_TIMEOUT": "4",
         "BROKER_HEARTBEAT_INTERVAL": "1",
         "DATA_DIR": str(tmp_path / "data"),
+        "LOG_FORMAT": "json",
     }
     worker = Process(faust_command("worker", "-l", "info"), env, tmp_path / "worker.log")
     processes.append(worker)
@@ -102,6 +104,12 @@ async def test_worker_declares_generated_topics_and_stops_cleanly(
     assert await worker.stop(signal.SIGTERM) == 0, worker.output
     assert API_KEY not in worker.output
     assert DB_PASSWORD not in worker.output
+    # LOG_FORMAT=json: every log line is a JSON object (Faust's banner, on stdout, is not a log).
+    lines = worker.output.splitlines()
+    logged = [json.loads(line) for line in lines if line.startswith("{")]
+    assert {"timestamp", "level", "logger", "message"} <= set(logged[0])
+    assert any(entry["message"] == "[^Worker]: Ready" for entry in logged)
+    assert not [line for line in lines if "] [INFO] " in line or "] [WARNING] " in line]
 
 
 def _banner(output: str, name: str) -> list[str]:
