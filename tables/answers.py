@@ -33,11 +33,14 @@ STALE_SECONDS = 5.0  # the views' own bound on a computation (READ_TIMEOUT)
 
 @dataclass(frozen=True)
 class Answer:
-    """A serialised answer: the body and its content type."""
+    """A serialised JSON answer, as is and gzipped."""
 
     body: bytes
-    content_type: str
-    status: int = 200
+    gzipped: bytes
+
+    @property
+    def size(self) -> int:
+        return len(self.body) + len(self.gzipped)
 
 
 @dataclass
@@ -86,9 +89,9 @@ class Answers:
     def _store(self, key: str, entry: _Entry) -> None:
         old = self._entries.pop(key, None)
         if old is not None:
-            self._bytes -= len(old.answer.body)
+            self._bytes -= old.answer.size
         self._entries[key] = entry
-        self._bytes += len(entry.answer.body)
+        self._bytes += entry.answer.size
         while self._bytes > self.max_bytes and len(self._entries) > 1:
             _, evicted = self._entries.popitem(last=False)
-            self._bytes -= len(evicted.answer.body)
+            self._bytes -= evicted.answer.size
