@@ -277,7 +277,8 @@ class PriceCandles(View):
     """GET /prices/{coin_id}/candles?interval=1m&since=ISO&until=ISO: OHLC candles of the
     coin's aggregate price, rolled up in the database, oldest first (see CANDLE_SPANS)."""
 
-    async def get(self, request: Request, coin_id: str) -> Response:
+    @shared
+    async def get(self, request: Request, coin_id: str) -> dict[str, Any]:
         coin_id = _coin_id(coin_id)
         interval = request.query.get("interval", "1m")
         if interval not in queries.CANDLE_INTERVALS:
@@ -301,7 +302,7 @@ class PriceCandles(View):
             for candle in found
         ]
         window = {"since": since.isoformat(), "until": until.isoformat()}
-        return self.json({"coin_id": coin_id, "interval": interval, **window, "candles": candles})
+        return {"coin_id": coin_id, "interval": interval, **window, "candles": candles}
 
 
 async def _known_coin(db: asyncpg.Pool, coin_id: str) -> None:
@@ -343,7 +344,8 @@ class OHLCV(View):
     candles as stored (by `timestamp`, the candle's close), oldest first; every timeframe
     unless one is given."""
 
-    async def get(self, request: Request, coin_id: str) -> Response:
+    @shared
+    async def get(self, request: Request, coin_id: str) -> dict[str, Any]:
         coin_id = _coin_id(coin_id)
         timeframe = request.query.get("timeframe")
         if timeframe is not None and not TIMEFRAME.match(timeframe):
@@ -358,7 +360,7 @@ class OHLCV(View):
             coin = {"coin_id": coin_id, **AGGREGATE}
             if not series["rows"] and await queries.latest(db, CryptoOHLCVData, coin) is None:
                 raise NotFound(f"unknown coin {coin_id!r}: no OHLCV candles stored for it")
-        return self.json({"coin_id": coin_id, "timeframe": timeframe, **series})
+        return {"coin_id": coin_id, "timeframe": timeframe, **series}
 
 
 @app.page("/analytics/history")
@@ -366,7 +368,8 @@ class AnalyticsHistory(View):
     """GET /analytics/history?source=coingecko&since=ISO&until=ISO&limit=N: one source's stored
     market analytics, oldest first."""
 
-    async def get(self, request: Request) -> Response:
+    @shared
+    async def get(self, request: Request) -> dict[str, Any]:
         source = request.query.get("source", ANALYTICS_SOURCE)
         if not COIN_ID.match(source):
             raise ValidationError("source must be a source name such as 'coingecko'")
@@ -374,7 +377,7 @@ class AnalyticsHistory(View):
         limit = _limit(request, queries.HISTORY_LIMIT_MAX)
         async with database() as db:
             series = await _series(db, CryptoMarketAnalytics, {"source": source}, window, limit)
-        return self.json({"source": source, **series})
+        return {"source": source, **series}
 
 
 @app.page("/analytics")

@@ -13,6 +13,7 @@ from aiohttp.test_utils import TestServer
 import app as assembled  # registers every view
 from store.db import LazyPool
 from tables import views
+from tables.answers import Answers
 
 
 @asynccontextmanager
@@ -23,6 +24,8 @@ async def serve_views(
     pointed elsewhere for the test)."""
     reads = LazyPool(dsn, 4, reads=True)
     monkeypatch.setattr(views, "read_pool", reads)
+    # Answers belong to the database they were read from: none of another test's are reused.
+    monkeypatch.setattr(views, "answers", Answers(views.answers.seconds))
     server = TestServer(await assembled.app.web.wsgi())  # Faust's aiohttp Application
     await server.start_server()
     try:
