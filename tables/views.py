@@ -107,6 +107,16 @@ def serialised(value: object) -> Answer:
     return Answer(encoded, gzip.compress(encoded, compresslevel=GZIP_LEVEL))
 
 
+def accepts_gzip(accept_encoding: str) -> bool:
+    """Whether an Accept-Encoding header takes gzip (`gzip`, `gzip;q=0.5`, not `gzip;q=0`)."""
+    for part in accept_encoding.split(","):
+        name, _, params = part.partition(";")
+        if name.strip().lower() == "gzip":
+            quality = params.replace(" ", "").lower().removeprefix("q=")
+            return not (params and re.fullmatch(r"0(\.0*)?", quality))
+    return False
+
+
 def shared(
     get: Callable[Concatenate[V, Request, P], Awaitable[dict[str, Any]]],
 ) -> Callable[Concatenate[V, Request, P], Awaitable[Response]]:
@@ -119,7 +129,7 @@ def shared(
             return await asyncio.to_thread(serialised, await get(view, request, *args, **kwargs))
 
         found = await answers.get(f"{type(view).__name__} {request.rel_url}", compute)
-        if "gzip" in request.headers.get("Accept-Encoding", ""):
+        if accepts_gzip(request.headers.get("Accept-Encoding", "")):
             headers = {**JSON, "Content-Encoding": "gzip", "Vary": "Accept-Encoding"}
             return view.bytes(found.gzipped, headers=headers)
         return view.bytes(found.body, headers={**JSON, "Vary": "Accept-Encoding"})
