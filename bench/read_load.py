@@ -394,7 +394,7 @@ def print_medians(rows: list[tuple[object, ...]]) -> None:
                     endpoint,
                     f"{middle(g, 2):,.0f}",
                     f"{middle(g, 4):.1f}",
-                    f"{middle(g, 8):.0f}%",
+                    f"{middle(g, 9):.0f}%",
                 )
                 for (code, endpoint), g in groups.items()
             ],
