@@ -122,6 +122,10 @@ class Settings(BaseSettings):
     web_host: str = "127.0.0.1"
     web_port: int = Field(6066, ge=1, le=65535)
     web_enabled: bool = True
+    # GET /stream/prices (tables/stream.py): clients at once per process (beyond: 503), and the
+    # prices one client may have waiting before it is dropped for falling behind.
+    stream_max_clients: int = Field(100, ge=1, le=10_000)
+    stream_queue_size: int = Field(1000, ge=1, le=100_000)
     # The names `faust worker -l` accepts (it rejects "warning"), so LOG_LEVEL can be passed on.
     log_level: Literal["debug", "info", "warn", "error", "crit"] = "info"
     # "json": one JSON object per line for log shippers (common/logs.py); "text": Faust's lines.

@@ -6,20 +6,19 @@ notice to every listening connection exactly when the rows commit, whichever pro
 them. Each MCP server process (the stdio one and every worker's `/mcp`) holds one LISTEN
 connection and turns each notice into `ResourceUpdated` events on its subscription bus, which
 the SDK's `subscriptions/listen` streams deliver to the clients that asked for those URIs.
-A lost connection is reopened; notices sent meanwhile are lost (PostgreSQL does not queue them
-for a listener that is gone), so a client that needs every change should also re-read.
+The LISTEN connection is `store.notices.StoredRelay`, the one every feed of a process shares
+(the worker's `/mcp` and `/stream/prices`; the stdio server has its own). A lost connection is
+reopened; notices sent meanwhile are lost (PostgreSQL does not queue them for a listener that is
+gone), so `prices://latest` is announced as changed then, and a client that needs every change
+should also re-read.
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
-import logging
 from collections.abc import Callable
-from typing import Any
 
 import anyio
-import asyncpg
 from anyio.abc import TaskStatus
 from mcp.server.mcpserver import MCPServer
 from mcp.server.mcpserver.exceptions import ResourceError
@@ -29,17 +28,12 @@ from mcpserver.tools import reading
 from models.codec import plain_json
 from models.market import AGGREGATE_EXCHANGE, CryptoPriceData
 from store import queries
-from store.db import LazyPool, connect
-from store.writer import STORED_CHANNEL
-
-log = logging.getLogger(__name__)
+from store.db import LazyPool
+from store.notices import StoredNotice, StoredRelay
 
 LATEST_URI = "prices://latest"
 COIN_URI = "prices://{coin_id}"
 AGGREGATE = {"exchange_id": AGGREGATE_EXCHANGE}
-PING_SECONDS = 30.0  # a quiet LISTEN connection is checked this often
-LISTEN_CONNECT_SECONDS = 5.0
-RECONNECT_MAX_SECONDS = 30.0
 
 
 def add_price_feeds(server: MCPServer, database: LazyPool) -> None:
@@ -72,59 +66,30 @@ def add_price_feeds(server: MCPServer, database: LazyPool) -> None:
         return json.dumps(plain_json(row))
 
 
-def updated_uris(payload: str) -> list[str]:
+def updated_uris(notice: StoredNotice) -> list[str]:
     """The resources a stored-rows notice changes: the latest prices and each stored coin's."""
-    notice: dict[str, Any] = json.loads(payload)
-    if notice.get("table") != CryptoPriceData.table.name:
+    if notice.table != CryptoPriceData.table.name:
         return []
-    return [LATEST_URI, *(COIN_URI.format(coin_id=key) for key in notice["keys"])]
+    return [LATEST_URI, *(COIN_URI.format(coin_id=key) for key in notice.keys)]
+
+
+def follow_stored_prices(relay: StoredRelay, bus: SubscriptionBus) -> Callable[[], None]:
+    """Publish the resources each of `relay`'s notices changes on `bus`; returns the
+    unsubscribe call. After a lost connection every coin may have changed: `prices://latest`
+    is published (a client re-reads it)."""
+
+    async def publish(notice: StoredNotice | None) -> None:
+        for uri in [LATEST_URI] if notice is None else updated_uris(notice):
+            await bus.publish(ResourceUpdated(uri=uri))
+
+    return relay.subscribe(publish)
 
 
 async def relay_stored_prices(
     dsn: str, bus: SubscriptionBus, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED
 ) -> None:
-    """Forever: LISTEN for stored rows and publish the changed resources on `bus`. Reports
-    started (`task_status`) once listening, so a server started after it misses no notice;
-    or after a first failure, so a database that is down does not hold the server back."""
-    reported = False
-
-    def report() -> None:
-        nonlocal reported
-        if not reported:
-            reported = True
-            task_status.started()
-
-    failures = 0
-    while True:
-        try:
-            await _listen(dsn, bus, report)
-            failures = 0
-        except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as error:
-            failures += 1
-            log.warning("mcp feeds: LISTEN connection lost (%s)", type(error).__name__)
-            report()
-        await asyncio.sleep(min(2.0**failures, RECONNECT_MAX_SECONDS))
-
-
-async def _listen(dsn: str, bus: SubscriptionBus, listening: Callable[[], None]) -> None:
-    """One LISTEN connection, until it is lost; `listening` is called once it listens."""
-
-    async def relay(connection: object, pid: int, channel: str, payload: str) -> None:
-        try:
-            uris = updated_uris(payload)
-        except (ValueError, KeyError, TypeError):
-            log.warning("mcp feeds: unreadable notice on %s", channel)
-            return
-        for uri in uris:
-            await bus.publish(ResourceUpdated(uri=uri))
-
-    # A short connect: the stdio server answers only once it listens (or has failed to).
-    connection = await connect(dsn, timeout=LISTEN_CONNECT_SECONDS)
-    try:
-        await connection.add_listener(STORED_CHANNEL, relay)
-        listening()
-        while not connection.is_closed():
-            await asyncio.sleep(PING_SECONDS)
-            await connection.fetchval("SELECT 1", timeout=PING_SECONDS)
-    finally:
-        await connection.close(timeout=5)
+    """Forever: a relay of this process's own (the stdio server) feeding `bus`. Reports started
+    (`task_status`) once listening or after a first failure (`StoredRelay.run`)."""
+    relay = StoredRelay(dsn)
+    follow_stored_prices(relay, bus)
+    await relay.run(task_status.started)

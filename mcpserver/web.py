@@ -30,6 +30,7 @@ from app.settings import Settings
 from app.web import json_error
 from models.codec import encode_record
 from models.dsl import StreamRecord
+from tables.stream import relay
 from tables.views import read_pool
 
 if TYPE_CHECKING:
@@ -157,26 +158,28 @@ if settings.web_enabled and settings.mcp_http_enabled:
 
     @app.task
     async def run_mcp_sessions() -> None:
-        """From the first request on, the session manager's task group and the stored-price
-        relay live as long as the worker (cancelled at stop)."""
+        """From the first request on, the session manager's task group lives as long as the
+        worker (cancelled at stop)."""
         await wanted.wait()
         import anyio
         from mcp.server.subscriptions import InMemorySubscriptionBus
 
-        from mcpserver.feeds import relay_stored_prices
+        from mcpserver.feeds import follow_stored_prices
         from mcpserver.server import build_server
 
         bus = InMemorySubscriptionBus()
+        # Stored-price notices come from the web's one LISTEN connection (tables/stream.py).
+        follow_stored_prices(relay, bus)
         # The write tool only with a token: the settings refuse MCP_WRITE_ENABLED without one.
         write = publish if settings.mcp_write_enabled and settings.mcp_token else None
         server = build_server(read_pool, settings, bus, write)
         server.streamable_http_app(
             transport_security=transport_security(settings), host=settings.web_bind
         )
-        async with server.session_manager.run(), anyio.create_task_group() as tasks:
-            await tasks.start(relay_stored_prices, settings.database_dsn, bus)
+        async with server.session_manager.run():
             sessions.append(server.session_manager)
             sessions_running.set()
+            await anyio.sleep_forever()
 
     @app.page(PATH)
     class MCPEndpoint(View):

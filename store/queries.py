@@ -177,6 +177,73 @@ async def history(
     return await _records(record, await db.fetch(sql, *args))
 
 
+async def newer_per_key(
+    db: Executor,
+    record: type[R],
+    filters: Mapping[str, object],
+    after: Mapping[str, datetime],
+    *,
+    limit_per_key: int,
+) -> list[R]:
+    """For each topic key in `after` (e.g. coin id), its rows matching `filters` with time after
+    the key's own bound, oldest first, at most `limit_per_key` of them: one probe of the primary
+    key per key. Ordered by (time, key)."""
+    key = _column(record, record.topic.key_field)
+    time = _column(record, record.table.time_column)
+    conditions, args = _where(record, filters)
+    matches = " AND ".join([f"t.{key} = bounds.key", f"t.{time} > bounds.after", *conditions])
+    args += [list(after), list(after.values()), limit_per_key]
+    n = len(args)
+    sql = f"""
+        SELECT fresh.* FROM unnest(${n - 2}::{_sql_type(record, record.topic.key_field)}[],
+                                   ${n - 1}::timestamptz[]) AS bounds(key, after)
+        CROSS JOIN LATERAL (
+            SELECT {_columns(record)} FROM {quote_ident(record.table.name)} AS t
+            WHERE {matches} ORDER BY t.{time} LIMIT ${n}
+        ) AS fresh
+        ORDER BY fresh.{time}, fresh.{key}
+    """  # noqa: S608 (identifiers from the DSL, quoted; values bound)
+    return [_record(record, row) for row in await db.fetch(sql, *args)]
+
+
+async def after_cursor(
+    db: Executor,
+    record: type[R],
+    filters: Mapping[str, object],
+    cursor: tuple[datetime, str],
+    *,
+    among: Sequence[str] | None = None,
+    limit: int = HISTORY_LIMIT_MAX,
+) -> list[R]:
+    """Rows matching `filters` (and with a topic key in `among`, when given) that come after
+    `cursor` = (time, key) in (time, key) order, in that order, at most `limit` (1..
+    HISTORY_LIMIT_MAX): a stream's catch-up after its last delivered row."""
+    if not 1 <= limit <= HISTORY_LIMIT_MAX:
+        raise ValueError(f"limit must be between 1 and {HISTORY_LIMIT_MAX}, not {limit}")
+    key = _column(record, record.topic.key_field)
+    time = _column(record, record.table.time_column)
+    conditions, args = _where(record, filters)
+    args += list(cursor)
+    # The time bound alone lets an index on the time column (and partition pruning) serve it.
+    conditions += [
+        f"{time} >= ${len(args) - 1}",
+        f"({time}, {key}) > (${len(args) - 1}, ${len(args)})",
+    ]
+    if among is not None:
+        if len(among) > LATEST_LIMIT_MAX:
+            raise ValueError(f"at most {LATEST_LIMIT_MAX} values at once, not {len(among)}")
+        args.append(list(among))
+        conditions.append(
+            f"{key} = ANY(${len(args)}::{_sql_type(record, record.topic.key_field)}[])"
+        )
+    args.append(limit)
+    sql = (
+        f"SELECT {_columns(record)} FROM {quote_ident(record.table.name)} "  # noqa: S608
+        f"WHERE {' AND '.join(conditions)} ORDER BY {time}, {key} LIMIT ${len(args)}"
+    )
+    return [_record(record, row) for row in await db.fetch(sql, *args)]
+
+
 def _check_window(since: datetime | None, until: datetime | None) -> None:
     if since is not None and until is not None and since >= until:
         raise ValueError(f"since ({since.isoformat()}) must be before until ({until.isoformat()})")

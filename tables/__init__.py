@@ -1,5 +1,5 @@
 """Live Faust tables and the web views over them; importing this package registers both."""
 
-from tables import live, views
+from tables import live, stream, views
 
-__all__ = ["live", "views"]
+__all__ = ["live", "stream", "views"]

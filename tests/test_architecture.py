@@ -30,8 +30,17 @@ ALLOWED: dict[str, set[str]] = {
     # The candles views read the aggregates the generators declare.
     "tables": {"agents", "app", "coingecko", "common", "models", "generators.sql", "store"},
     # The read tools take their schemas from the generators; `/mcp` is a view of the worker's web
-    # server, like tables.views, whose read pool it shares.
-    "mcpserver": {"app", "common", "models", "generators", "store", "tables.views"},
+    # server, like tables.views, whose read pool it shares, and tables.stream, whose LISTEN
+    # connection it follows.
+    "mcpserver": {
+        "app",
+        "common",
+        "models",
+        "generators",
+        "store",
+        "tables.stream",
+        "tables.views",
+    },
 }
 # The assembly: where the app meets the agents and tables it registers, and the commands
 # (`faust -A app <command>`) that call into every room.
