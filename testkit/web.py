@@ -3,6 +3,7 @@ reading a given database, without starting a worker (no broker, no agents)."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -34,3 +35,24 @@ async def serve_views(
     finally:
         await server.close()
         await reads.close()
+
+
+class Events:
+    """The events of an open Server-Sent Events response, parsed as a browser does (comments
+    kept, as `{"comment": ...}`)."""
+
+    def __init__(self, response: httpx.Response, timeout: float = 10.0) -> None:
+        self.lines = response.aiter_lines()
+        self.timeout = timeout
+
+    async def next(self) -> dict[str, str]:
+        event: dict[str, str] = {}
+        async with asyncio.timeout(self.timeout):
+            async for line in self.lines:
+                if not line:
+                    if event:
+                        return event
+                    continue
+                field, _, value = line.partition(":")
+                event[field or "comment"] = value.removeprefix(" ")
+        raise AssertionError(f"the stream ended; last event so far {event}")

@@ -24,7 +24,7 @@ from store.notices import StoredNotice, StoredRelay, parse_notice
 from tables import stream
 from testkit.databases import write_records
 from testkit.records import price
-from testkit.web import serve_views
+from testkit.web import Events, serve_views
 
 T0 = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
 AGGREGATE = {"exchange_id": "aggregate"}
@@ -228,26 +228,6 @@ async def sse(
     monkeypatch.setattr(stream, "KEEPALIVE_SECONDS", 0.2)
     async with serve_views(migrated, monkeypatch) as client:
         yield client
-
-
-class Events:
-    """The events of an open Server-Sent Events response, parsed as a browser does (comments
-    kept, as `{"comment": ...}`)."""
-
-    def __init__(self, response: httpx.Response) -> None:
-        self.lines = response.aiter_lines()
-
-    async def next(self) -> dict[str, str]:
-        event: dict[str, str] = {}
-        async with asyncio.timeout(TIMEOUT):
-            async for line in self.lines:
-                if not line:
-                    if event:
-                        return event
-                    continue
-                field, _, value = line.partition(":")
-                event[field or "comment"] = value.removeprefix(" ")
-        raise AssertionError(f"the stream ended; last event so far {event}")
 
 
 async def test_the_stream_view_speaks_server_sent_events(

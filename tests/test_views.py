@@ -7,6 +7,7 @@ standing for partitions another worker (on a host this one cannot reach) consume
 from __future__ import annotations
 
 import asyncio
+import json
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
@@ -29,6 +30,7 @@ from store.db import create_pool
 from tables.live import range_window, widen
 from testkit.databases import create_database, drop_database, write_records
 from testkit.records import price
+from testkit.web import Events
 from testkit.workers import Worker, eventually
 
 pytestmark = pytest.mark.slow
@@ -515,3 +517,47 @@ async def delete_rows(dsn: str, coin: str) -> int:
     finally:
         await connection.close()
     return int(deleted.split()[1])
+
+
+async def test_stored_prices_are_pushed_as_server_sent_events_and_resumed(
+    views: tuple[httpx.AsyncClient, str, Worker], views_broker: EmbeddedBroker
+) -> None:
+    """GET /stream/prices on the worker: each price the sink stores, as GET /prices/{coin}
+    shows it; after a disconnect, Last-Event-ID brings the prices stored meanwhile. (Adds coins
+    the tests above do not expect.)"""
+    client, _, worker = views
+    coins = {"coins": "zz-stream-a,zz-stream-b"}
+    first = [
+        price_ago("zz-stream-a", "1.000000000000000001", 0.5),
+        price_ago("zz-stream-b", "2E-9", 0.4),
+    ]
+    async with client.stream("GET", "/stream/prices", params=coins, timeout=60) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"] == "text/event-stream"
+        await produce(
+            views_broker,
+            [
+                (p.topic.name, p.key(), encode_record(p))
+                for p in [*first, price_ago("zz-other", "1", 0)]
+            ],
+        )
+        events = Events(response, timeout=SETTLE_TIMEOUT)
+        pushed = [await events.next() for _ in first]
+    assert [e["event"] for e in pushed] == ["price", "price"]
+    assert [json.loads(e["data"]) for e in pushed] == [as_json(p) for p in first]
+    assert json.loads(pushed[0]["data"])["usd_price"] == "1.000000000000000001"
+
+    missed = [price_ago("zz-stream-b", "4", 0.2), price_ago("zz-stream-a", "3", 0.3)]
+    await produce(views_broker, [(p.topic.name, p.key(), encode_record(p)) for p in missed])
+
+    async def stored(client: httpx.AsyncClient) -> bool:
+        answer = await client.get("/prices/zz-stream-b/history")
+        return answer.status_code == 200 and answer.json()["count"] == 2
+
+    await until(worker, client, stored, "the missed prices stored")
+    headers = {"Last-Event-ID": pushed[-1]["id"]}
+    async with client.stream("GET", "/stream/prices", params=coins, headers=headers) as response:
+        events = Events(response, timeout=SETTLE_TIMEOUT)
+        resumed = [await events.next() for _ in missed]
+    # In cursor order (last_updated, then coin id): zz-stream-a's 0.3 h ago comes first.
+    assert [json.loads(e["data"]) for e in resumed] == [as_json(missed[1]), as_json(missed[0])]
