@@ -77,23 +77,26 @@ class FeedFull(Exception):
     """The feed has as many subscribers as it allows."""
 
 
-class Subscription(Generic[R]):
-    """One client's bounded queue of (cursor, row) items, ended by a `Dropped`."""
+Item = tuple[Cursor, bytes]  # a row's cursor and the row as the feed renders it
+
+
+class Subscription:
+    """One client's bounded queue of items, ended by a `Dropped`."""
 
     def __init__(self, keys: frozenset[str] | None, size: int) -> None:
         self.keys = keys
-        self.queue: asyncio.Queue[tuple[Cursor, R] | Dropped] = asyncio.Queue(size)
+        self.queue: asyncio.Queue[Item | Dropped] = asyncio.Queue(size)
         self.dropped = False
 
     def wants(self, key: str) -> bool:
         return self.keys is None or key in self.keys
 
-    def offer(self, cursor: Cursor, row: R) -> bool:
-        """Queue the row without waiting; False (and dropped) when the client fell behind."""
+    def offer(self, cursor: Cursor, rendered: bytes) -> bool:
+        """Queue a row without waiting; False (and dropped) when the client fell behind."""
         if self.dropped:
             return False
         try:
-            self.queue.put_nowait((cursor, row))
+            self.queue.put_nowait((cursor, rendered))
             return True
         except asyncio.QueueFull:
             undelivered = [cursor, *(item[0] for item in self._empty() if type(item) is tuple)]
@@ -111,7 +114,7 @@ class Subscription(Generic[R]):
             self._empty()
             self.queue.put_nowait(Dropped(reason, resume_after))
 
-    def _empty(self) -> list[tuple[Cursor, R] | Dropped]:
+    def _empty(self) -> list[Item | Dropped]:
         items = []
         while not self.queue.empty():
             items.append(self.queue.get_nowait())
@@ -120,7 +123,8 @@ class Subscription(Generic[R]):
 
 class Feed(Generic[R]):
     """The rows of `record` matching `filters` (equality on columns, e.g. the aggregate
-    exchange), pushed as they are stored, to at most `max_subscribers` subscribers."""
+    exchange), pushed as they are stored, to at most `max_subscribers` subscribers. Each row is
+    rendered once (`render`, e.g. as an SSE event), whatever the number of subscribers."""
 
     def __init__(
         self,
@@ -128,19 +132,20 @@ class Feed(Generic[R]):
         pool: Callable[[], Awaitable[asyncpg.Pool]],
         record: type[R],
         filters: Mapping[str, object],
+        render: Callable[[Cursor, R], bytes],
         *,
         max_subscribers: int,
         queue_size: int,
     ) -> None:
         self.record = record
         self.filters = dict(filters)
+        self.render = render
         self.max_subscribers = max_subscribers
         self.queue_size = queue_size
         self._key = record.topic.key_field
         self._time = record.table.time_column
-        self._relay = relay
         self._pool = pool
-        self._subscribers: list[Subscription[R]] = []
+        self._subscribers: list[Subscription] = []
         # Per key, the newest time the feed has read; None while nobody subscribes (it is then
         # read afresh, so a new subscriber does not get what was stored while nobody listened).
         self._seen: dict[str, datetime] | None = None
@@ -148,24 +153,19 @@ class Feed(Generic[R]):
         self._wake = asyncio.Event()
         self._start = asyncio.Lock()
         self._pump_task: asyncio.Task[None] | None = None
-        self._unsubscribe: Callable[[], None] | None = None
+        relay.subscribe(self._notice)  # for good: it returns at once while nobody subscribes
 
     @property
     def subscribers(self) -> int:
         return len(self._subscribers)
 
-    def cursor_of(self, row: R) -> Cursor:
-        return Cursor(getattr(row, self._time), getattr(row, self._key))
-
     @contextlib.asynccontextmanager
-    async def subscribe(self, keys: frozenset[str] | None = None) -> AsyncIterator[Subscription[R]]:
+    async def subscribe(self, keys: frozenset[str] | None = None) -> AsyncIterator[Subscription]:
         """A subscription to the rows stored from now on (of `keys` only, when given); FeedFull
         beyond `max_subscribers`."""
         if len(self._subscribers) >= self.max_subscribers:
             raise FeedFull(f"at most {self.max_subscribers} clients")
         async with self._start:
-            if self._unsubscribe is None:
-                self._unsubscribe = self._relay.subscribe(self._notice)
             if self._seen is None:
                 newest = await queries.latest_per_group(
                     await self._pool(), self.record, self._key, self.filters
@@ -175,14 +175,14 @@ class Feed(Generic[R]):
                 self._pump_task = asyncio.create_task(self._pump(), name="feed pump")
         if len(self._subscribers) >= self.max_subscribers:  # others got in while this waited
             raise FeedFull(f"at most {self.max_subscribers} clients")
-        subscription = Subscription[R](keys, self.queue_size)
+        subscription = Subscription(keys, self.queue_size)
         self._subscribers.append(subscription)
         try:
             yield subscription
         finally:
             self._leave(subscription)
 
-    def _leave(self, subscription: Subscription[R]) -> None:
+    def _leave(self, subscription: Subscription) -> None:
         if subscription in self._subscribers:
             self._subscribers.remove(subscription)
         if not self._subscribers:  # the pump ends; the next subscriber starts it again
@@ -190,10 +190,8 @@ class Feed(Generic[R]):
             self._pending.clear()
             self._wake.set()
 
-    async def catch_up(
-        self, after: Cursor, keys: frozenset[str] | None, limit: int
-    ) -> list[tuple[Cursor, R]]:
-        """The stored rows after `after`, in cursor order, at most `limit`."""
+    async def catch_up(self, after: Cursor, keys: frozenset[str] | None, limit: int) -> list[Item]:
+        """The stored rows after `after`, in cursor order, at most `limit`, rendered."""
         among = None if keys is None else sorted(keys)
         rows = await queries.after_cursor(
             await self._pool(),
@@ -203,7 +201,11 @@ class Feed(Generic[R]):
             among=among,
             limit=limit,
         )
-        return [(self.cursor_of(row), row) for row in rows]
+        return [self._item(row) for row in rows]
+
+    def _item(self, row: R) -> Item:
+        cursor = Cursor(getattr(row, self._time), getattr(row, self._key))
+        return cursor, self.render(cursor, row)
 
     def close(self, reason: str) -> None:
         """Drop every subscriber (the server is stopping)."""
@@ -246,12 +248,15 @@ class Feed(Generic[R]):
             await self._pool(), self.record, self.filters, after, limit_per_key=ROWS_PER_KEY
         )
         for row in rows:
-            cursor = self.cursor_of(row)
-            if cursor.time > seen.get(cursor.key, BEFORE_ANY_ROW):
-                seen[cursor.key] = cursor.time
-            for subscription in list(self._subscribers):
-                if subscription.wants(cursor.key) and not subscription.offer(cursor, row):
-                    self._leave(subscription)
+            key, time = getattr(row, self._key), getattr(row, self._time)
+            if time > seen.get(key, BEFORE_ANY_ROW):
+                seen[key] = time
+            wanting = [s for s in self._subscribers if s.wants(key)]
+            if wanting:
+                cursor, rendered = self._item(row)
+                for subscription in wanting:
+                    if not subscription.offer(cursor, rendered):
+                        self._leave(subscription)
         counts = Counter(getattr(row, self._key) for row in rows)
         more = {key for key, count in counts.items() if count == ROWS_PER_KEY}
         if more:  # a key with more new rows than one round reads: read on

@@ -17,7 +17,7 @@ that reconnects with `Last-Event-ID` gets the stored prices after that cursor fi
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable
+from typing import cast
 
 import asyncpg
 from aiohttp import web
@@ -29,7 +29,7 @@ from app.web import COMPACT
 from models.codec import plain_json
 from models.market import CryptoPriceData
 from store import queries
-from store.feed import Cursor, Dropped, Feed, FeedFull, Subscription
+from store.feed import Cursor, Dropped, Feed, FeedFull, Item, Subscription
 from store.notices import StoredRelay
 from tables import views
 
@@ -45,11 +45,17 @@ async def _read_pool() -> asyncpg.Pool:
     return await views.read_pool.get()
 
 
+def price_event(cursor: Cursor, price: CryptoPriceData) -> bytes:
+    """A price as an SSE event: rendered once per price, whatever the number of clients."""
+    return f"id: {cursor}\nevent: price\ndata: {COMPACT(plain_json(price))}\n\n".encode()
+
+
 price_feed = Feed(
     relay,
     _read_pool,
     CryptoPriceData,
     views.AGGREGATE,
+    price_event,
     max_subscribers=settings.stream_max_clients,
     queue_size=settings.stream_queue_size,
 )
@@ -65,10 +71,6 @@ if settings.web_enabled:
 @app.on_before_shutdown.connect
 async def _end_streams(sender: object, /, *args: object, signal: object, **kwargs: object) -> None:
     price_feed.close("the server is stopping")
-
-
-def price_event(cursor: Cursor, price: CryptoPriceData) -> bytes:
-    return f"id: {cursor}\nevent: price\ndata: {COMPACT(plain_json(price))}\n\n".encode()
 
 
 def dropped_event(dropped: Dropped) -> bytes:
@@ -114,6 +116,7 @@ class PriceStream(View):
                 response.content_type = "text/event-stream"
                 await response.prepare(request)  # type: ignore[arg-type]  # aiohttp's request
                 try:
+                    await response.write(KEEPALIVE)  # sends the headers: the client is subscribed
                     await _stream(response, subscription, coins, after)
                 except ConnectionError:  # the client left
                     pass
@@ -127,7 +130,7 @@ class PriceStream(View):
 
 async def _stream(
     response: web.StreamResponse,
-    subscription: Subscription[CryptoPriceData],
+    subscription: Subscription,
     coins: frozenset[str] | None,
     after: Cursor | None,
 ) -> None:
@@ -141,18 +144,23 @@ async def _stream(
         if ended is not None:
             await response.write(dropped_event(ended))
             return
+    queue = subscription.queue
     while True:
         try:
-            item = await asyncio.wait_for(subscription.queue.get(), KEEPALIVE_SECONDS)
+            first = await asyncio.wait_for(queue.get(), KEEPALIVE_SECONDS)
         except TimeoutError:
             await response.write(KEEPALIVE)
             continue
-        if isinstance(item, Dropped):
-            await response.write(dropped_event(item))
+        items = [first, *(queue.get_nowait() for _ in range(queue.qsize()))]
+        last = items[-1]
+        dropped = last if isinstance(last, Dropped) else None  # a Dropped is always the last
+        prices = cast(list[Item], items[:-1] if dropped else items)
+        events = [event for cursor, event in prices if cursor not in caught_up]
+        if dropped is not None:
+            events.append(dropped_event(dropped))
+        await response.write(b"".join(events))  # what waits goes out in one write
+        if dropped is not None:
             return
-        cursor, price = item
-        if cursor not in caught_up:
-            await response.write(price_event(cursor, price))
 
 
 async def _catch_up(
@@ -164,17 +172,10 @@ async def _catch_up(
     """Send the stored prices after `after`, page by page; a Dropped if there were too many."""
     for _ in range(CATCH_UP_PAGES):
         page = await price_feed.catch_up(after, coins, queries.HISTORY_LIMIT_MAX)
-        await _send(response, page, sent)
+        await response.write(b"".join(event for _, event in page))
+        sent.update(cursor for cursor, _ in page)
         if len(page) < queries.HISTORY_LIMIT_MAX:
             return None
         after = page[-1][0]
     limit = CATCH_UP_PAGES * queries.HISTORY_LIMIT_MAX
     return Dropped(f"more than {limit} stored prices to catch up; reconnect to continue", after)
-
-
-async def _send(
-    response: web.StreamResponse, page: Iterable[tuple[Cursor, CryptoPriceData]], sent: set[Cursor]
-) -> None:
-    for cursor, price in page:
-        await response.write(price_event(cursor, price))
-        sent.add(cursor)

@@ -45,13 +45,15 @@ class Events:
         self.lines = response.aiter_lines()
         self.timeout = timeout
 
-    async def next(self) -> dict[str, str]:
+    async def next(self, *, comments: bool = False) -> dict[str, str]:
+        """The next event; with `comments`, a comment (`: keepalive`) counts as one."""
         event: dict[str, str] = {}
         async with asyncio.timeout(self.timeout):
             async for line in self.lines:
                 if not line:
-                    if event:
+                    if event and (comments or set(event) != {"comment"}):
                         return event
+                    event = {}
                     continue
                 field, _, value = line.partition(":")
                 event[field or "comment"] = value.removeprefix(" ")

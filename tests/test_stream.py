@@ -55,18 +55,25 @@ def price_feed(relay: StoredRelay, pool: asyncpg.Pool, **limits: int) -> Feed[Cr
         return pool
 
     sizes = {"max_subscribers": 10, "queue_size": 100, **limits}
-    return Feed(relay, get_pool, CryptoPriceData, AGGREGATE, **sizes)
+    return Feed(relay, get_pool, CryptoPriceData, AGGREGATE, stream.price_event, **sizes)
 
 
-async def take(subscription: Subscription[CryptoPriceData], count: int) -> list[Any]:
-    """The next `count` items: (coin, usd as stored) for a price, the Dropped itself."""
+def shown(event: bytes) -> dict[str, Any]:
+    """The price an SSE event carries."""
+    data: dict[str, Any] = json.loads(event.decode().split("\ndata: ", 1)[1])
+    return data
+
+
+async def take(subscription: Subscription, count: int) -> list[Any]:
+    """The next `count` items: (coin, usd as shown) for a price, the Dropped itself."""
     taken: list[Any] = []
     async with asyncio.timeout(TIMEOUT):
         for _ in range(count):
             item = await subscription.queue.get()
-            taken.append(
-                item if isinstance(item, Dropped) else (item[1].coin_id, str(item[1].usd_price))
-            )
+            if isinstance(item, Dropped):
+                taken.append(item)
+            else:
+                taken.append((shown(item[1])["coin_id"], shown(item[1])["usd_price"]))
     return taken
 
 
@@ -131,10 +138,9 @@ async def test_exact_values_travel_as_the_price_view_shows_them(
         async with asyncio.timeout(TIMEOUT):
             item = await subscription.queue.get()
     assert not isinstance(item, Dropped)
-    cursor, row = item
-    assert cursor == Cursor(at(1), "shiba-inu") and row == stored
-    event = stream.price_event(cursor, row).decode()
-    head, data = event.removesuffix("\n\n").rsplit("\n", 1)
+    cursor, rendered = item
+    assert cursor == Cursor(at(1), "shiba-inu")
+    head, data = rendered.decode().removesuffix("\n\n").rsplit("\n", 1)
     assert head == f"id: {cursor}\nevent: price"
     assert json.loads(data.removeprefix("data: ")) == plain_json(stored)
     assert json.loads(data.removeprefix("data: "))["usd_price"] == "0.000000631917"
@@ -196,13 +202,13 @@ async def test_catch_up_after_a_cursor_in_cursor_order(
     await write_records(pool, rows)
     feed = price_feed(relay, pool)
     after = await feed.catch_up(Cursor(at(1), "bitcoin"), None, 1000)
-    assert [(c, p.usd_price) for c, p in after] == [
-        (Cursor(at(1), "ethereum"), 2),
-        (Cursor(at(2), "aave"), 3),
-        (Cursor(at(3), "bitcoin"), 4),
+    assert [(c, shown(event)["usd_price"]) for c, event in after] == [
+        (Cursor(at(1), "ethereum"), "2"),
+        (Cursor(at(2), "aave"), "3"),
+        (Cursor(at(3), "bitcoin"), "4"),
     ]
     only = await feed.catch_up(Cursor(at(1), ""), frozenset({"bitcoin"}), 1000)
-    assert [p.usd_price for _, p in only] == [1, 4]
+    assert [shown(event)["usd_price"] for _, event in only] == ["1", "4"]
     assert len(await feed.catch_up(Cursor(at(0), ""), None, 2)) == 2
 
 
@@ -238,7 +244,8 @@ async def test_the_stream_view_speaks_server_sent_events(
         assert response.status_code == 200
         assert response.headers["content-type"] == "text/event-stream"
         events = Events(response)
-        assert await events.next() == {"comment": "keepalive"}  # nothing stored yet
+        assert await events.next(comments=True) == {"comment": "keepalive"}  # subscribed
+        assert await events.next(comments=True) == {"comment": "keepalive"}  # while quiet
         stored = price("bitcoin", "65000.123456789012345678", at(2))
         await write_records(pool, [price("ethereum", "3", at(2)), stored])
         event = await events.next()
@@ -276,7 +283,7 @@ async def test_a_dropped_client_gets_a_final_event_and_the_stream_ends(
     server stops; one that fell behind is told where to resume in the event's id."""
     async with sse.stream("GET", "/stream/prices") as response:
         events = Events(response)
-        assert (await events.next())["comment"] == "keepalive"  # subscribed
+        assert await events.next(comments=True) == {"comment": "keepalive"}  # subscribed
         stream.price_feed.close("the server is stopping")
         assert await events.next() == {
             "event": "dropped",
@@ -312,7 +319,8 @@ async def test_clients_beyond_the_cap_get_503(sse: httpx.AsyncClient) -> None:
         sse.stream("GET", "/stream/prices") as one,
         sse.stream("GET", "/stream/prices") as two,
     ):
-        assert (await Events(one).next())["comment"] == (await Events(two).next())["comment"]
-        third = await sse.get("/stream/prices")
+        first, second = Events(one), Events(two)  # kept: a dropped reader closes its response
+        assert await first.next(comments=True) == await second.next(comments=True)
+        third = await sse.get("/stream/prices", timeout=TIMEOUT)
         assert third.status_code == 503
         assert third.json() == {"error": "too many stream clients: at most 2 clients"}
