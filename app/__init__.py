@@ -1,12 +1,13 @@
 """QiCore Streams: `faust -A app worker` finds the Faust application here.
 
 The app is assembled here: importing the package registers the commands (`faust -A app
-<command>`), the agents (poller, sinks), the live tables with their web views and the MCP
-server's `/mcp`; a worker makes the live tables observers of the sinks that feed them when it
-starts.
+<command>`), the agents (poller, sinks), the live tables with their web views, the MCP server's
+`/mcp` and the dashboard at `/`; a worker makes the live tables observers of the sinks that feed
+them when it starts.
 """
 
 import agents
+import dashboard.web
 import mcpserver.web
 import tables
 from app import commands
@@ -23,4 +24,4 @@ def _observe_sinks(sender: object, /, *args: object, signal: object, **kwargs: o
             agents.sinks.SINKS[topic].observers.append(observer)
 
 
-__all__ = ["agents", "app", "commands", "mcpserver", "settings", "tables", "topics"]
+__all__ = ["agents", "app", "commands", "dashboard", "mcpserver", "settings", "tables", "topics"]

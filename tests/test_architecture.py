@@ -41,6 +41,8 @@ ALLOWED: dict[str, set[str]] = {
         "tables.stream",
         "tables.views",
     },
+    # The page at `/` and its assets: it reads the app only through the views' HTTP API.
+    "dashboard": {"app.main"},
 }
 # The assembly: where the app meets the agents and tables it registers, and the commands
 # (`faust -A app <command>`) that call into every room.
