@@ -35,6 +35,12 @@ function showMessage(id, text) {
   box.hidden = !text;
 }
 
+// Instead of the chart: why there is none.
+function chartMessage(text) {
+  showMessage("#chart-message", text);
+  $("#chart").hidden = true;
+}
+
 async function getJSON(url) {
   const response = await fetch(url, { headers: { Accept: "application/json" } });
   let body = null;
@@ -103,7 +109,9 @@ function showCoin(price, range) {
     tr.querySelector("td.high").textContent = entry.range_24h.high ?? "–";
     tr.querySelector("td.low").textContent = entry.range_24h.low ?? "–";
   }
-  tr.querySelector("td.updated").textContent = utc(price.last_updated);
+  const updated = tr.querySelector("td.updated");
+  updated.textContent = utc(price.last_updated).slice(11); // the time; the date on hover
+  updated.title = utc(price.last_updated);
   $("#prices-count").textContent = `${state.coins.size} coins`;
   return true;
 }
@@ -234,11 +242,11 @@ async function loadChart(coinIds) {
   intervalSelect.onchange = navigate;
 
   if (!state.coin) {
-    showMessage("#chart-message", "No coin to chart yet: no prices are stored.");
+    chartMessage("No coin to chart yet: no prices are stored.");
     return;
   }
   if (!(state.interval in INTERVALS)) {
-    showMessage("#chart-message",
+    chartMessage(
       `Unknown interval "${state.interval}": choose one of ${Object.keys(INTERVALS).join(", ")}.`);
     return;
   }
@@ -246,12 +254,12 @@ async function loadChart(coinIds) {
   const params = new URLSearchParams({ interval: state.interval, since });
   const answer = await getJSON(`/prices/${encodeURIComponent(state.coin)}/candles?${params}`);
   if (answer.status === 404) {
-    showMessage("#chart-message",
+    chartMessage(
       `No prices for coin "${state.coin}": it is not a tracked coin. Pick one from the table.`);
     return;
   }
   if (!answer.ok) {
-    showMessage("#chart-message",
+    chartMessage(
       `Cannot chart "${state.coin}": ${answer.body?.error ?? `HTTP ${answer.status}`}`);
     return;
   }
