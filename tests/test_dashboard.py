@@ -194,8 +194,13 @@ async def test_the_dashboard_shows_the_data_live_in_a_browser(
         return shown if Decimal(shown) == Decimal(NEW_BTC_PRICE) else None
 
     stored = await eventually(new_btc_price, worker, "the new bitcoin price stored")
+    # The new price is the 24 h high now, in the same digits.
     await in_page(
-        browser, TABLE, lambda t: t["bitcoin"]["price"] == stored, worker, "the pushed price"
+        browser,
+        TABLE,
+        lambda t: t["bitcoin"]["price"] == t["bitcoin"]["high"] == stored,
+        worker,
+        "the pushed price",
     )
     await in_page(browser, LAST_CLOSE, lambda c: c == stored, worker, "the chart extended")
     assert await asyncio.to_thread(browser.execute_script, "return window.notReloaded") is True

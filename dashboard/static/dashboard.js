@@ -2,7 +2,8 @@
 // from the app's JSON views and kept live by the push feed (/stream/prices).
 //
 // Decimals arrive as JSON strings and are shown as those strings: never through Number(), so the
-// table shows exactly the digits stored. Numbers are used only to draw the chart and to order.
+// table shows exactly the digits stored, and compared as strings (compareDecimals). Numbers are
+// used only where nothing is shown: plotly's axes, and the table's order by market cap.
 "use strict";
 
 const INTERVALS = { "1m": 60e3, "5m": 300e3, "15m": 900e3, "1h": 3600e3, "4h": 14400e3, "1d": 864e5 };
@@ -62,6 +63,29 @@ function grouped(decimal) {
   const [whole, fraction] = String(decimal).split(".");
   const withCommas = whole.replace(/\B(?=(\d{3})+(?!\d))/g, ",");
   return fraction === undefined ? withCommas : `${withCommas}.${fraction}`;
+}
+
+// The order of two non-negative decimal strings in plain notation (as the views write them),
+// exactly: -1, 0 or 1.
+function compareDecimals(a, b) {
+  const [aWhole, aFraction = ""] = a.split(".");
+  const [bWhole, bFraction = ""] = b.split(".");
+  const x = aWhole.replace(/^0+(?=\d)/, "");
+  const y = bWhole.replace(/^0+(?=\d)/, "");
+  if (x.length !== y.length) return Math.sign(x.length - y.length);
+  const width = Math.max(aFraction.length, bFraction.length);
+  const left = x + aFraction.padEnd(width, "0");
+  const right = y + bFraction.padEnd(width, "0");
+  return left === right ? 0 : left < right ? -1 : 1;
+}
+
+const maxDecimal = (a, b) => (compareDecimals(a, b) >= 0 ? a : b);
+const minDecimal = (a, b) => (compareDecimals(a, b) <= 0 ? a : b);
+
+// A 24 h range that a newer price widens (until the next load narrows it to the window again).
+function widened(range, value) {
+  if (!range || range.high === null || range.low === null) return range;
+  return { ...range, high: maxDecimal(range.high, value), low: minDecimal(range.low, value) };
 }
 
 function signClass(decimal) {
@@ -171,10 +195,13 @@ function connectFeed() {
     badge.className = "badge bad";
   });
   feed.addEventListener("price", (event) => {
-    const coin = JSON.parse(event.data);
-    if (showCoin(coin.price, coin.range_24h)) {
-      flash(coin.price.coin_id);
-      extendChart(coin.price);
+    // The stored price record; also taken in the shape of GET /prices/{coin_id} (with its range).
+    const pushed = JSON.parse(event.data);
+    const price = pushed.price ?? pushed;
+    const known = state.coins.get(price.coin_id)?.range_24h;
+    if (showCoin(price, pushed.range_24h ?? widened(known, price.usd_price))) {
+      flash(price.coin_id);
+      extendChart(price);
     }
   });
 }
@@ -214,8 +241,8 @@ function extendChart(price) {
   const value = price.usd_price;
   if (last && at < last.ms) return; // older than the chart's newest candle
   if (last && at < last.ms + width) {
-    last.high = Number(value) > Number(last.high) ? value : last.high;
-    last.low = Number(value) < Number(last.low) ? value : last.low;
+    last.high = maxDecimal(last.high, value);
+    last.low = minDecimal(last.low, value);
     last.close = value;
   } else {
     // Candles share their boundaries (all start on a whole number of widths from one origin).
