@@ -11,6 +11,7 @@ const DEFAULT_INTERVAL = "15m";
 const CANDLES_SHOWN = 120;
 const RANGE_FETCHES = 4; // concurrent /prices/{coin} requests while the table fills
 const HEALTH_EVERY_MS = 5000;
+const FEED_RETRY_MS = 10000;
 const ANALYTICS_EVERY_MS = 30000;
 
 const query = new URLSearchParams(location.search);
@@ -187,8 +188,18 @@ function connectFeed() {
     badge.className = "badge ok";
   };
   feed.onerror = () => {
-    badge.textContent = "reconnecting…"; // EventSource retries by itself, with Last-Event-ID
     badge.className = "badge bad";
+    if (feed.readyState !== EventSource.CLOSED) {
+      badge.textContent = "reconnecting…"; // EventSource retries by itself, with Last-Event-ID
+      return;
+    }
+    // Refused (an error status, e.g. too many clients): EventSource gives up, so start anew and
+    // reload the prices, which covers whatever was pushed meanwhile.
+    badge.textContent = "feed refused: retrying…";
+    setTimeout(() => {
+      connectFeed();
+      loadPrices();
+    }, FEED_RETRY_MS);
   };
   feed.addEventListener("dropped", () => {
     badge.textContent = "fell behind: resuming…";
