@@ -127,11 +127,11 @@ async def get_json(url: str) -> Any:
 
 @pytest.mark.slow
 async def test_the_dashboard_shows_the_data_live_in_a_browser(
+    browser: WebDriver,  # first: without a browser, nothing else is started
     migrated: str,
     kafka: Kafka,
     workers: Callable[..., Worker],
     fake_coingecko: FakeCoinGecko,
-    browser: WebDriver,
     tmp_path: Path,
 ) -> None:
     # Its prices a few minutes old: in the candles' window, and still in the past after the
