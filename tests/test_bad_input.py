@@ -47,6 +47,9 @@ from testkit.pollers import BrokerTopics, make_poller
 from testkit.strategies import valid
 from testkit.workers import Family, Kafka, Worker, eventually
 
+# The module-scoped `pipeline` worker: one xdist process runs every test that uses it.
+pytestmark = pytest.mark.xdist_group("test_bad_input")
+
 NOW = datetime(2024, 5, 1, 12, tzinfo=UTC)
 # Strings that have broken decimal and date parsers: NaN spellings, exponents beyond any decimal
 # context, signed zeros, naive and out-of-range times, control characters.

@@ -10,14 +10,15 @@ where it can show: the sink's counters say how many messages were recognised as 
 
 Completion is decided by polling the table and the committed offsets against the offsets the
 producer got back, never by high-water marks, which the embedded broker gets wrong. Every scenario
-adds its numbers to `reliability.json` in pytest's base temp directory (and prints them with
-`-s`); docs/reliability.md quotes them.
+writes its numbers to `reliability/<scenario>.json` in pytest's base temp directory (and prints
+them with `-s`); docs/reliability.md quotes them.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
 import random
 import signal
 import subprocess
@@ -59,15 +60,20 @@ DRAIN_TIMEOUT = 180.0  # tens of thousands of rows through a worker on a shared,
 Report = dict[str, dict[str, Any]]
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture
 def report(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Report]:
-    """What each scenario observed; written out (and printed) once the session ends."""
+    """What the scenario observed; written out (and printed) once it ends, one file per scenario
+    in the run's base temp directory, which the xdist processes of a run share."""
     numbers: Report = {}
     yield numbers
-    if numbers:
-        path = tmp_path_factory.getbasetemp() / "reliability.json"
-        path.write_text(json.dumps(numbers, indent=2))
-        print(f"\nreliability numbers ({path}):\n{json.dumps(numbers, indent=2)}")
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent  # the process's own is <base>/popen-gwN
+    for scenario, values in numbers.items():
+        path = base / "reliability" / f"{scenario}.json"
+        path.parent.mkdir(exist_ok=True)
+        path.write_text(json.dumps(values, indent=2))
+        print(f"\nreliability numbers ({path}):\n{json.dumps(values, indent=2)}")
 
 
 @pytest.fixture

@@ -33,7 +33,7 @@ from testkit.records import price
 from testkit.web import Events
 from testkit.workers import Worker, eventually
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("test_views")]
 
 T = TypeVar("T")
 START_TIMEOUT = 90.0  # generous: the suite shares two cores
