@@ -15,7 +15,7 @@ TESTS = Path(__file__).parent
 def fixture_scopes(path: Path) -> dict[str, str]:
     """The functions decorated with `pytest.fixture` (called or not) in a module, with their
     scope ("function" unless given; "dynamic" for a scope computed at run time)."""
-    scopes = {}
+    scopes: dict[str, str] = {}
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
             for decorator in node.decorator_list:
@@ -28,7 +28,7 @@ def fixture_scopes(path: Path) -> dict[str, str]:
                     ]
                     scope = given[0] if given else ast.Constant("function")
                     scopes[node.name] = (
-                        scope.value if isinstance(scope, ast.Constant) else "dynamic"
+                        str(scope.value) if isinstance(scope, ast.Constant) else "dynamic"
                     )
     return scopes
 
