@@ -371,7 +371,7 @@ async def test_http_on_the_workers_port_with_a_token(
     worker = await started(workers(stocked, {"MCP_TOKEN": TOKEN}))
     url = f"{worker.url}/mcp"
     async with (
-        httpx2.AsyncClient(headers={"Authorization": f"Bearer {TOKEN}"}) as http,
+        httpx2.AsyncClient(headers={"Authorization": f"Bearer {TOKEN}"}, timeout=TIMEOUT) as http,
         Client(streamable_http_client(url, http_client=http)) as client,
     ):
         await check_answers(client, stocked)
@@ -489,7 +489,7 @@ async def test_subscribed_clients_are_told_when_a_price_is_stored(
     new = price("solana", "sol", "142.000000000000000000000000000001", NOW)
     async with (
         Client(stdio_server(stocked, bare_env)) as local,
-        httpx2.AsyncClient(headers={"Authorization": f"Bearer {TOKEN}"}) as http,
+        httpx2.AsyncClient(headers={"Authorization": f"Bearer {TOKEN}"}, timeout=TIMEOUT) as http,
         Client(streamable_http_client(f"{worker.url}/mcp", http_client=http)) as remote,
         local.listen(resource_subscriptions=[uri, "prices://latest"]) as over_stdio,
         remote.listen(resource_subscriptions=[uri]) as over_http,
@@ -526,7 +526,7 @@ async def test_the_write_tool_publishes_a_price_that_the_sink_stores_once(
         "last_updated": "2024-06-01T12:00:00.123456+02:00",
     }
     async with (
-        httpx2.AsyncClient(headers={"Authorization": f"Bearer {TOKEN}"}) as http,
+        httpx2.AsyncClient(headers={"Authorization": f"Bearer {TOKEN}"}, timeout=TIMEOUT) as http,
         Client(streamable_http_client(f"{worker.url}/mcp", http_client=http)) as client,
     ):
         tools = {tool.name: tool for tool in (await client.list_tools()).tools}
