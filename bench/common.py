@@ -108,6 +108,10 @@ class Run:
     peak_rss: int = 0
     started_at: float = float("nan")  # wall-clock time just before the processes were spawned
     cpu_seconds: float = float("nan")  # the processes' user + system time, start to last row
+    # From the first row seen to the last: the share of the wall time the processes' main threads
+    # (their event loops) ran on a CPU, and waited runnable for one (mean over the processes);
+    # the rest they slept, waiting on I/O, a lock or the GIL. None: not measured.
+    main_thread: tuple[float, float] | None = None
 
     @property
     def rate(self) -> float:
@@ -126,6 +130,39 @@ class Run:
     def first_row_after(self) -> float:
         """Seconds from spawning the processes to the first committed row."""
         return self.first_commit_at - self.started_at
+
+
+@dataclass(frozen=True)
+class ThreadTime:
+    """Nanoseconds a thread has run on a CPU and waited, runnable, for one (`/proc` schedstat):
+    on a shared machine the second tells waiting for a CPU from waiting for I/O."""
+
+    running: int
+    queued: int
+    at: float  # time.perf_counter() when read
+
+
+def main_thread_time(pid: int) -> ThreadTime | None:
+    """The process's main thread's `ThreadTime`; None if the process is gone (or not Linux)."""
+    try:
+        running, queued, _ = Path(f"/proc/{pid}/task/{pid}/schedstat").read_text().split()
+    except (OSError, ValueError):
+        return None
+    return ThreadTime(int(running), int(queued), time.perf_counter())
+
+
+def thread_shares(
+    since: Sequence[ThreadTime | None], until: Sequence[ThreadTime | None]
+) -> tuple[float, float] | None:
+    """Mean shares of the wall time between two readings spent running and queued for a CPU."""
+    shares = [
+        ((b.running - a.running) / wall, (b.queued - a.queued) / wall)
+        for a, b in zip(since, until, strict=True)
+        if a is not None and b is not None and (wall := (b.at - a.at) * 1e9) > 0
+    ]
+    if not shares:
+        return None
+    return statistics.mean(r for r, _ in shares), statistics.mean(q for _, q in shares)
 
 
 def commit_times(table: str) -> str:
@@ -150,11 +187,13 @@ async def watch_rows(
     started_at: float = float("nan"),
 ) -> Run:
     """Wait until `target` rows are in `table` (quoted), sampling RSS every 50 ms; time the rows
-    by their commit timestamps, and take the processes' CPU time once they are all in. Polling
-    COUNT(*) often enough to time the run would itself load the database (~20 ms of a core per
-    count at 200k rows): it is only polled every half second."""
+    by their commit timestamps, and take the processes' CPU time once they are all in, and their
+    main threads' `ThreadTime` from the first count that sees rows to the last. Polling COUNT(*)
+    often enough to time the run would itself load the database (~20 ms of a core per count at
+    200k rows): it is only polled every half second."""
     connection = await asyncpg.connect(dsn)
     peak = 0
+    since: list[ThreadTime | None] | None = None
     deadline = time.perf_counter() + timeout
     try:
         while True:
@@ -166,9 +205,14 @@ async def watch_rows(
             count = await connection.fetchval(f"SELECT count(*) FROM {table}")  # noqa: S608
             if count >= target:
                 cpu = sum(process.cpu_seconds() for process in processes)
+                until = [main_thread_time(process.popen.pid) for process in processes]
                 times = await connection.fetchrow(commit_times(table))
                 first, last = float(times["first"]), float(times["last"])
-                return Run(times["rows"], first, last, times["at_first"], peak, started_at, cpu)
+                run = Run(times["rows"], first, last, times["at_first"], peak, started_at, cpu)
+                run.main_thread = thread_shares(since, until) if since else None
+                return run
+            if since is None and count:
+                since = [main_thread_time(process.popen.pid) for process in processes]
             for process in processes:
                 process.assert_alive()  # exited before every row was in
             if time.perf_counter() > deadline:

@@ -10,7 +10,9 @@ contender gets its own consumer group and a fresh database and is timed two ways
 commit timestamps: steady state, from the first row in the table to the last (start-up and group
 joining excluded), and as a user waits for it, from spawning its process to the last row
 (start-up, group join, table recovery and first fetch included); with the time to the first row
-and the process's CPU time (user + system, all threads) when the last row is in:
+and the process's CPU time (user + system, all threads) when the last row is in; and how its main
+thread (the event loop) spent the steady state, from `/proc` schedstat: running on a CPU, queued
+for one (runnable, on a busy machine), or asleep (waiting on I/O, a lock or the GIL):
 
 - bare:        baseline (a), `bench.bare_sink` (aiokafka + the app's decode and COPY-upsert);
 - quix:        the peer, Quix Streams' `PostgreSQLSink` (`bench.quix_sink`, pinned in a venv of
@@ -72,6 +74,7 @@ COLUMNS = (  # of the printed table
     "first row s",
     "CPU s (µs/row)",
     "peak RSS MiB",
+    "main thread run/queued/idle %",
     "x (b) naive",
     "rows (partitions) per worker",
 )
@@ -215,11 +218,24 @@ def print_results(rounds: list[dict[str, Run]], notes: dict[str, str]) -> None:
                 shown([run.first_row_after for run in runs], ".1f"),
                 f"{cpu:.1f} ({per_row:.1f})",
                 f"{max(run.peak_rss for run in runs) / 2**20:.0f}",
+                main_thread(runs),
                 ratio(name, "naive", "rate", ".1f", "x"),
                 notes.get(name, ""),
             )
         )
     print(table(COLUMNS, lines))
+
+
+def main_thread(runs: list[Run]) -> str:
+    """Medians of the main thread's shares of the steady state: running, waiting runnable for a
+    CPU (a busy machine), and the rest, asleep (waiting on the database, the broker or the GIL).
+    """
+    shares = [run.main_thread for run in runs if run.main_thread is not None]
+    if not shares:
+        return "-"
+    running = statistics.median(r for r, _ in shares) * 100
+    queued = statistics.median(q for _, q in shares) * 100
+    return f"{running:.0f}/{queued:.0f}/{100 - running - queued:.0f}"
 
 
 if __name__ == "__main__":
