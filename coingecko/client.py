@@ -177,7 +177,8 @@ class RateLimiter:
     async def slot(self) -> AsyncIterator[float]:
         """Hold a slot for one request; yields the seconds waited for it (0.0: none)."""
         started = time.monotonic()
-        waited = False
+        # The lock is held only by a request waiting for a slot: in line behind it is waiting too.
+        waited = self._lock.locked()
         async with self._lock:
             while True:
                 now = time.monotonic()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from decimal import Decimal
 from typing import Any
@@ -189,6 +190,23 @@ async def test_rate_limiter_keeps_calls_within_the_window(fake_coingecko: FakeCo
             await client.get("/ping")
     first, _, third = fake_coingecko.requests
     assert third.at - first.at >= 1.0  # the third call waited for the first to leave the window
+
+
+async def test_a_request_in_line_behind_a_waiting_one_has_waited_too() -> None:
+    """The prices poll queued behind an OHLC call that waits for the window waits as long: its
+    wait is counted (it was not, so /health and /metrics showed prices never rate-limited)."""
+    limiter = RateLimiter(calls=2, period=0.3)
+    for _ in range(2):
+        async with limiter.slot():
+            pass
+
+    async def request() -> float:
+        async with limiter.slot() as waited:
+            return waited
+
+    first, second = await asyncio.gather(request(), request())
+    assert first > 0  # the window was full
+    assert second > 0  # in line behind the first, then a free slot
 
 
 async def test_empty_object_body_is_returned_for_the_parser(fake_coingecko: FakeCoinGecko) -> None:
