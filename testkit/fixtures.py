@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from pathlib import Path
 
 import asyncpg
+import httpx
 import pytest
 
 from coingecko.fake_server import FakeCoinGecko, serve_fake_coingecko
@@ -146,3 +147,22 @@ async def fake_coingecko(request: pytest.FixtureRequest) -> AsyncIterator[FakeCo
     extra_coins = marker.kwargs.get("extra_coins", 0) if marker else 0
     async with serve_fake_coingecko(extra_coins=extra_coins) as server:
         yield server
+
+
+@pytest.fixture
+async def fakes() -> AsyncIterator[tuple[FakeCoinGecko, FakeCoinGecko]]:
+    """Two CoinGecko fakes, one per worker of a test that tells which of them polled."""
+    async with serve_fake_coingecko() as first, serve_fake_coingecko() as second:
+        yield first, second
+
+
+@pytest.fixture
+async def web(
+    migrated: str, pool: asyncpg.Pool, monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[httpx.AsyncClient]:
+    """An HTTP client of the worker's views served in-process over `migrated` (`pool` is the
+    test's own connection to it, for writing rows)."""
+    from testkit.web import serve_views  # imports the Faust app: only the tests that ask for it
+
+    async with serve_views(migrated, monkeypatch) as client:
+        yield client

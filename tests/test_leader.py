@@ -7,12 +7,12 @@ calls. Both share the test's broker and database, as workers of one deployment d
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 
 import httpx
 import pytest
 
-from coingecko.fake_server import FakeCoinGecko, serve_fake_coingecko
+from coingecko.fake_server import FakeCoinGecko
 from local.embedded import EmbeddedBroker
 from testkit.workers import Worker, eventually
 
@@ -20,12 +20,6 @@ pytestmark = pytest.mark.slow
 
 MARKETS = "/coins/markets"
 POLLS = 3  # polls seen before judging who polls
-
-
-@pytest.fixture
-async def fakes() -> AsyncIterator[tuple[FakeCoinGecko, FakeCoinGecko]]:
-    async with serve_fake_coingecko() as first, serve_fake_coingecko() as second:
-        yield first, second
 
 
 async def settled_members(group: list[Worker]) -> bool | None:

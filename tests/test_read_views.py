@@ -4,7 +4,6 @@ decimals, windows, caps and JSON errors."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
@@ -15,17 +14,8 @@ import pytest
 from models.market import CryptoMarketAnalytics, CryptoOHLCVData
 from testkit.databases import write_records
 from testkit.records import price
-from testkit.web import serve_views
 
 T0 = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
-
-
-@pytest.fixture
-async def web(
-    migrated: str, pool: asyncpg.Pool, monkeypatch: pytest.MonkeyPatch
-) -> AsyncIterator[httpx.AsyncClient]:
-    async with serve_views(migrated, monkeypatch) as client:
-        yield client
 
 
 def ohlcv(coin: str, timeframe: str, at: datetime, close: str) -> CryptoOHLCVData:

@@ -5,7 +5,7 @@ record lands once; the process without the poller never calls CoinGecko."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from datetime import timedelta
 from decimal import Decimal
 from typing import Any
@@ -14,7 +14,7 @@ import asyncpg
 import httpx
 import pytest
 
-from coingecko.fake_server import FakeCoinGecko, serve_fake_coingecko
+from coingecko.fake_server import FakeCoinGecko
 from models import CryptoMarketAnalytics, CryptoOHLCVData, CryptoPriceData
 from models.dsl import StreamRecord
 from testkit.databases import Rows, assert_exactly, stored
@@ -25,12 +25,6 @@ pytestmark = pytest.mark.slow
 
 MARKETS = "/coins/markets"
 PREFIX = "scoped"
-
-
-@pytest.fixture
-async def fakes() -> AsyncIterator[tuple[FakeCoinGecko, FakeCoinGecko]]:
-    async with serve_fake_coingecko() as first, serve_fake_coingecko() as second:
-        yield first, second
 
 
 def analytics(count: int) -> list[CryptoMarketAnalytics]:

@@ -4,7 +4,6 @@ only for clients that accept it, the same JSON either way, and errors never reus
 from __future__ import annotations
 
 import gzip
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 
 import asyncpg
@@ -14,17 +13,8 @@ import pytest
 from tables.views import accepts_gzip
 from testkit.databases import write_records
 from testkit.records import price
-from testkit.web import serve_views
 
 T0 = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
-
-
-@pytest.fixture
-async def web(
-    migrated: str, pool: asyncpg.Pool, monkeypatch: pytest.MonkeyPatch
-) -> AsyncIterator[httpx.AsyncClient]:
-    async with serve_views(migrated, monkeypatch) as client:
-        yield client
 
 
 async def test_gzip_only_when_accepted_and_the_same_json(
