@@ -5,6 +5,7 @@
     .venv/bin/python -m bench.read_load [--seconds 20] [--connections 50] [--rounds 1]
                                         [--backlog 60000] [--only latest,all,history,candles]
                                         [--code DIR[,DIR...]] [--identity]
+                                        [--modes combined,split,split-nice]
 
 One embedded broker and PostgreSQL; the fake CoinGecko (`coingecko/fake_server.py`) serves 1,000
 coins, moving every `POLL_SECONDS`, and `faust -A app worker` polls it (TOP_N=1000) and sinks the
@@ -15,7 +16,10 @@ snapshots up to now, so history and candles have rows to read. Each endpoint is 
 - latest:  /prices/bitcoin (latest price and 24 h range of one coin);
 - all:     /prices (every coin: 1,000 of them);
 - history: /prices/bitcoin/history?limit=1000;
-- candles: /prices/bitcoin/candles?interval=5m over the last day (skipped where not served).
+- candles: /prices/bitcoin/candles?interval=5m over the last day (skipped where not served);
+- stream:  (only when asked for with --only) one client of the push feed /stream/prices held
+           open instead of wrk: its cost to the sink (the feed reads the new rows of the keys
+           each commit stored); its req/s columns are the events it received.
 
 wrk asks for gzip (`Accept-Encoding: gzip`) as browsers and HTTP libraries do; `--identity`
 asks for uncompressed answers.
@@ -32,6 +36,8 @@ are counted in the errors column.
 `--code DIR,DIR` runs the worker from each source tree in turn (e.g. an export of `main`:
 `git archive main | tar -x -C /tmp/base`), alternating per round, on the same broker, database
 and consumer group: a before/after comparison within one run on a machine whose speed moves.
+`--modes` does the same for deployments (`start`): the views served by the sinking worker, or
+by a web-only process of their own beside it (the README's advice for read-heavy use).
 """
 
 from __future__ import annotations
@@ -77,7 +83,7 @@ BACKLOG_COINS = 100
 HISTORY_DAYS = 2
 READY_TIMEOUT = 180.0
 HISTORY = "/prices/bitcoin/history?limit=1000"
-ENDPOINTS = ("latest", "all", "history", "candles")
+ENDPOINTS = ("latest", "all", "history", "candles")  # by default; and "stream"
 COLUMNS = (
     "code",
     "endpoint",
@@ -111,6 +117,7 @@ def paths(now: datetime) -> dict[str, str]:
         "all": "/prices",
         "history": HISTORY,
         "candles": f"/prices/bitcoin/candles?interval=5m&since={since}&until={until}",
+        "stream": "/stream/prices",
     }
 
 
@@ -141,10 +148,21 @@ def parse_wrk(output: str) -> Load:
     )
 
 
-async def wrk(url: str, connections: int, seconds: int, gzip: bool) -> Load:
+async def wrk(url: str, connections: int, seconds: int, gzip: bool, nice: int) -> Load:
     """One wrk thread (it keeps up with 50 connections, and leaves more of the two cores to the
-    worker), a 10 s timeout so that slow answers count in the p99."""
-    command = ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--timeout", "10s", "--latency"]
+    worker), a 10 s timeout so that slow answers count in the p99; at `nice`."""
+    command = [
+        "nice",
+        "-n",
+        str(nice),
+        "wrk",
+        "-t1",
+        f"-c{connections}",
+        f"-d{seconds}s",
+        "--timeout",
+        "10s",
+        "--latency",
+    ]
     if gzip:  # as browsers and HTTP libraries (httpx, requests, curl --compressed) ask
         command += ["-H", "Accept-Encoding: gzip"]
     process = await asyncio.create_subprocess_exec(
@@ -152,6 +170,19 @@ async def wrk(url: str, connections: int, seconds: int, gzip: bool) -> Load:
     )
     output, _ = await process.communicate()
     return parse_wrk(output.decode())
+
+
+async def sse(url: str, connections: int, seconds: int, gzip: bool, nice: int) -> Load:
+    """One push-feed client for `seconds` (curl, so that the bench's own event loop does not
+    parse events on the cores it measures): the events it got, as req/s and requests."""
+    process = await asyncio.create_subprocess_exec(
+        *("nice", "-n", str(nice), "curl", "-sN", "--max-time", str(seconds), url),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+    )
+    output, _ = await process.communicate()
+    events = sum(line.startswith(b"data:") for line in output.splitlines())
+    return Load(events / seconds, 0.0, 0.0, events, 0)
 
 
 def backlog(number: int, rows: int) -> tuple[datetime, list[bytes]]:
@@ -229,12 +260,14 @@ async def bitcoin_history(kafka: AIOKafkaProducer, now: datetime) -> None:
     await kafka.flush()
 
 
-async def ready(worker: Worker, urls: dict[str, str]) -> dict[str, str]:
-    """Wait until the worker serves every coin and bitcoin's history; the endpoints it serves."""
+async def ready(worker: Worker, urls: dict[str, str], sink: Worker) -> dict[str, str]:
+    """Wait until the worker serves every coin and bitcoin's history (which `sink` stores); the
+    endpoints it serves."""
 
     seen: dict[str, object] = {}
 
     async def check() -> bool | None:
+        sink.assert_alive()
         async with httpx.AsyncClient(timeout=10) as client:
             try:
                 seen["coins"] = (await client.get(f"{worker.url}/prices")).json().get("count")
@@ -259,12 +292,19 @@ async def ready(worker: Worker, urls: dict[str, str]) -> dict[str, str]:
     return served
 
 
-async def settled(worker: Worker, busy: float = 40.0, timeout: float = 60.0) -> None:
-    """Wait until the worker uses under `busy` % of a core for a second: requests a load left
+async def settled(workers: list[Worker], busy: float = 40.0, timeout: float = 60.0) -> None:
+    """Wait until each worker uses under `busy` % of a core for a second: requests a load left
     queued (aiohttp finishes them after wrk has gone) must not count as "unloaded"."""
-    measured = psutil.Process(worker.popen.pid)
+    measured = [psutil.Process(worker.popen.pid) for worker in workers]
     deadline = time.monotonic() + timeout
-    while await asyncio.to_thread(measured.cpu_percent, 1.0) >= busy:
+
+    async def busiest() -> float:
+        for process in measured:
+            process.cpu_percent()
+        await asyncio.sleep(1.0)
+        return max(process.cpu_percent() for process in measured)
+
+    while await busiest() >= busy:
         if time.monotonic() > deadline:
             print(f"  the worker stayed busy for {timeout:.0f}s; measuring anyway")
             return
@@ -276,10 +316,50 @@ def in_directory(code: Path | None) -> contextlib.AbstractContextManager[object]
     return contextlib.chdir(code) if code is not None else contextlib.nullcontext()
 
 
+MODES = ("combined", "split", "split-nice")
+NICE = 10
+
+
+def start(s: Stack, dsn: str, code: Path | None, coingecko: str, mode: str) -> list[Worker]:
+    """The worker processes of `mode`, the one serving the views first.
+
+    combined:   one `faust -A app worker` polls, sinks and serves (Procfile's `web`);
+    split:      a web-only process (SINK_TOPICS=none POLLER_ENABLED=false, Procfile.topics'
+                `web`) serves the views from the database, and a process with WEB_ENABLED=false
+                polls and sinks (Procfile's `worker`), in the same consumer group as combined;
+    split-nice: split, with the web process at nice 10 (and the load generator: it stands for
+                clients on other machines), so that on a machine with fewer cores than busy
+                processes the scheduler gives the sink, PostgreSQL and the broker the CPU first.
+    """
+    poll = {
+        "COINGECKO_BASE_URL": coingecko,
+        "COINGECKO_CALLS_PER_MINUTE": "600",
+        "TOP_N": str(COINS),
+        "PRICE_POLL_SECONDS": str(POLL_SECONDS),
+    }
+    with in_directory(code):
+        if mode == "combined":
+            return [faust_worker(s, "app", dsn, "bench-read-load", **poll)]
+        sink = faust_worker(s, "app", dsn, "bench-read-load", WEB_ENABLED="false", **poll)
+        web = faust_worker(
+            s,
+            "app",
+            dsn,
+            "bench-read-load",
+            SINK_TOPICS="none",
+            POLLER_ENABLED="false",
+            TOP_N=str(COINS),
+        )
+    if mode == "split-nice":
+        psutil.Process(web.popen.pid).nice(NICE)
+    return [web, sink]
+
+
 async def one_worker(
     s: Stack,
     dsn: str,
     code: Path | None,
+    mode: str,
     coingecko: str,
     sinking: Sinking,
     urls: dict[str, str],
@@ -288,30 +368,26 @@ async def one_worker(
     seconds: int,
     gzip: bool,
 ) -> list[tuple[object, ...]]:
-    """Start a worker, load each endpoint in turn (the sink timed unloaded, then loaded)."""
-    with in_directory(code):
-        worker = faust_worker(
-            s,
-            "app",
-            dsn,
-            "bench-read-load",
-            COINGECKO_BASE_URL=coingecko,
-            COINGECKO_CALLS_PER_MINUTE="600",
-            TOP_N=str(COINS),
-            PRICE_POLL_SECONDS=str(POLL_SECONDS),
-        )
+    """Start the worker(s) of `mode`, load each endpoint in turn (the sink timed unloaded, then
+    loaded)."""
+    workers = start(s, dsn, code, coingecko, mode)
+    web, sink = workers[0], workers[-1]
     name = code.name if code is not None else "this checkout"
+    if mode != "combined":
+        name = f"{name}, {mode}"
     rows: list[tuple[object, ...]] = []
     try:
-        served = await ready(worker, {key: urls[key] for key in only})
+        served = await ready(web, {key: urls[key] for key in only}, sink)
         for endpoint, path in served.items():
-            await settled(worker)
-            unloaded = await sinking.measure(worker)
-            await settled(worker)
-            load = await wrk(worker.url + path, connections, seconds, gzip)  # polls sinking
-            loading = asyncio.ensure_future(wrk(worker.url + path, connections, seconds, gzip))
+            await settled(workers)
+            unloaded = await sinking.measure(sink)
+            await settled(workers)
+            load_with = sse if endpoint == "stream" else wrk
+            url, nice = web.url + path, NICE if mode == "split-nice" else 0
+            load = await load_with(url, connections, seconds, gzip, nice)  # polls sinking
+            loading = asyncio.ensure_future(load_with(url, connections, seconds, gzip, nice))
             await asyncio.sleep(2)  # wrk's connections open and warm up
-            loaded = await sinking.measure(worker)
+            loaded = await sinking.measure(sink)
             during = await loading
             errors = load.errors + during.errors
             rows.append(
@@ -330,12 +406,14 @@ async def one_worker(
             )
             print(table(COLUMNS, rows[-1:]).split("\n")[-1], flush=True)
     finally:
-        await asyncio.to_thread(worker.close)
+        for worker in workers:
+            await asyncio.to_thread(worker.close)
     return rows
 
 
 async def main(
     codes: list[Path | None],
+    modes: list[str],
     rounds: int,
     only: list[str],
     connections: int,
@@ -361,11 +439,22 @@ async def main(
             sinking = Sinking(kafka, dsn, rows)
             every: list[tuple[object, ...]] = []
             for number in range(1, rounds + 1):
-                for code in codes:
-                    print(f"round {number}, worker from {code or 'this checkout'}:", flush=True)
+                for code, mode in [(code, mode) for code in codes for mode in modes]:
+                    source = code or "this checkout"
+                    print(f"round {number}, {mode}, worker from {source}:", flush=True)
                     print(table(COLUMNS, []), flush=True)
                     every += await one_worker(
-                        s, dsn, code, coingecko, sinking, urls, only, connections, seconds, gzip
+                        s,
+                        dsn,
+                        code,
+                        mode,
+                        coingecko,
+                        sinking,
+                        urls,
+                        only,
+                        connections,
+                        seconds,
+                        gzip,
                     )
         finally:
             await kafka.stop()
@@ -413,14 +502,21 @@ if __name__ == "__main__":
         "--identity", action="store_true", help="no Accept-Encoding: gzip (uncompressed answers)"
     )
     parser.add_argument("--code", default="", help="source trees to run the worker from, in turn")
+    parser.add_argument(
+        "--modes", default="combined", help=f"deployments to load in turn: {', '.join(MODES)}"
+    )
     args = parser.parse_args()
     if shutil.which("wrk") is None:
         sys.exit("bench.read_load needs wrk: apt-get install -y wrk (macOS: brew install wrk)")
     trees: list[Path | None] = [Path(p).resolve() for p in args.code.split(",") if p] or [None]
     selected = [name for name in args.only.split(",") if name]
+    deployments = [mode for mode in args.modes.split(",") if mode]
+    if unknown := set(deployments) - set(MODES):
+        sys.exit(f"unknown --modes {', '.join(sorted(unknown))}: {', '.join(MODES)}")
     asyncio.run(
         main(
             trees,
+            deployments,
             args.rounds,
             selected,
             args.connections,
