@@ -284,7 +284,8 @@ async def ready(worker: Worker, urls: dict[str, str], sink: Worker) -> dict[str,
     served = {}
     async with httpx.AsyncClient(timeout=10) as client:
         for name, path in urls.items():
-            answer = await client.get(worker.url + path)
+            async with client.stream("GET", worker.url + path) as answer:  # the feed never ends
+                pass
             if answer.status_code == 200:
                 served[name] = path
             else:
