@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import re
 import shutil
 import statistics
@@ -148,13 +149,11 @@ def parse_wrk(output: str) -> Load:
     )
 
 
-async def wrk(url: str, connections: int, seconds: int, gzip: bool, nice: int) -> Load:
+async def wrk(url: str, connections: int, seconds: int, gzip: bool, demoted: list[str]) -> Load:
     """One wrk thread (it keeps up with 50 connections, and leaves more of the two cores to the
-    worker), a 10 s timeout so that slow answers count in the p99; at `nice`."""
+    worker), a 10 s timeout so that slow answers count in the p99; started by `demoted`."""
     command = [
-        "nice",
-        "-n",
-        str(nice),
+        *demoted,
         "wrk",
         "-t1",
         f"-c{connections}",
@@ -172,11 +171,11 @@ async def wrk(url: str, connections: int, seconds: int, gzip: bool, nice: int) -
     return parse_wrk(output.decode())
 
 
-async def sse(url: str, connections: int, seconds: int, gzip: bool, nice: int) -> Load:
+async def sse(url: str, connections: int, seconds: int, gzip: bool, demoted: list[str]) -> Load:
     """One push-feed client for `seconds` (curl, so that the bench's own event loop does not
     parse events on the cores it measures): the events it got, as req/s and requests."""
     process = await asyncio.create_subprocess_exec(
-        *("nice", "-n", str(nice), "curl", "-sN", "--max-time", str(seconds), url),
+        *(*demoted, "curl", "-sN", "--max-time", str(seconds), url),
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
     )
@@ -317,8 +316,10 @@ def in_directory(code: Path | None) -> contextlib.AbstractContextManager[object]
     return contextlib.chdir(code) if code is not None else contextlib.nullcontext()
 
 
-MODES = ("combined", "split", "split-nice")
+MODES = ("combined", "split", "split-nice", "split-idle")
 NICE = 10
+# How the load generator is started in each mode: as the web process is scheduled.
+DEMOTED = {"split-nice": ["nice", "-n", str(NICE)], "split-idle": ["chrt", "--idle", "0"]}
 
 
 def start(s: Stack, dsn: str, code: Path | None, coingecko: str, mode: str) -> list[Worker]:
@@ -330,7 +331,9 @@ def start(s: Stack, dsn: str, code: Path | None, coingecko: str, mode: str) -> l
                 polls and sinks (Procfile's `worker`), in the same consumer group as combined;
     split-nice: split, with the web process at nice 10 (and the load generator: it stands for
                 clients on other machines), so that on a machine with fewer cores than busy
-                processes the scheduler gives the sink, PostgreSQL and the broker the CPU first.
+                processes the scheduler gives the sink, PostgreSQL and the broker the CPU first;
+    split-idle: split, with the web process and the load generator in the SCHED_IDLE class
+                (Linux: they run only when no other process wants a core).
     """
     poll = {
         "COINGECKO_BASE_URL": coingecko,
@@ -353,6 +356,8 @@ def start(s: Stack, dsn: str, code: Path | None, coingecko: str, mode: str) -> l
         )
     if mode == "split-nice":
         psutil.Process(web.popen.pid).nice(NICE)
+    if mode == "split-idle":  # its threads made later inherit the class from the main thread
+        os.sched_setscheduler(web.popen.pid, os.SCHED_IDLE, os.sched_param(0))
     return [web, sink]
 
 
@@ -384,9 +389,9 @@ async def one_worker(
             unloaded = await sinking.measure(sink)
             await settled(workers)
             load_with = sse if endpoint == "stream" else wrk
-            url, nice = web.url + path, NICE if mode == "split-nice" else 0
-            load = await load_with(url, connections, seconds, gzip, nice)  # polls sinking
-            loading = asyncio.ensure_future(load_with(url, connections, seconds, gzip, nice))
+            url, demoted = web.url + path, DEMOTED.get(mode, [])
+            load = await load_with(url, connections, seconds, gzip, demoted)  # polls sinking
+            loading = asyncio.ensure_future(load_with(url, connections, seconds, gzip, demoted))
             await asyncio.sleep(2)  # wrk's connections open and warm up
             loaded = await sinking.measure(sink)
             during = await loading
