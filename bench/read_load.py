@@ -5,7 +5,7 @@
     .venv/bin/python -m bench.read_load [--seconds 20] [--connections 50] [--rounds 1]
                                         [--backlog 60000] [--only latest,all,history,candles]
                                         [--code DIR[,DIR...]] [--identity]
-                                        [--modes combined,split,split-nice]
+                                        [--modes combined,split,split-nice,split-idle]
 
 One embedded broker and PostgreSQL; the fake CoinGecko (`coingecko/fake_server.py`) serves 1,000
 coins, moving every `POLL_SECONDS`, and `faust -A app worker` polls it (TOP_N=1000) and sinks the
