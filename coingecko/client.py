@@ -4,7 +4,9 @@
   (`x-cg-demo-api-key` / `x-cg-pro-api-key`; keyless sends none). The key never goes into a URL,
   so it cannot appear in httpx's request log lines, and it is redacted from every message here.
 - `RateLimiter`: at most `calls_per_minute` requests in any rolling minute, errors and retries
-  included (CoinGecko counts them too). A 429 pauses every request for its `Retry-After`.
+  included (CoinGecko counts them too). A 429 pauses every request for its `Retry-After`. A
+  caller may also pass a `share` (`RateLimiter.share`): its requests then take at most that part
+  of the plan's calls, so one caller's queue of requests cannot crowd out the others'.
 - 5xx, 408, timeouts, connection errors and non-JSON bodies (outages have served HTML) are retried
   with jittered exponential backoff, then raise `CoinGeckoUnavailable`.
 - Any other 4xx (404 unknown coin, 401/403 wrong key, 400 10010/10011 wrong host) will not heal:
@@ -169,6 +171,13 @@ class RateLimiter:
         self._lock = asyncio.Lock()  # fair: waiters go in arrival order
         self._answer = asyncio.Event()
 
+    def share(self, fraction: float) -> RateLimiter:
+        """A limiter for one caller's part of these calls: `fraction` of them, in the smallest
+        whole number of calls per window (at least 1) over a window stretched to match."""
+        allowed = self.calls * fraction
+        calls = max(1, int(allowed))
+        return RateLimiter(calls, self.period * calls / allowed)
+
     def pause(self, seconds: float) -> None:
         """No request starts for `seconds` (a 429's Retry-After applies to every request)."""
         self._paused_until = max(self._paused_until, time.monotonic() + seconds)
@@ -257,8 +266,10 @@ class CoinGeckoClient:
         path: str,
         params: Mapping[str, str | int] | None = None,
         tally: CallTally | None = None,
+        share: RateLimiter | None = None,
     ) -> Any:
-        """The decoded body; each request's outcome and rate-limit wait go to `tally`."""
+        """The decoded body; each request's outcome and rate-limit wait go to `tally`. With
+        `share`, each request also waits for a slot of it (the caller's part of the plan)."""
         if path in self._refused:
             raise self._refused[path]
         tally = tally if tally is not None else CallTally()
@@ -266,7 +277,7 @@ class CoinGeckoClient:
         for attempt in range(1, self.max_attempts + 1):
             delay = jittered_backoff(attempt, self.backoff_base, self.backoff_cap)
             answer: Answer | None = None
-            async with self.limiter.slot() as waited:
+            async with self._slot(share) as waited:
                 if waited:
                     tally.rate_limit_waits += 1
                     tally.rate_limit_wait_seconds += waited
@@ -310,6 +321,16 @@ class CoinGeckoClient:
             if not reason.startswith("HTTP 429"):  # a 429's pause is in the limiter already
                 await asyncio.sleep(delay)
         raise CoinGeckoUnavailable(f"{path}: {reason} (gave up after {self.max_attempts} tries)")
+
+    @asynccontextmanager
+    async def _slot(self, share: RateLimiter | None) -> AsyncIterator[float]:
+        """A slot of `share` (if any), then of the plan's limiter; yields both waits."""
+        if share is None:
+            async with self.limiter.slot() as waited:
+                yield waited
+            return
+        async with share.slot() as own, self.limiter.slot() as waited:
+            yield own + waited
 
     def _refuse(self, path: str, answer: Answer) -> CoinGeckoRefused:
         error_code, message = _error_details(answer)

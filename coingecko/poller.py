@@ -9,9 +9,11 @@ calls). `btc_price`/`eth_price` are CoinGecko's own BTC and ETH quotes from /sim
 for the coins of each markets page in one call (split only if its URL would pass
 `MAX_URL_CHARS`), on every `quotes_every()`-th price poll (the other polls' rows have them null;
 0: never): BTC_ETH_PRICES_EVERY, or as often as the price poll's share of the plan's calls
-allows. Candles take at most `OHLC_BUDGET_SHARE` of the plan's calls over their interval, coins
-in turn (round robin), so they never starve the price poll; each call returns `ohlc_days` of
-candles, so a coin whose turn comes round within that span misses no candle.
+allows. Candles take at most `OHLC_BUDGET_SHARE` of the plan's calls, in any window of the rate
+limit (their calls wait for a slot of a `RateLimiter.share` first, so a cycle's queue of candle
+calls cannot crowd out the price poll) and over their interval (coins in turn, round robin); each
+call returns `ohlc_days` of candles, so a coin whose turn comes round within that span misses no
+candle.
 
 CoinGecko serves cached snapshots (60 s for markets), so a record is published only if it is newer
 than the last one published for its key: per coin `last_updated`, per (coin, timeframe) candle
@@ -32,7 +34,13 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 from urllib.parse import quote
 
-from coingecko.client import CallTally, CoinGeckoClient, CoinGeckoError, CoinGeckoRefused
+from coingecko.client import (
+    CallTally,
+    CoinGeckoClient,
+    CoinGeckoError,
+    CoinGeckoRefused,
+    RateLimiter,
+)
 from coingecko.parse import (
     CrossQuote,
     Parsed,
@@ -167,6 +175,7 @@ class Poller:
         self._candles: LatestSeen[tuple[str, str]] = LatestSeen()
         self._global: LatestSeen[str] = LatestSeen()
         self._ohlc_turn = 0
+        self._ohlc_share = client.limiter.share(OHLC_BUDGET_SHARE)
         self._price_polls = 0
         self.quotes_every = quotes_every(settings)
         log.info("coingecko: btc_price/eth_price %s", _how_often(self.quotes_every))
@@ -210,7 +219,8 @@ class Poller:
             days = self.settings.ohlc_days
             for coin_id in self._ohlc_turns():
                 path = f"/coins/{quote(coin_id, safe='')}/ohlc"
-                body = await self._get(cycle, path, {"vs_currency": "usd", "days": days})
+                params: dict[str, str | int] = {"vs_currency": "usd", "days": days}
+                body = await self._get(cycle, path, params, self._ohlc_share)
                 if body is None:
                     continue
                 parsed = parse_ohlc(body, coin_id, self.symbols[coin_id], days)
@@ -286,10 +296,16 @@ class Poller:
         self._ohlc_turn = start + count
         return [coins[(start + i) % len(coins)] for i in range(count)]
 
-    async def _get(self, cycle: _Cycle, path: str, params: dict[str, str | int]) -> Any:
+    async def _get(
+        self,
+        cycle: _Cycle,
+        path: str,
+        params: dict[str, str | int],
+        share: RateLimiter | None = None,
+    ) -> Any:
         """The decoded body, or None after recording why there is none."""
         try:
-            return await self.client.get(path, params, cycle.status.requests)
+            return await self.client.get(path, params, cycle.status.requests, share)
         except CoinGeckoRefused as refused:  # the client logged it, once
             self.status.refused[refused.path] = str(refused)
             cycle.fail(str(refused))

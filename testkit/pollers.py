@@ -10,7 +10,7 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from app.settings import Settings
-from coingecko.client import CoinGeckoClient
+from coingecko.client import CoinGeckoClient, RateLimiter
 from coingecko.fake_server import FakeCoinGecko
 from coingecko.poller import Poller, PollStatus
 from local.embedded import EmbeddedBroker
@@ -70,7 +70,11 @@ class BrokerTopics:
             await consumer.stop()
 
 
-def make_poller(fake: FakeCoinGecko, kafka: BrokerTopics, **overrides: Any) -> Poller:
+def make_poller(
+    fake: FakeCoinGecko, kafka: BrokerTopics, limiter: RateLimiter | None = None, **overrides: Any
+) -> Poller:
+    """A poller of the fake's coins publishing to `kafka`; `limiter` replaces the plan's (a
+    tight one makes a minute's rate limit a fraction of a second)."""
     values: dict[str, Any] = {
         "coingecko_base_url": fake.base_url,
         "coingecko_calls_per_minute": 1000,
@@ -81,5 +85,5 @@ def make_poller(fake: FakeCoinGecko, kafka: BrokerTopics, **overrides: Any) -> P
         "ohlc_days": 1,
         **overrides,
     }
-    client = CoinGeckoClient(Settings(**values), backoff_base=0.01, max_attempts=2)
+    client = CoinGeckoClient(Settings(**values), limiter=limiter, backoff_base=0.01, max_attempts=2)
     return Poller(Settings(**values), client, kafka.publish, status=PollStatus())

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta
 from decimal import Decimal
 from importlib import resources
@@ -14,6 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from app.settings import Settings
+from coingecko.client import RateLimiter
 from coingecko.fake_server import FakeCoinGecko, body, html_page
 from coingecko.parse import loads_exact
 from coingecko.poller import MAX_URL_CHARS, OHLC_BUDGET_SHARE, quotes_every
@@ -297,3 +300,38 @@ async def test_wrong_key_is_reported_once_and_stops_calls(
     assert poller.status.endpoints["prices"].failures == 3
     errors = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
     assert len(errors) == 1 and "HTTP 401, error_code 10002: Invalid API key" in errors[0]
+
+
+async def test_candles_take_at_most_their_share_of_the_calls_and_never_starve_prices(
+    fake_coingecko: FakeCoinGecko, topics: BrokerTopics
+) -> None:
+    """A candle cycle's calls queued on the one rate limit took every slot the price poll was not
+    asking for, so each price poll waited for a full window (keyless: 7 price vs 35 candle calls
+    in 8 minutes). Candles get at most OHLC_BUDGET_SHARE of any window; prices the rest."""
+    window = 0.4
+    plan = RateLimiter(calls=4, period=window)  # "4 calls a minute", a minute being 0.4 s
+    poller = make_poller(fake_coingecko, topics, limiter=plan)
+    await poller.poll_prices()  # tells the candle poll the coins
+    await asyncio.sleep(window)  # an empty window to start from
+    start = len(fake_coingecko.requests)
+
+    async def forever(poll: Callable[[], Awaitable[None]], pause: float) -> None:
+        while True:
+            await poll()
+            await asyncio.sleep(pause)
+
+    polls = ((poller.poll_prices, window / 2), (poller.poll_ohlc, 0.0))
+    tasks = [asyncio.create_task(forever(poll, pause)) for poll, pause in polls]
+    while len(fake_coingecko.requests) < start + 24:
+        await asyncio.sleep(0.05)
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    requests = fake_coingecko.requests[start:]
+    candles = [r.at for r in requests if r.path.endswith("/ohlc")]
+    prices = [r for r in requests if not r.path.endswith("/ohlc")]
+    share = int(plan.calls * OHLC_BUDGET_SHARE)
+    # Any `share` + 1 candle calls span more than a window: at most `share` in any window.
+    spans = zip(candles, candles[share:], strict=False)
+    assert all(later - first >= window for first, later in spans)
+    assert len(prices) >= len(candles) > 0
