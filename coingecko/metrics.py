@@ -70,7 +70,7 @@ class PollerCollector(Collector):
         )
         yield gauge(
             "qicore_poller_last_success_timestamp_seconds",
-            "Unix time of an endpoint's last poll cycle without an error (absent: none yet here).",
+            "Unix time of an endpoint's last call whose answer was usable (absent: none yet here).",
             ["endpoint"],
             {
                 (name,): status.last_success.timestamp()

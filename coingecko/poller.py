@@ -70,7 +70,12 @@ ENDPOINTS = ("prices", "global", "ohlc")
 
 @dataclass
 class EndpointStatus:
+    """One endpoint's polls. `last_success` is its last call whose answer was usable (a candle
+    cycle spreads its calls over its interval, so it is not the cycle's end: that is
+    `last_cycle_end`, whatever the cycle's errors)."""
+
     last_success: datetime | None = None
+    last_cycle_end: datetime | None = None
     last_error: str | None = None
     last_error_at: datetime | None = None
     polls: int = 0
@@ -95,7 +100,7 @@ class PollStatus:
         shown: dict[str, Any] = {}
         for name, status in self.endpoints.items():
             entry = asdict(status)
-            for key in ("last_success", "last_error_at"):
+            for key in ("last_success", "last_cycle_end", "last_error_at"):
                 entry[key] = entry[key].isoformat() if entry[key] else None
             last = status.last_success
             entry["age_seconds"] = round((now - last).total_seconds(), 3) if last else None
@@ -321,11 +326,13 @@ class Poller:
         seen: LatestSeen[Any],
         key: Callable[[Any], Any],
     ) -> None:
-        """Publish the records newer than the last published for their key, then remember them."""
+        """Publish the records newer than the last published for their key, then remember them;
+        a usable answer is the endpoint's `last_success`, even with nothing new in it."""
         self._report(parsed.problems)
         cycle.status.skipped += parsed.skipped
         if parsed.problems and not parsed.records:
             cycle.fail(f"no usable data: {parsed.problems[0]}")
+            return
         new = [r for r in parsed.records if seen.is_new(key(r), r.event_time())]
         cycle.status.unchanged += len(parsed.records) - len(new)
         if new:
@@ -333,6 +340,7 @@ class Poller:
             for record in new:
                 seen.remember(key(record), record.event_time())
             cycle.status.published += len(new)
+        cycle.status.last_success = datetime.now(UTC)
 
     def _report_missing(self, wanted: set[str], body: object) -> None:
         rows = body if isinstance(body, list) else []
@@ -362,10 +370,8 @@ class Poller:
         except Exception as error:  # a cycle never crashes the worker: record, retry next time
             log.exception("coingecko %s poll crashed", endpoint)
             cycle.fail(f"{type(error).__name__}: {error}")
-        now = datetime.now(UTC)
+        status.last_cycle_end = datetime.now(UTC)
         if cycle.errors:
             status.failures += 1
             status.last_error = "; ".join(cycle.errors)[:1000]
-            status.last_error_at = now
-        else:
-            status.last_success = now
+            status.last_error_at = status.last_cycle_end

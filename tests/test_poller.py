@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime, timedelta
 from decimal import Decimal
 from importlib import resources
@@ -20,6 +20,7 @@ from coingecko.client import RateLimiter
 from coingecko.fake_server import FakeCoinGecko, body, html_page
 from coingecko.parse import loads_exact
 from coingecko.poller import MAX_URL_CHARS, OHLC_BUDGET_SHARE, quotes_every
+from models.dsl import StreamRecord
 from models.market import CryptoMarketAnalytics, CryptoOHLCVData, CryptoPriceData
 from testkit.pollers import FIXTURE_COINS, BrokerTopics, make_poller
 
@@ -335,3 +336,28 @@ async def test_candles_take_at_most_their_share_of_the_calls_and_never_starve_pr
     spans = zip(candles, candles[share:], strict=False)
     assert all(later - first >= window for first, later in spans)
     assert len(prices) >= len(candles) > 0
+
+
+async def test_candles_succeed_call_by_call_before_their_cycle_ends(
+    fake_coingecko: FakeCoinGecko, topics: BrokerTopics
+) -> None:
+    """A candle cycle spreads its calls over its 900 s interval: success counted only at its end
+    showed "poll ohlc: never" for up to 15 minutes while candles were being stored."""
+    poller = make_poller(fake_coingecko, topics)
+    ohlc = poller.status.endpoints["ohlc"]
+    await poller.poll_prices()
+    fake_coingecko.fail("/coins/tether/ohlc", body('{"error":"coin not found"}', status=404))
+    during: list[tuple[datetime | None, datetime | None]] = []
+
+    async def publish(records: Sequence[StreamRecord]) -> None:
+        await topics.publish(records)
+        during.append((ohlc.last_success, ohlc.last_cycle_end))
+
+    poller.publish = publish
+    await poller.poll_ohlc()
+    assert len(during) == 3  # bitcoin, ethereum, pepe-cash (tether refused)
+    assert all(success is not None and end is None for success, end in during[1:])
+    assert ohlc.last_cycle_end is not None and ohlc.last_success is not None
+    assert "coin not found" in (ohlc.last_error or "")  # a cycle's error does not hide the rest
+    shown = poller.status.as_json()["endpoints"]["ohlc"]
+    assert shown["last_cycle_end"] == ohlc.last_cycle_end.isoformat()
