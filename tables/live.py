@@ -18,6 +18,9 @@ LIVE_TABLE_UPDATE_SECONDS, so a busy stream of small batches (at 1,000 records/s
 second) costs one write per key per second, not one per batch. Every update is idempotent (newest
 wins, max/min), so a replayed or re-fetched batch changes nothing.
 
+A process declares only the tables that a topic it sinks (SINK_TOPICS) fills; in the others the
+names are None and the views answer from the database alone.
+
 Only CoinGecko's aggregate quotes (`exchange_id == AGGREGATE_EXCHANGE`) feed these tables, the
 same rows `store.queries` reads for the views, so the two sources agree.
 
@@ -38,6 +41,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterat
 from contextlib import contextmanager
 from datetime import UTC, date, datetime, time, timedelta
 from decimal import Decimal
+from functools import partial
 from operator import attrgetter
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
@@ -46,7 +50,7 @@ from faust.exceptions import PartitionsMismatch
 from faust.tables.wrappers import WindowWrapper
 from faust.types import Message
 
-from app.main import app
+from app.main import app, settings
 from models.dsl import StreamRecord
 from models.market import AGGREGATE_EXCHANGE, CryptoMarketAnalytics, CryptoPriceData
 
@@ -123,8 +127,12 @@ class LiveTable(faust.Table):
         return self.partition
 
 
-def _table(name: str, record: type[StreamRecord], **options: Any) -> LiveTable:
-    """A table with JSON keys and values (Faust's default codec when no type is given)."""
+def _table(name: str, record: type[StreamRecord], **options: Any) -> LiveTable | None:
+    """A table with JSON keys and values (Faust's default codec when no type is given); None in
+    a process that does not sink `record`'s topic (SINK_TOPICS): nothing would ever fill it, yet
+    declaring it would create its process type's own changelog topic and fetch it."""
+    if record.topic.name not in settings.sink_topics:
+        return None
     table = LiveTable(
         app, name=name, beacon=app.tables.beacon, partitions=record.topic.partitions, **options
     )
@@ -153,7 +161,21 @@ price_ranges_table = _table(
     "25 h); /prices/{coin_id} merges 24 of them into its 24 h range.",
 )
 # `tumbling()` is typed as the abstract wrapper, which lacks the `relative_to()` used below.
-price_ranges = cast(WindowWrapper, price_ranges_table.tumbling(RANGE_STEP, expires=RANGE_EXPIRES))
+price_ranges = (
+    None
+    if price_ranges_table is None
+    else cast(WindowWrapper, price_ranges_table.tumbling(RANGE_STEP, expires=RANGE_EXPIRES))
+)
+
+
+def items_of(table: LiveTable | None) -> list[tuple[Any, Any]]:
+    """A live table's items (none where the table is not declared here)."""
+    return [] if table is None else list(table.items())
+
+
+def value_of(table: LiveTable | None, key: str) -> Any:
+    """A live table's value for `key` (None if absent, or the table is not declared here)."""
+    return None if table is None else table.get(key)
 
 
 def stored(record: type[R], value: dict[str, Any] | None) -> R | None:
@@ -203,6 +225,8 @@ def local_range(coin_id: str, window_start: datetime) -> dict[str, str]:
     Read relative to an hour's own start, `value()` selects exactly that hour's window.
     """
     bounds: dict[str, str] = {}
+    if price_ranges is None:
+        return bounds
     hour = window_start
     while hour < window_start + RANGE_SIZE:
         bounds = merge_bounds(bounds, price_ranges.relative_to(hour)[coin_id].value())
@@ -241,7 +265,9 @@ async def _newest_per_key(
             table[name] = record.model_dump(mode="json")
 
 
-async def _ranges(batch: Iterable[tuple[Message, CryptoPriceData]]) -> None:
+async def _ranges(
+    table: LiveTable, ranges: WindowWrapper, batch: Iterable[tuple[Message, CryptoPriceData]]
+) -> None:
     """Merge the batch's high/low per coin and hour into the hourly windows: one write for each
     window the batch widens, none for the others (most snapshots set no new high or low)."""
     # [message, high, low] per coin and hour; the hour as (day ordinal, hour of the day) of the
@@ -260,11 +286,11 @@ async def _ranges(batch: Iterable[tuple[Message, CryptoPriceData]]) -> None:
             seen[2] = value
     async for (coin_id, day, hour), (message, high, low) in _yielding(merged.items()):
         start = datetime.combine(date.fromordinal(day), time(hour), UTC)
-        window = price_ranges.relative_to(start)
+        window = ranges.relative_to(start)
         held = window[coin_id].value()
         bounds = merge_bounds(held, {"high": str(high), "low": str(low)})
         if bounds != held:
-            with price_ranges_table.routed_to(message):
+            with table.routed_to(message):
                 window[coin_id] = bounds
 
 
@@ -274,30 +300,33 @@ def _decoded(topic: str, batch: Sequence[Stored]) -> list[tuple[Message, StreamR
     return cast(list[tuple[Message, StreamRecord]], decoded)
 
 
-async def track_prices(batch: Sequence[Stored]) -> None:
+async def track_prices(
+    table: LiveTable, ranges_table: LiveTable, ranges: WindowWrapper, batch: Sequence[Stored]
+) -> None:
     """Latest snapshot and hourly high/low per coin, from a stored batch of the price topic."""
     decoded = cast(
         list[tuple[Message, CryptoPriceData]], _decoded(CryptoPriceData.topic.name, batch)
     )
     prices = [stored for stored in decoded if stored[1].exchange_id == AGGREGATE_EXCHANGE]
-    await _newest_per_key(latest_prices, CryptoPriceData, "coin_id", prices)
-    await _ranges(prices)
+    await _newest_per_key(table, CryptoPriceData, "coin_id", prices)
+    await _ranges(ranges_table, ranges, prices)
     _given()
 
 
-async def track_analytics(batch: Sequence[Stored]) -> None:
+async def track_analytics(table: LiveTable, batch: Sequence[Stored]) -> None:
     """Latest market analytics per source, from a stored batch of the analytics topic."""
     await _newest_per_key(
-        latest_analytics,
-        CryptoMarketAnalytics,
-        "source",
-        _decoded(CryptoMarketAnalytics.topic.name, batch),
+        table, CryptoMarketAnalytics, "source", _decoded(CryptoMarketAnalytics.topic.name, batch)
     )
     _given()
 
 
-# What each sink hands its stored batches to; the app wires them up (app/__init__.py).
-OBSERVERS: dict[str, Callable[[Sequence[Stored]], Awaitable[None]]] = {
-    CryptoPriceData.topic.name: track_prices,
-    CryptoMarketAnalytics.topic.name: track_analytics,
-}
+# What each sink hands its stored batches to, for the tables declared here; the app wires them
+# up (app/__init__.py).
+OBSERVERS: dict[str, Callable[[Sequence[Stored]], Awaitable[None]]] = {}
+if latest_prices is not None and price_ranges_table is not None and price_ranges is not None:
+    OBSERVERS[CryptoPriceData.topic.name] = partial(
+        track_prices, latest_prices, price_ranges_table, price_ranges
+    )
+if latest_analytics is not None:
+    OBSERVERS[CryptoMarketAnalytics.topic.name] = partial(track_analytics, latest_analytics)

@@ -3,7 +3,8 @@
 Workers may run on hosts that cannot reach each other (Heroku dynos), so no view routes a
 request to the worker that owns a key. Each answer merges two sources that are each a subset of
 the truth: the database (everything the sink has written, from every partition) and this
-worker's tables (its own partitions, possibly newer than the sink's last batch). Merging keeps
+worker's tables (its own partitions, possibly newer than the sink's last batch; none in a
+process that does not sink the table's topic, whose answers are the database's). Merging keeps
 the newest snapshot, and the max/min of both ranges, so the answer is right whichever worker
 serves it and whether or not its tables recovered fully; a database that cannot be reached is a
 503, never a silently partial answer.
@@ -28,7 +29,6 @@ from typing import Any, Concatenate, ParamSpec, TypeVar, cast
 
 import asyncpg
 from faust.exceptions import ConsumerNotStarted
-from faust.types import TableT
 from faust.web import Request, Response, View
 from faust.web.exceptions import NotFound, ServiceUnavailable, ValidationError
 
@@ -197,12 +197,14 @@ def _window(request: Request, span: timedelta) -> tuple[datetime, datetime]:
     return since.astimezone(UTC), until.astimezone(UTC)
 
 
-def _merge_newest(record: type[R], stored: list[R], key: str, table: TableT) -> dict[str, R]:
+def _merge_newest(
+    record: type[R], stored: list[R], key: str, table: live.LiveTable | None
+) -> dict[str, R]:
     """The stored records by `key`, each replaced by this worker's table value where newer (a
     tie keeps the stored one). Only the table values that win are validated: usually none."""
     merged = {getattr(row, key): row for row in stored}
     time_column = record.table.time_column
-    for name, value in list(table.items()):
+    for name, value in live.items_of(table):
         held = merged.get(name)
         if value is None or (
             held is not None
@@ -253,7 +255,9 @@ class Price(View):
             stored_range = await queries.value_range(
                 db, CryptoPriceData, "usd_price", filters, since, until
             )
-        price = live.newest(stored, live.stored(CryptoPriceData, live.latest_prices.get(coin_id)))
+        price = live.newest(
+            stored, live.stored(CryptoPriceData, live.value_of(live.latest_prices, coin_id))
+        )
         if price is None:
             raise NotFound(f"unknown coin {coin_id!r}")
         bounds = _bounds(dict(stored_range or {}), live.local_range(coin_id, since))
@@ -276,7 +280,7 @@ class PriceHistory(View):
         filters = {"coin_id": coin_id, **AGGREGATE}
         async with database() as db:
             rows = await queries.history(db, CryptoPriceData, filters, limit=limit, since=since)
-            known = rows or coin_id in live.latest_prices
+            known = rows or live.value_of(live.latest_prices, coin_id) is not None
             if not known and await queries.latest(db, CryptoPriceData, filters) is None:
                 raise NotFound(f"unknown coin {coin_id!r}")
         return {"coin_id": coin_id, "limit": limit, "count": len(rows), "prices": rows}
@@ -317,7 +321,7 @@ class PriceCandles(View):
 
 async def _known_coin(db: asyncpg.Pool, coin_id: str) -> None:
     """404 unless the coin has a price, stored or in this worker's table."""
-    if coin_id in live.latest_prices:
+    if live.value_of(live.latest_prices, coin_id) is not None:
         return
     if await queries.latest(db, CryptoPriceData, {"coin_id": coin_id, **AGGREGATE}) is None:
         raise NotFound(f"unknown coin {coin_id!r}")

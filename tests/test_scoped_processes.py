@@ -124,6 +124,26 @@ async def test_scoped_process_types_sink_only_their_topics_once_and_only_the_pol
         finally:
             await scoped.group.stop()
 
+    # Each process declares only the live tables its sinks fill: no changelog topic nobody fills.
+    changelogs = {n for n in await kafka.group.topics() if n.endswith("-changelog")}
+    assert {n for n in changelogs if n.startswith(f"{app_id}.")} == {
+        f"{app_id}.crypto-prices-latest-prices-changelog",
+        f"{app_id}.crypto-prices-price-ranges-changelog",
+        f"{app_id}.poller.crypto-ohlcv.market-analytics-latest-analytics-changelog",
+    }
+    # Without the price tables the poller's process answers from the database, as the other.
+    coin = sent_prices[0].coin_id
+    async with httpx.AsyncClient(timeout=10) as client:
+        answers = [
+            (await client.get(f"{worker.url}/prices")).json()["prices"]
+            for worker in (price_sink, poller)
+        ]
+        one = [(await client.get(f"{w.url}/prices/{coin}")).json() for w in (price_sink, poller)]
+    sent_coins = {p.coin_id for p in sent_prices}
+    with_sent = [{c: p for c, p in answer.items() if c in sent_coins} for answer in answers]
+    assert set(with_sent[1]) == sent_coins and with_sent[0] == with_sent[1]
+    assert one[0] == one[1] and one[1]["price"]["coin_id"] == coin
+
     # The poller's prices reached the price sink: the two groups meet through the topic.
     assert len(await stored(migrated, CryptoPriceData)) > len(sent_prices)
     connection = await asyncpg.connect(migrated)
