@@ -92,8 +92,12 @@ def _aware_utc(value: datetime) -> datetime:
     return value.astimezone(UTC)
 
 
-Price = Annotated[Decimal, BeforeValidator(_no_float), AfterValidator(ExactDecimal(True))]
-SignedDecimal = Annotated[Decimal, BeforeValidator(_no_float), AfterValidator(ExactDecimal(False))]
+# The bound `__call__`, not the instance: pydantic calls a bound method faster than an instance's
+# `__call__` slot (~0.05 µs per decimal of every message); `_exact_decimal` finds the instance.
+Price = Annotated[Decimal, BeforeValidator(_no_float), AfterValidator(ExactDecimal(True).__call__)]
+SignedDecimal = Annotated[
+    Decimal, BeforeValidator(_no_float), AfterValidator(ExactDecimal(False).__call__)
+]
 
 
 def _no_number(value: Any) -> Any:
@@ -193,8 +197,7 @@ def shape_of(record: str, name: str, info: FieldInfo) -> FieldShape:
     if kind == "timestamp" and not any(isinstance(m, AfterValidator) for m in metadata):
         raise DSLError(f"{record}.{name}: plain datetime allows naive values; use Timestamp")
     non_negative = any(
-        isinstance(m, AfterValidator) and isinstance(m.func, ExactDecimal) and m.func.non_negative
-        for m in metadata
+        (check := _exact_decimal(m)) is not None and check.non_negative for m in metadata
     ) or any(isinstance(m, Ge) and m.ge == 0 for m in metadata)
     min_length = next((m.min_length for m in metadata if isinstance(m, MinLen)), None)
     max_length = next((m.max_length for m in metadata if isinstance(m, MaxLen)), None)
@@ -209,6 +212,15 @@ def shape_of(record: str, name: str, info: FieldInfo) -> FieldShape:
         max_length=max_length,
         description=info.description,
     )
+
+
+def _exact_decimal(item: Any) -> ExactDecimal | None:
+    """The ExactDecimal an annotation item applies (as its bound `__call__`), if any."""
+    if isinstance(item, AfterValidator):
+        check = getattr(item.func, "__self__", item.func)
+        if isinstance(check, ExactDecimal):
+            return check
+    return None
 
 
 def _strip_optional(annotation: Any) -> tuple[Any, bool]:
