@@ -7,7 +7,7 @@ carries, so a consumer can dead-letter any bad message without guessing at excep
 from __future__ import annotations
 
 from decimal import Decimal
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from pydantic import ValidationError
 
@@ -51,7 +51,9 @@ def decode_record(record_type: type[R], raw: bytes | None) -> R:
     if len(raw) > MAX_MESSAGE_BYTES:
         raise RecordRejected(f"message of {len(raw)} bytes exceeds {MAX_MESSAGE_BYTES}")
     try:
-        return record_type.model_validate_json(raw)
+        # What `model_validate_json` calls, without its per-call argument checks (~0.5 µs of
+        # every message; the counterpart of `encode_record`'s serializer).
+        return cast(R, record_type.__pydantic_validator__.validate_json(raw))
     except ValidationError as error:
         raise RecordRejected(describe_validation_error(error)) from None
 
