@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Iterable, Iterator, Mapping, Set
+from operator import attrgetter
 
 from faust.exceptions import ConsumerNotStarted
 from faust.types import TP, AppT
@@ -38,6 +39,42 @@ LAG_HELP = (
 )
 
 
+# (metric, SinkStatus attribute, help) of the sinks' counters, each a `qicore_sink_*_total`.
+SINK_COUNTERS = (
+    (
+        "qicore_sink_rows_written",
+        "rows_written",
+        "Rows a sink inserted into its table (committed).",
+    ),
+    (
+        "qicore_sink_duplicates",
+        "duplicates_skipped",
+        "Records a sink stored that were in its table already (same primary key).",
+    ),
+    (
+        "qicore_sink_dead_letters",
+        "dead_letters",
+        "Messages a sink could not decode, published to its dead-letter topic.",
+    ),
+    ("qicore_sink_batches", "batches", "Batches a sink committed (one write transaction each)."),
+    (
+        "qicore_sink_replayed_skipped",
+        "replayed_skipped",
+        "Messages below a partition's stored offset (stored before), skipped.",
+    ),
+    (
+        "qicore_sink_holes_refetched",
+        "holes_refetched",
+        "Times a sink sought a partition back to its stored offset over a hole.",
+    ),
+    (
+        "qicore_sink_log_resets",
+        "log_resets",
+        "Partitions found on another log than their stored offsets, stored again.",
+    ),
+)
+
+
 class SinkCollector(Collector):
     """`qicore_sink_*` per sink (labels: topic, table) from its `SinkStatus`."""
 
@@ -51,48 +88,8 @@ class SinkCollector(Collector):
         def each(value: Callable[..., float]) -> dict[tuple[str, ...], float]:
             return {(sink.topic, sink.table): value(sink) for sink in sinks}
 
-        yield counter(
-            "qicore_sink_rows_written",
-            "Rows a sink inserted into its table (committed).",
-            labels,
-            each(lambda sink: sink.rows_written),
-        )
-        yield counter(
-            "qicore_sink_duplicates",
-            "Records a sink stored that were in its table already (same primary key).",
-            labels,
-            each(lambda sink: sink.duplicates_skipped),
-        )
-        yield counter(
-            "qicore_sink_dead_letters",
-            "Messages a sink could not decode, published to its dead-letter topic.",
-            labels,
-            each(lambda sink: sink.dead_letters),
-        )
-        yield counter(
-            "qicore_sink_batches",
-            "Batches a sink committed (one write transaction each).",
-            labels,
-            each(lambda sink: sink.batches),
-        )
-        yield counter(
-            "qicore_sink_replayed_skipped",
-            "Messages below a partition's stored offset (stored before), skipped.",
-            labels,
-            each(lambda sink: sink.replayed_skipped),
-        )
-        yield counter(
-            "qicore_sink_holes_refetched",
-            "Times a sink sought a partition back to its stored offset over a hole.",
-            labels,
-            each(lambda sink: sink.holes_refetched),
-        )
-        yield counter(
-            "qicore_sink_log_resets",
-            "Partitions found on another log than their stored offsets, stored again.",
-            labels,
-            each(lambda sink: sink.log_resets),
-        )
+        for name, attribute, documentation in SINK_COUNTERS:
+            yield counter(name, documentation, labels, each(attrgetter(attribute)))
         yield gauge(
             "qicore_sink_consecutive_failures",
             "Failed attempts of the batch a sink is retrying now (0: none).",

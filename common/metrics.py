@@ -13,6 +13,7 @@ registers into the global registry on import can put its metrics (or a name clas
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from typing import TypeVar
 
 from prometheus_client import (
     CollectorRegistry,
@@ -64,24 +65,34 @@ SINK_DELAY_SECONDS = Histogram(
 )
 
 
+F = TypeVar("F", CounterMetricFamily, GaugeMetricFamily)
+
+
+def _family(
+    kind: type[F],
+    name: str,
+    documentation: str,
+    labels: Iterable[str],
+    values: Mapping[tuple[str, ...], float],
+) -> F:
+    family = kind(name, documentation, labels=list(labels))
+    for label_values, value in values.items():
+        family.add_metric(list(label_values), value)
+    return family
+
+
 def counter(
     name: str, documentation: str, labels: Iterable[str], values: Mapping[tuple[str, ...], float]
 ) -> CounterMetricFamily:
     """A counter family (`name` without `_total`) with one sample per label-value tuple."""
-    family = CounterMetricFamily(name, documentation, labels=list(labels))
-    for label_values, value in values.items():
-        family.add_metric(list(label_values), value)
-    return family
+    return _family(CounterMetricFamily, name, documentation, labels, values)
 
 
 def gauge(
     name: str, documentation: str, labels: Iterable[str], values: Mapping[tuple[str, ...], float]
 ) -> GaugeMetricFamily:
     """A gauge family with one sample per label-value tuple."""
-    family = GaugeMetricFamily(name, documentation, labels=list(labels))
-    for label_values, value in values.items():
-        family.add_metric(list(label_values), value)
-    return family
+    return _family(GaugeMetricFamily, name, documentation, labels, values)
 
 
 def exposition(registry: CollectorRegistry = REGISTRY) -> bytes:
