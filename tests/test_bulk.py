@@ -15,7 +15,7 @@ import itertools
 import uuid
 from collections.abc import Callable
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import asyncpg
 import pytest
@@ -23,7 +23,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from faust.transport.conductor import Conductor
 from faust.types import TP, ConsumerMessage, Message
 
-from app.bulk import App, Batches, Consumer
+from app.bulk import App, Batches, Consumer, Taken
 from local.embedded import EmbeddedBroker, create_generated_topics
 from models import CryptoPriceData
 from testkit.records import prices
@@ -100,6 +100,17 @@ async def test_take_returns_everything_queued_up_to_the_limit_in_fetch_order(
     assert batches.empty() and not batches.carry
 
 
+def waited_for(app: App) -> set[Message]:
+    """The messages Faust's `Consumer.wait_empty` waits for: one `Taken` per take stands in the
+    consumer's unacked set for its messages not yet acknowledged."""
+    return {
+        message
+        for taken in app.consumer.unacked
+        if not taken.acked
+        for message in cast(Taken, taken).unacknowledged()
+    }
+
+
 async def test_taken_messages_are_pending_in_the_consumer_until_acknowledged(
     app: App, batches: Batches, messages: Make
 ) -> None:
@@ -107,10 +118,10 @@ async def test_taken_messages_are_pending_in_the_consumer_until_acknowledged(
     batches.put_nowait(fetched)
     taken = await batches.take(10)
     # Tracked: Faust's stream_wait_empty (rebalance, shutdown) waits for exactly these.
-    assert set(app.consumer.unacked) == set(taken)
+    assert waited_for(app) == set(taken)
 
     batches.ack(taken[:3])
-    assert set(app.consumer.unacked) == {taken[3]}
+    assert waited_for(app) == {taken[3]}
     assert [message.acked for message in taken] == [True, True, True, False]
     batches.ack(taken[3:])
     assert not app.consumer.unacked
@@ -126,7 +137,7 @@ async def test_messages_of_an_earlier_consumer_generation_are_dropped_untracked(
     batches.put_nowait(current[1:])
 
     assert await batches.take(10) == current
-    assert set(app.consumer.unacked) == set(current)
+    assert waited_for(app) == set(current)
     assert not any(message.acked for message in stale)
 
 
@@ -283,3 +294,119 @@ async def test_a_commit_of_partitions_revoked_meanwhile_is_skipped_not_a_crash(
         assert await consumer.committed(TopicPartition(TOPIC, 1)) is None
     finally:
         await consumer.stop()
+
+
+async def test_faust_waits_for_a_taken_batch_until_the_sink_acknowledges_it(
+    app: App, batches: Batches, messages: Make
+) -> None:
+    """A rebalance or shutdown runs Faust's `Consumer.wait_empty` after clearing the queues: it
+    must not return while a taken batch is not yet stored (nor acknowledged)."""
+    cast(Consumer, app.consumer)._committed_offset[TP(TOPIC, 0)] = 1000  # no commit: no broker
+    batches.put_nowait(messages(3))
+    batches.put_nowait(messages(2))
+    first = await batches.take(3)
+    second = await batches.take(3)
+    waiting = asyncio.ensure_future(app.consumer.wait_empty())
+    await run_ready_tasks()
+    assert not waiting.done()
+
+    batches.ack(first + second[:1])
+    await run_ready_tasks()
+    assert not waiting.done()  # one message of the second batch is not acknowledged yet
+
+    batches.ack(second[1:])
+    await asyncio.wait_for(waiting, 10)
+    assert not app.consumer.unacked
+
+
+async def test_a_batch_the_sink_dropped_unacknowledged_is_not_waited_for(
+    app: App, batches: Batches, messages: Make
+) -> None:
+    """As with Faust's own per-message tracking: the consumer refers to a batch weakly, so a
+    sink that lost one (a crashed agent) does not hold a rebalance up for ever. Its offsets are
+    not committed: the sink reads them again."""
+    cast(Consumer, app.consumer)._committed_offset[TP(TOPIC, 0)] = 1000  # no commit: no broker
+    batches.put_nowait(messages(3))
+    kept = await batches.take(2)
+    lost = await batches.take(2)
+    waiting = asyncio.ensure_future(app.consumer.wait_empty())
+    await run_ready_tasks()
+    assert not waiting.done()
+
+    batches.ack(kept)
+    await run_ready_tasks()
+    assert not waiting.done()
+    del lost  # wait_empty collects garbage before it looks again
+    await asyncio.wait_for(waiting, 10)
+    assert not app.consumer.unacked
+
+
+async def test_acknowledging_a_batch_books_what_faust_books_acknowledging_each_message() -> None:
+    """`Batches.ack` does per partition what Faust's `Consumer.ack` does per message, so Faust
+    commits the same offsets: up to the first one not acknowledged, across recorded gaps, never
+    below the committed offset, and an offset acknowledged twice counts once."""
+    offsets = {0: [10, 11, 12, 13, 14, 15, 16, 20, 21, 22], 1: [3, 4, 5, 6, 7, 8, 9], 2: [0, 1]}
+    committed = {0: 12, 1: None, 2: None}  # partition 0: committed up to 12 before
+    gaps = {0: (17, 19)}  # partition 0: offsets 17..19 are missing from the log (compaction)
+    acknowledged: tuple[list[tuple[int | str, ...]], ...] = (  # in this order, in these calls
+        # 0:15 and 1:5 are acknowledged twice, 1:5 in one call, as 1:6 and its second fetch
+        [(1, 3), (1, 4), (0, 10), (0, 11), (0, 12), (0, 13)],
+        [(0, 14), (0, 16), (1, 6), (1, 5), (0, 15), (1, 5), (2, 0), (1, 6, "again")],
+        [(0, 20), (0, 21), (2, 1), (1, 9), (0, 15)],  # never: 0:22, 1:7, 1:8
+    )
+
+    async def booked(acknowledge: Callable[[App, Batches, list[Message]], None]) -> tuple[Any, ...]:
+        app = App(f"test-bulk-{uuid.uuid4().hex[:8]}", broker="kafka://127.0.0.1:1")
+        app.topics.add(app.topic(TOPIC))
+        await cast(Conductor, app.topics)._update_indices()
+        app.flow_control.resume()
+        batches = app.batches(TOPIC)
+        consumer = cast(Consumer, app.consumer)
+
+        def message(partition: int, offset: int) -> Message:
+            return ConsumerMessage(
+                TOPIC, partition, offset, 0.0, 0, [], b"k", b"v", None,
+                tp=TP(TOPIC, partition), generation_id=app.consumer_generation_id,
+            )  # fmt: skip
+
+        made: dict[tuple[int | str, ...], Message] = {
+            (partition, offset): message(partition, offset)
+            for partition, partition_offsets in offsets.items()
+            for offset in partition_offsets
+        }
+        # 1:6 fetched again (a seek back) and taken before the first one is acknowledged.
+        made[(1, 6, "again")] = message(1, 6)
+        for partition, offset in committed.items():
+            consumer._committed_offset[TP(TOPIC, partition)] = offset
+        for partition, (first, last) in gaps.items():
+            await consumer._add_gap(TP(TOPIC, partition), first, last)
+        batches.put_nowait(list(made.values()))
+        assert await batches.take(len(made)) == list(made.values())
+        commits = []
+        for call in acknowledged:
+            acknowledge(app, batches, [made[key] for key in call])
+            commits.append(consumer._filter_committable_offsets(list(consumer._acked)))
+            consumer._committed_offset.update(commits[-1])  # as if committed
+        return (
+            commits,
+            {tp: sorted(acked) for tp, acked in consumer._acked.items()},
+            dict(consumer._acked_index),
+            consumer._n_acked,
+            {key: message.acked for key, message in made.items()},
+        )
+
+    def one_by_one(app: App, batches: Batches, acknowledged: list[Message]) -> None:
+        for message in acknowledged:
+            app.consumer.ack(message)
+
+    def in_bulk(app: App, batches: Batches, acknowledged: list[Message]) -> None:
+        batches.ack(acknowledged)
+
+    by_faust, by_batches = await booked(one_by_one), await booked(in_bulk)
+    assert by_batches == by_faust
+    commits = by_faust[0]
+    tp0, tp1, tp2 = (TP(TOPIC, partition) for partition in range(3))
+    # Partition 0: 12..13 (10, 11 are below the committed offset), then 14..16, then the gap
+    # 17..19 and 20, 21 (22 is not acknowledged); partition 1: 3, 4, then 5, 6 (7 and 8 are
+    # not acknowledged: 9 waits); partition 2: 0, then 1.
+    assert commits == [{tp0: 14, tp1: 5}, {tp0: 17, tp1: 7, tp2: 1}, {tp0: 22, tp2: 2}]
