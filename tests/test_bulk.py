@@ -19,11 +19,11 @@ from typing import Any, cast
 
 import asyncpg
 import pytest
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from faust.transport.conductor import Conductor
 from faust.types import TP, ConsumerMessage, Message
 
-from app.bulk import App, Batches, Consumer, Taken
+from app.bulk import App, Batches, Consumer, Taken, consumer_messages
 from local.embedded import EmbeddedBroker, create_generated_topics
 from models import CryptoPriceData
 from testkit.records import prices
@@ -410,3 +410,33 @@ async def test_acknowledging_a_batch_books_what_faust_books_acknowledging_each_m
     # 17..19 and 20, 21 (22 is not acknowledged); partition 1: 3, 4, then 5, 6 (7 and 8 are
     # not acknowledged: 9 waits); partition 2: 0, then 1.
     assert commits == [{tp0: 14, tp1: 5}, {tp0: 17, tp1: 7, tp2: 1}, {tp0: 22, tp2: 2}]
+
+
+def test_the_bulk_path_makes_the_messages_faust_makes_of_the_same_records(app: App) -> None:
+    """`consumer_messages` sets a message's slots itself instead of calling Faust's
+    `_to_message` per record: every slot (and anything else an instance holds) must be what
+    Faust's own gives."""
+    tp = TP(TOPIC, 3)
+    records = [
+        ConsumerRecord(TOPIC, 3, 41, 1_700_000_000_123, 0, b"bitcoin", b"{}", None, 7, 2, ()),
+        ConsumerRecord(TOPIC, 3, 42, None, 1, None, b"[]", 12345, -1, 2, (("h", b"1"),)),  # type: ignore[arg-type]
+    ]
+    app.consumer_generation_id = 7
+    missing = object()
+
+    def state(message: Message) -> dict[str, object]:
+        slots = [
+            slot
+            for cls in type(message).__mro__
+            for slot in cls.__dict__.get("__slots__", ())
+            if slot != "__weakref__"
+        ]
+        held = {slot: getattr(message, slot, missing) for slot in slots}
+        held["__class__"] = type(message)
+        held["__dict__"] = getattr(message, "__dict__", None)
+        return held
+
+    by_faust = [cast(Consumer, app.consumer)._to_message(tp, record) for record in records]
+    ours = consumer_messages(tp, records, app.consumer_generation_id)
+    assert [state(message) for message in ours] == [state(message) for message in by_faust]
+    assert ours[0].timestamp == 1_700_000_000.123 and ours[1].timestamp is None
