@@ -291,6 +291,9 @@ class Taken:
         """How many of its messages are still to be acknowledged."""
         return sum(1 for _ in self.unacknowledged())
 
+    def __repr__(self) -> str:  # in wait_empty's warning while it waits
+        return f"<Taken: {self.refcount} of {len(self.messages)} messages not acknowledged>"
+
 
 class Batches(FlowControlQueue[list[Message]]):
     """One topic's fetched messages, queued for its sink in fetch order."""

@@ -122,6 +122,9 @@ async def test_taken_messages_are_pending_in_the_consumer_until_acknowledged(
 
     batches.ack(taken[:3])
     assert waited_for(app) == {taken[3]}
+    assert [repr(entry) for entry in app.consumer.unacked] == [
+        "<Taken: 1 of 4 messages not acknowledged>"  # in Faust's log while a rebalance waits
+    ]
     assert [message.acked for message in taken] == [True, True, True, False]
     batches.ack(taken[3:])
     assert not app.consumer.unacked
