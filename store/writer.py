@@ -5,7 +5,13 @@ a batch is COPYed (binary, asyncpg's `copy_records_to_table`) into a temporary s
 moved with one `INSERT ... SELECT ... ON CONFLICT (primary key) DO NOTHING`, in the same
 transaction: a replayed batch (at-least-once delivery) adds nothing, and a failed one adds nothing
 either. Values travel as bound COPY data, never as SQL text; identifiers come from the DSL, checked
-and quoted. Decimals stay `Decimal` (asyncpg's numeric codec is exact).
+and quoted.
+
+Decimals travel as their exact decimal text (`str(Decimal)`, exponent form included) into `text`
+staging columns and become `numeric` in the `INSERT ... SELECT`: PostgreSQL's numeric input keeps
+every digit and the scale, as the binary codec does, and asyncpg's binary numeric encoding
+(`Decimal.as_tuple` and a digit conversion per value) cost the client more than the text and the
+cast cost both sides together (docs/performance.md, section 7).
 """
 
 from __future__ import annotations
@@ -19,8 +25,12 @@ from typing import Any
 import asyncpg
 
 from models.dsl import StreamRecord, check_sql_identifier, quote_ident
+from models.types import TYPE_MAP, FieldShape
 
-STAGING_SUFFIX = "_staging"
+# Not main's "_staging" (`LIKE` the target, numeric decimals): behind a transaction-mode pooler a
+# server session outlives the client, and a worker of either version must never find the other's
+# staging table under its name (a Decimal COPYed into a text column fails the batch).
+STAGING_SUFFIX = "_staged"
 # Every transaction that stores rows tells listeners (the MCP servers' live feeds) which keys it
 # stored, with pg_notify in the same transaction: PostgreSQL delivers it at commit, exactly
 # when the rows become durable, and never for a rolled-back batch.
@@ -47,47 +57,58 @@ class RecordWriter:
     def __init__(self, record: type[StreamRecord]) -> None:
         self.record = record
         spec = record.table
-        self.columns = tuple(shape.name for shape in record.shapes())
+        shapes = record.shapes()
+        self.columns = tuple(shape.name for shape in shapes)
         # C-level getters: building rows is per record, the hottest loop of a write.
         read_columns = attrgetter(*self.columns)
         self._row_of: Callable[[StreamRecord], tuple[Any, ...]] = (
             read_columns if len(self.columns) > 1 else lambda record: (read_columns(record),)
         )
+        self._copied: Callable[[tuple[Any, ...]], tuple[Any, ...]] = _decimals_as_text(shapes)
         self._key_of = itemgetter(*(self.columns.index(column) for column in spec.primary_key))
         self._topic_key_of = itemgetter(self.columns.index(record.topic.key_field))
         # A session-level temp table, created once per connection and emptied at every commit:
         # unlike `ON COMMIT DROP` it does not create and drop catalog rows for every batch.
         # Creating it (IF NOT EXISTS) inside each batch's transaction keeps that working behind a
         # transaction-mode pooler, where consecutive transactions may use different sessions.
+        # Its columns are the record's, decimals as `text`; no constraints: the target checks.
         self.staging = check_sql_identifier(
             spec.name + STAGING_SUFFIX, f"{record.__name__}: staging"
         )
         target, staging = quote_ident(spec.name), quote_ident(self.staging)
+        staged = ", ".join(f"{quote_ident(shape.name)} {_staged_type(shape)}" for shape in shapes)
         columns = ", ".join(quote_ident(column) for column in self.columns)
+        moved = ", ".join(
+            f"{quote_ident(shape.name)}::{TYPE_MAP[shape.kind].sql}"
+            if shape.kind == "decimal"
+            else quote_ident(shape.name)
+            for shape in shapes
+        )
         key = ", ".join(quote_ident(column) for column in spec.primary_key)
         self._create_staging = (
-            f"CREATE TEMP TABLE IF NOT EXISTS {staging} (LIKE {target}) ON COMMIT DELETE ROWS"
+            f"CREATE TEMP TABLE IF NOT EXISTS {staging} ({staged}) ON COMMIT DELETE ROWS"
         )
         self._move = (
-            f"INSERT INTO {target} ({columns}) SELECT {columns} FROM {staging} "  # noqa: S608
+            f"INSERT INTO {target} ({columns}) SELECT {moved} FROM {staging} "  # noqa: S608
             f"ON CONFLICT ({key}) DO NOTHING"
         )
 
     def rows(self, records: Sequence[StreamRecord]) -> tuple[list[tuple[Any, ...]], int]:
-        """Column tuples, first occurrence of each primary key only, and how many repeats went.
+        """Column tuples as COPY takes them (decimals as text), first occurrence of each primary
+        key only (compared as the record's values), and how many repeats went.
 
         A replayed snapshot is the same fact, so keeping the first is as good as any; removing
         repeats here also makes the inserted/duplicate counts exact.
         """
         seen: set[Hashable] = set()
         rows: list[tuple[Any, ...]] = []
-        row_of, key_of = self._row_of, self._key_of
+        row_of, key_of, copied = self._row_of, self._key_of, self._copied
         for record in records:
             row = row_of(record)
             key = key_of(row)
             if key not in seen:
                 seen.add(key)
-                rows.append(row)
+                rows.append(copied(row))
         return rows, len(records) - len(rows)
 
     async def write(self, pool: asyncpg.Pool, records: Sequence[StreamRecord]) -> WriteResult:
@@ -130,3 +151,35 @@ class RecordWriter:
 
     def _notice(self, keys: list[str]) -> str:
         return json.dumps({"table": self.record.table.name, "keys": keys}, separators=(",", ":"))
+
+
+def _staged_type(shape: FieldShape) -> str:
+    return "text" if shape.kind == "decimal" else TYPE_MAP[shape.kind].sql
+
+
+def _decimals_as_text(shapes: Sequence[FieldShape]) -> Callable[[tuple[Any, ...]], tuple[Any, ...]]:
+    """A function from a row of the record's values to the same row with each decimal as
+    `str(decimal)` (None stays None): the exact text PostgreSQL's numeric input reads back.
+
+    Generated, like `collections.namedtuple`'s methods, because it runs for every row: one call
+    that unpacks and rebuilds the tuple costs ~1 µs per 14-column row, a loop over converters
+    ~3.5 µs. The source is made of positions only (`v0`, `v1`, ...), never of DSL names.
+    """
+    values = [f"v{position}" for position in range(len(shapes))]
+    converted = [
+        (f"None if {value} is None else str({value})" if shape.nullable else f"str({value})")
+        if shape.kind == "decimal"
+        else value
+        for value, shape in zip(values, shapes, strict=True)
+    ]
+    source = "\n".join(
+        [
+            "def copied(row):",
+            f"    ({', '.join(values)},) = row",
+            f"    return ({', '.join(converted)},)",
+        ]
+    )
+    namespace: dict[str, Any] = {}
+    exec(source, namespace)  # positions only: no outside text reaches the source
+    function: Callable[[tuple[Any, ...]], tuple[Any, ...]] = namespace["copied"]
+    return function

@@ -63,6 +63,83 @@ async def test_batch_stores_exact_values_once_and_replays_add_nothing(pool: asyn
         assert await connection.fetchval(f"SELECT count(*) FROM {writer.staging}") == 0  # noqa: S608
 
 
+# Decimals travel to the staging table as `str(Decimal)`: exponent forms, trailing zeros, signs,
+# zeros with a scale, and the most digits and places the DSL allows (DECIMAL(76, 38)).
+TEXT_FORM_DECIMALS = [
+    "1E+2",
+    "1.0E+2",
+    "1.2E-7",
+    "5E-7",
+    "1.500",
+    "0.12340",
+    "0E-8",
+    "0.000",
+    "-0",
+    "1E+37",
+    "1E-38",
+    "1.23456789E+30",
+    "9" * 38 + "." + "9" * 38,
+]
+
+
+async def test_decimals_are_stored_as_the_binary_numeric_codec_stores_them(
+    pool: asyncpg.Pool,
+) -> None:
+    """Every value, its scale and its text in PostgreSQL are what binding the Decimal itself
+    (asyncpg's binary numeric codec, which the writer's COPY used before) gives, and NULLs stay
+    NULL."""
+    writer = RecordWriter(CryptoPriceData)
+    values = [Decimal(text) for text in TEXT_FORM_DECIMALS]
+    batch = [
+        price(
+            f"coin-{i}",
+            value,
+            T0 + timedelta(minutes=i),
+            btc_price=None if i % 2 else value,
+            change_24h=value.copy_negate(),  # exact: unary minus rounds to 28 digits
+        )
+        for i, value in enumerate(values)
+    ]
+    assert await writer.write(pool, batch) == WriteResult(len(batch), 0, 0)
+
+    decimals = ("usd_price", "btc_price", "change_24h")
+    as_text = ", ".join(f"{column}::text AS {column}_text" for column in decimals)
+    async with pool.acquire() as connection:
+        for record in batch:
+            row = await connection.fetchrow(
+                f"SELECT *, {as_text} FROM crypto_prices WHERE coin_id = $1",  # noqa: S608
+                record.coin_id,
+            )
+            for column in decimals:
+                sent = getattr(record, column)
+                if sent is None:
+                    assert row[column] is None and row[f"{column}_text"] is None
+                    continue
+                bound = await connection.fetchrow(
+                    "SELECT $1::numeric AS value, $1::numeric::text AS text", sent
+                )
+                assert row[column] == sent, (column, sent)
+                assert row[column].as_tuple() == bound["value"].as_tuple(), (column, sent)
+                assert row[f"{column}_text"] == bound["text"], (column, sent)
+    stored = await stored_prices(pool)
+    assert stored[("coin-4", T0 + timedelta(minutes=4))]["usd_price"].as_tuple().exponent == -3
+    biggest = stored[("coin-12", T0 + timedelta(minutes=12))]
+    assert biggest["change_24h"] == Decimal("-" + "9" * 38 + "." + "9" * 38)
+
+
+async def test_a_decimal_numeric_cannot_hold_fails_the_batch(pool: asyncpg.Pool) -> None:
+    """Validation refuses a decimal beyond DECIMAL(76, 38); one that bypassed it and is beyond
+    what `numeric` holds fails the whole batch (asyncpg's binary codec stored such a value as 0)."""
+    huge = Decimal("1E+131072")
+    with pytest.raises(ValueError, match=r"does not fit DECIMAL\(76, 38\)"):
+        price("bitcoin", huge, T0)
+    good = price_at("bitcoin", 0, Decimal("1"))
+    unchecked = good.model_copy(update={"coin_id": "doge", "usd_price": huge})
+    with pytest.raises(asyncpg.NumericValueOutOfRangeError):
+        await RecordWriter(CryptoPriceData).write(pool, [good, unchecked])
+    assert await stored_prices(pool) == {}
+
+
 async def test_repeated_keys_in_a_batch_keep_the_first(pool: asyncpg.Pool) -> None:
     writer = RecordWriter(CryptoPriceData)
     first = price_at("bitcoin", 0, Decimal("65000.5"), name="first")
