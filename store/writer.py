@@ -159,17 +159,17 @@ def _staged_type(shape: FieldShape) -> str:
 
 def _decimals_as_text(shapes: Sequence[FieldShape]) -> Callable[[tuple[Any, ...]], tuple[Any, ...]]:
     """A function from a row of the record's values to the same row with each decimal as
-    `str(decimal)` (None stays None): the exact text PostgreSQL's numeric input reads back.
+    `str(decimal)` (None stays None, for the target's NOT NULL to refuse): the exact text that
+    PostgreSQL's numeric input reads back.
 
     Generated, like `collections.namedtuple`'s methods, because it runs for every row: one call
-    that unpacks and rebuilds the tuple costs ~1 µs per 14-column row, a loop over converters
-    ~3.5 µs. The source is made of positions only (`v0`, `v1`, ...), never of DSL names.
+    that unpacks and rebuilds the tuple adds ~1.1 µs to a 14-column row of 7 decimals, where
+    converting column by column (transposing the batch and back) added ~2, and a converter call
+    per value ~3.4. Its source is made of positions only (`v0`, `v1`, ...), never of DSL names.
     """
     values = [f"v{position}" for position in range(len(shapes))]
     converted = [
-        (f"None if {value} is None else str({value})" if shape.nullable else f"str({value})")
-        if shape.kind == "decimal"
-        else value
+        f"None if {value} is None else str({value})" if shape.kind == "decimal" else value
         for value, shape in zip(values, shapes, strict=True)
     ]
     source = "\n".join(

@@ -127,15 +127,23 @@ async def test_decimals_are_stored_as_the_binary_numeric_codec_stores_them(
     assert biggest["change_24h"] == Decimal("-" + "9" * 38 + "." + "9" * 38)
 
 
-async def test_a_decimal_numeric_cannot_hold_fails_the_batch(pool: asyncpg.Pool) -> None:
-    """Validation refuses a decimal beyond DECIMAL(76, 38); one that bypassed it and is beyond
-    what `numeric` holds fails the whole batch (asyncpg's binary codec stored such a value as 0)."""
-    huge = Decimal("1E+131072")
-    with pytest.raises(ValueError, match=r"does not fit DECIMAL\(76, 38\)"):
-        price("bitcoin", huge, T0)
+@pytest.mark.parametrize(
+    ("usd_price", "error"),
+    [
+        (Decimal("1E+131072"), asyncpg.NumericValueOutOfRangeError),
+        (None, asyncpg.NotNullViolationError),
+    ],
+)
+async def test_a_decimal_the_column_cannot_hold_fails_the_batch(
+    pool: asyncpg.Pool, usd_price: Decimal | None, error: type[Exception]
+) -> None:
+    """Validation refuses both; a record that bypassed it fails the whole batch (asyncpg's binary
+    codec, used before, sent 1E+131072 as 0) and stores nothing."""
+    with pytest.raises(ValueError, match="usd_price"):
+        price("bitcoin", usd_price, T0)
     good = price_at("bitcoin", 0, Decimal("1"))
-    unchecked = good.model_copy(update={"coin_id": "doge", "usd_price": huge})
-    with pytest.raises(asyncpg.NumericValueOutOfRangeError):
+    unchecked = good.model_copy(update={"coin_id": "doge", "usd_price": usd_price})
+    with pytest.raises(error):
         await RecordWriter(CryptoPriceData).write(pool, [good, unchecked])
     assert await stored_prices(pool) == {}
 
