@@ -62,3 +62,33 @@ async def test_a_checkpoint_past_the_end_of_the_log_finds_nothing(
     assert (await logs.look(TOPIC, {0: beyond}))[0].at_checkpoint is None
     # The same clients look again, at another offset.
     assert (await logs.look(TOPIC, {0: produced[0]}))[0].at_checkpoint == produced[0]
+
+
+async def test_every_partition_looked_at_finds_its_own_checkpoint(
+    logs: BrokerLogs, own_broker: EmbeddedBroker
+) -> None:
+    """Each partition's first message at its checkpoint, also where the fetch brought many."""
+    topic, bootstrap = "logs-of-three-partitions", f"127.0.0.1:{own_broker.port}"
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        await admin.create_topics([NewTopic(topic, 3, 1)])
+    finally:
+        await admin.close()
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap)
+    await producer.start()
+    marks: dict[int, list[Mark]] = {0: [], 1: [], 2: []}
+    try:
+        for partition, sent_marks in marks.items():
+            for i in range(50):
+                key, value = b"coin", f"partition {partition} snapshot {i}".encode()
+                sent = await (await producer.send(topic, key=key, value=value, partition=partition))
+                sent_marks.append(Mark(sent.offset, fingerprint(sent.timestamp, key, value)))
+    finally:
+        await producer.stop()
+    found = await logs.look(topic, {0: marks[0][10], 1: marks[1][0], 2: marks[2][49]})
+    assert {p: log.at_checkpoint for p, log in found.items()} == {
+        0: marks[0][10],
+        1: marks[1][0],
+        2: marks[2][49],
+    }
