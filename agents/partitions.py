@@ -23,9 +23,10 @@ CHECK_SECONDS = 3600.0
 RETRY_SECONDS = 60.0
 
 
-@app.task
+@app.task_while_joining
 async def keep_partitions_ahead() -> None:
-    """Create the partitions that time has made due (see the module docstring), for ever."""
+    """Create the partitions that time has made due (see the module docstring), for ever; the
+    first check runs as the worker starts, before it stores anything."""
     while True:
         try:
             created = await create_partitions_ahead(settings.database_dsn)

@@ -41,7 +41,15 @@ import importlib
 import importlib.metadata
 import inspect
 import logging
-from collections.abc import AsyncIterator, Iterable, Mapping, MutableSet, Sequence
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterable,
+    Mapping,
+    MutableSet,
+    Sequence,
+)
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -748,6 +756,36 @@ class App(faust.App):
         super().__init__(*args, broker=broker, broker_consumer=consumer, **kwargs)
         self.fetch_max_wait_ms = fetch_max_wait_ms
         self.bulk: dict[str, Batches] = {}
+        self.tasks_while_joining: list[Callable[[], Awaitable[None]]] = []
+        self.joining_tasks_started = False
+        self.on_partitions_revoked.connect(self._joining)
+
+    def task_while_joining(
+        self, fun: Callable[[], Awaitable[None]]
+    ) -> Callable[[], Awaitable[None]]:
+        """Like `app.task`, but started once the worker has asked to join its consumer group,
+        not once it has joined and recovered its tables: for work that needs neither. It then
+        runs while the broker holds the join (half the session timeout) instead of beside the
+        first fetched batch, which it delayed (docs/performance.md, section 7). Not at the app's
+        start either: on the event loop before the join request, it delayed the request."""
+        self.tasks_while_joining.append(fun)
+        return fun
+
+    async def _joining(self, sender: object, /, *args: object, **kwargs: object) -> None:
+        """Faust's revocation signal, sent before every (re-)join request: the first starts the
+        tasks. They are scheduled, not awaited: the join request waits for this signal."""
+        self.start_joining_tasks()
+
+    async def on_started(self) -> None:
+        """Faust's; then the tasks, should no join have begun (nothing was revoked)."""
+        await super().on_started()
+        self.start_joining_tasks()
+
+    def start_joining_tasks(self) -> None:
+        if not self.joining_tasks_started:
+            self.joining_tasks_started = True
+            for task in self.tasks_while_joining:
+                self.add_future(task())
 
     def batches(self, topic: str) -> Batches:
         """The queue `topic` is delivered on from now on, instead of to its agent's stream."""

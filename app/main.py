@@ -113,11 +113,12 @@ topics: dict[str, faust.TopicT] = {
 }
 
 
-@app.task
+@app.task_while_joining
 async def declare_topics() -> None:
-    """Create every generated topic that is missing, up front: Redpanda does not auto-create
-    them. The same plan as `faust -A app topics apply` (app/topic_admin.py), restricted to
-    creations; any other difference from the DSL is logged for an operator to apply."""
+    """Create every generated topic that is missing, up front (as the app starts): Redpanda does
+    not auto-create them. The same plan as `faust -A app topics apply` (app/topic_admin.py),
+    restricted to creations; any other difference from the DSL is logged for an operator to
+    apply."""
     for plan in await topic_admin.declare_topics(app, settings.topic_replication_factor):
         log.warning(
             "topics: %s %s; `faust -A app topics apply` applies it",
