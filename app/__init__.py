@@ -6,12 +6,17 @@ The app is assembled here: importing the package registers the commands (`faust 
 them when it starts.
 """
 
-import agents
-import dashboard.web
-import mcpserver.web
-import tables
-from app import commands
-from app.main import app, settings, topics
+# First: the rest of the app is imported under the worker's collector thresholds (app/memory.py).
+from app.memory import collect_less_often
+
+collect_less_often()
+
+import agents  # noqa: E402
+import dashboard.web  # noqa: E402
+import mcpserver.web  # noqa: E402
+import tables  # noqa: E402
+from app import commands  # noqa: E402
+from app.main import app, settings, topics  # noqa: E402
 
 
 @app.on_worker_init.connect

@@ -18,7 +18,6 @@ from faust.types.auth import CredentialsT
 
 from app import topic_admin
 from app.bulk import App
-from app.memory import collect_less_often
 from app.settings import SASL_PROTOCOLS, TLS_PROTOCOLS, Settings, load_settings
 from app.web import web_application_options
 from common.logs import logging_config
@@ -90,11 +89,6 @@ if not settings.web_enabled:
 def _create_data_dir(sender: object, /, *args: object, signal: object, **kwargs: object) -> None:
     """Faust creates only the last level of its datadir; a fresh checkout has no DATA_DIR yet."""
     Path(settings.data_dir).mkdir(parents=True, exist_ok=True)
-
-
-@app.on_worker_init.connect
-def _collect_less_often(sender: object, /, *args: object, signal: object, **kwargs: object) -> None:
-    collect_less_often()
 
 
 topics: dict[str, faust.TopicT] = {
