@@ -9,16 +9,19 @@ partition, so every record is stored once whichever group fetched it (store/offs
 
 from __future__ import annotations
 
+import logging
 from functools import partial
 
 import faust
 
-from agents.sink import Sink, SinkLimits, SinkStatuses
+from agents.sink import Sink, SinkLimits, SinkStatuses, describe_error
 from app.broker_logs import BrokerLogs
 from app.main import app, settings, topics
 from app.positions import ConsumerPositions
 from models import RECORDS, StreamRecord
 from store.db import LazyPool
+
+log = logging.getLogger(__name__)
 
 # What every sink has done, for /health.
 SINK_STATUS = SinkStatuses()
@@ -69,6 +72,22 @@ SINKS: dict[str, Sink] = {
     for record in RECORDS
     if record.topic.name in settings.sink_topics
 }
+
+
+@app.task_while_joining
+async def connect_sinks() -> None:
+    """Open the write pool and the log check's broker clients while the group join is held:
+    the first batch needs both, and opening them took ~25-60 ms of it. One attempt: a database
+    or broker that is down now is left to the first batch, which retries."""
+    if not SINKS:
+        return
+    try:
+        await DATABASE.get()
+        await BROKER_LOGS.start()
+    except Exception as error:
+        log.info(
+            "sinks: not connected ahead of the first batch: %s", describe_error(error, DATABASE.dsn)
+        )
 
 
 @app.on_before_shutdown.connect

@@ -58,6 +58,11 @@ class BrokerLogs:
         options = client_options(app, "log-check")
         return cls(options.pop("bootstrap_servers"), options.pop("client_id"), options)
 
+    async def start(self) -> None:
+        """Start the clients now rather than at the first look."""
+        async with self.lock:
+            await self._clients()
+
     async def _clients(self) -> tuple[AIOKafkaAdminClient, AIOKafkaConsumer]:
         if self.admin is None or self.consumer is None:
             admin = AIOKafkaAdminClient(**self.options)
