@@ -121,11 +121,7 @@ class BrokerLogs:
             started = loop.time()
             while pending:
                 try:
-                    # One record a call: aiokafka turns every buffered record of a partition
-                    # into an object when asked for all of them, a whole fetch (~1 MiB, some
-                    # 3,000 records per partition: ~14 MiB and tens of ms of CPU per look, at
-                    # the sink's peak memory). The rest of a partition's fetch stays unread.
-                    fetched = await consumer.getmany(*pending, timeout_ms=200, max_records=1)
+                    fetched = await consumer.getmany(*pending, timeout_ms=200)
                 except OffsetOutOfRangeError as error:  # past the end (Kafka, Redpanda)
                     pending -= set(error.args[0])
                     continue
