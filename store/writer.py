@@ -27,7 +27,7 @@ import asyncpg
 from models.dsl import StreamRecord, check_sql_identifier, quote_ident
 from models.types import TYPE_MAP, FieldShape
 
-# Not main's "_staging" (`LIKE` the target, numeric decimals): behind a transaction-mode pooler a
+# Not the former "_staging" (`LIKE` the target, numeric decimals): behind a transaction-mode pooler a
 # server session outlives the client, and a worker of either version must never find the other's
 # staging table under its name (a Decimal COPYed into a text column fails the batch).
 STAGING_SUFFIX = "_staged"
