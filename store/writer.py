@@ -27,9 +27,9 @@ import asyncpg
 from models.dsl import StreamRecord, check_sql_identifier, quote_ident
 from models.types import TYPE_MAP, FieldShape
 
-# Not the former "_staging" (`LIKE` the target, numeric decimals): behind a transaction-mode pooler a
-# server session outlives the client, and a worker of either version must never find the other's
-# staging table under its name (a Decimal COPYed into a text column fails the batch).
+# Not the former "_staging" (`LIKE` the target, numeric decimals): behind a transaction-mode
+# pooler a server session outlives the client, and a worker of either version must never find
+# the other's staging table under its name (a Decimal COPYed into a text column fails the batch).
 STAGING_SUFFIX = "_staged"
 # Every transaction that stores rows tells listeners (the MCP servers' live feeds) which keys it
 # stored, with pg_notify in the same transaction: PostgreSQL delivers it at commit, exactly
