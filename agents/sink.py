@@ -61,7 +61,7 @@ from models.codec import RecordRejected, decode_record
 from store.db import LazyPool
 from store.ledger import Ledger, LookAtLogs
 from store.offsets import Continuation, Delivered
-from store.writer import WriteResult
+from store.writer import Row, WriteResult
 
 log = logging.getLogger(__name__)
 
@@ -69,8 +69,6 @@ BACKOFF_FIRST = 0.2  # seconds before the first retry
 BACKOFF_CAP = 5.0  # a retry every few seconds costs a down database nothing and resumes quickly
 
 T = TypeVar("T")
-# One message of a stored batch and its decoded record (None: dead-lettered).
-Stored = tuple[Message, StreamRecord | None]
 # Publishes a dead letter (key, value, headers) and returns once the broker has it.
 DeadLetters = Callable[[bytes | None, bytes | None, list[tuple[str, bytes]]], Awaitable[None]]
 
@@ -80,6 +78,18 @@ class BatchSource(Protocol):
 
     async def take(self, limit: int, timeout: float | None = None) -> list[Message]: ...
     def ack(self, messages: Sequence[Message]) -> None: ...
+
+
+class Observer(Protocol):
+    """Follows what a sink stores (tables.live's `LiveUpdates`): each message of a batch as the
+    sink decodes it (its record; None: dead-lettered), the batch once it is durable, and what was
+    stored when the sink publishes. Handed each record while the sink decodes it, an observer
+    reads it while it is still in the CPU's caches; a pass over the stored records at publication
+    cost ~3x as much (docs/performance.md, section 7)."""
+
+    def start_batch(self) -> Callable[[Message, StreamRecord | None], None]: ...
+    def batch_stored(self) -> None: ...
+    def take(self) -> Callable[[], Awaitable[None]]: ...
 
 
 class Positions(Protocol):
@@ -182,12 +192,13 @@ class Sink:
         self.write_seconds = SINK_WRITE_SECONDS.labels(self.topic)
         self.delay_seconds = SINK_DELAY_SECONDS.labels(self.topic)
         self.event_time = attrgetter(record.table.time_column)
+        self.row_of = self.ledger.writer.row
         self.next_log_check = time.monotonic() + limits.log_check_seconds
-        # Called with the stored batches once they are durable, before they are acknowledged:
-        # the live tables (tables.live) follow the sink instead of reading the topic again.
-        self.observers: list[Callable[[Sequence[Stored]], Awaitable[None]]] = []
+        # Given the stored batches once they are durable, before they are acknowledged: the live
+        # tables (tables.live) follow the sink instead of reading the topic again.
+        self.observers: list[Observer] = []
         # Stored, not yet published to the observers nor acknowledged; since when.
-        self.stored: list[Stored] = []
+        self.stored: list[Message] = []
         self.stored_since = 0.0
         self.publishing: asyncio.Future[None] | None = None  # the publication under way
 
@@ -278,20 +289,32 @@ class Sink:
         # Before anything is decided by the stored offsets (also which bad messages are new).
         if due := self.ledger.logs_due(messages, self.positions.generation()):
             await self._until_done("log check", partial(self._check_logs, due))
-        delivered: list[Delivered[StreamRecord | None]] = []
-        batch: list[Stored] = []
+        adds = [observer.start_batch() for observer in self.observers]
+        row_of, event_time = self.row_of, self.event_time
+        delivered: list[Delivered[Row | None]] = []
+        oldest: datetime | None = None  # the batch's oldest record time, for the delay metric
+        # Everything that reads a record does it here, right after decoding it: later passes
+        # over the batch's records found them evicted from the CPU's caches by the fetch and the
+        # write, at ~3x the cost (docs/performance.md, section 7).
         for message in messages:
-            payload: StreamRecord | None = None
+            record: StreamRecord | None = None
+            row: Row | None = None
             try:
-                payload = decode_record(self.record, message.value)
+                record = decode_record(self.record, message.value)
             except RecordRejected as bad:
                 # Before the offsets can move past it, the bad message must be in the DLQ.
                 if self.ledger.is_new(message.partition, message.offset):
                     await self._until_done(
                         "dead-letter", partial(self._dead_letter, message, bad.reason)
                     )
-            delivered.append(Delivered(message.partition, message.offset, payload))
-            batch.append((message, payload))
+            else:
+                row = row_of(record)
+                at = event_time(record)
+                if oldest is None or at < oldest:
+                    oldest = at
+            for add in adds:
+                add(message, record)
+            delivered.append(Delivered(message.partition, message.offset, row))
         self.status.pending_events = len(messages)
         continuation, result = await self._until_done(
             "write", partial(self._store, delivered, messages)
@@ -301,13 +324,17 @@ class Sink:
         self.status.replayed_skipped += continuation.replayed
         self.status.last_write_at = durable = datetime.now(UTC)
         self.status.batches += 1
-        if result.inserted:
-            self._observe_delay(batch, durable)
+        if result.inserted and oldest is not None:
+            # The end-to-end delay of the batch's oldest record (its largest): from the record's
+            # own time (its table's time column) until durable.
+            self.delay_seconds.observe((durable - oldest).total_seconds())
         for partition, offset in continuation.holes.items():
             await self._refetch(partition, offset)
+        for observer in self.observers:
+            observer.batch_stored()
         if not self.stored:
             self.stored_since = time.monotonic()
-        self.stored.extend(batch)
+        self.stored.extend(messages)
         self.status.pending_events = 0
 
     def _until_publish(self) -> float | None:
@@ -341,37 +368,31 @@ class Sink:
             await self.publishing
         if self.stored:
             stored, self.stored = self.stored, []
-            self.publishing = asyncio.ensure_future(self._hand_over(stored))
+            writes = [observer.take() for observer in self.observers]
+            self.publishing = asyncio.ensure_future(self._hand_over(stored, writes))
 
-    async def _hand_over(self, stored: Sequence[Stored]) -> None:
+    async def _hand_over(
+        self, stored: Sequence[Message], writes: Sequence[Callable[[], Awaitable[None]]]
+    ) -> None:
         """The observers' updates are idempotent (a replay or re-fetch changes nothing), and a
         failing observer must not stop the sink."""
         try:
-            for observer in self.observers:
+            for observer, write in zip(self.observers, writes, strict=True):
                 try:
-                    await observer(stored)
+                    await write()
                 except Exception:
-                    log.exception("sink %s: observer %s failed", self.topic, observer.__name__)
-            self.batches.ack([message for message, _ in stored])
+                    log.exception("sink %s: observer %r failed", self.topic, observer)
+            self.batches.ack(stored)
         finally:
             self.publishing = None
 
     async def _store(
-        self, delivered: Sequence[Delivered[StreamRecord | None]], messages: Sequence[Message]
-    ) -> tuple[Continuation[StreamRecord | None], WriteResult]:
+        self, delivered: Sequence[Delivered[Row | None]], messages: Sequence[Message]
+    ) -> tuple[Continuation[Row | None], WriteResult]:
         started = time.perf_counter()
         stored = await self.ledger.store(delivered, messages, self._earliest)
         self.write_seconds.observe(time.perf_counter() - started)
         return stored
-
-    def _observe_delay(self, batch: Sequence[Stored], durable: datetime) -> None:
-        """The end-to-end delay of the batch's oldest record (its largest): from the record's
-        own time (`StreamRecord.event_time()`, its table's time column) until durable."""
-        oldest = min(
-            (self.event_time(record) for _, record in batch if record is not None), default=None
-        )
-        if oldest is not None:
-            self.delay_seconds.observe((durable - oldest).total_seconds())
 
     async def _earliest(self, partitions: Sequence[int]) -> dict[int, int]:
         return await self.positions.earliest(self.topic, partitions)

@@ -4,11 +4,11 @@ Run by `bench.sink_throughput` and `bench.latency` as a subprocess (like the wor
 compared with; `bench.common.bare_sink` starts it). Large fetches (`fetch_max_bytes`,
 `max_partition_fetch_bytes`, `getmany(max_records=...)`), the app's own decode
 (`models.codec.decode_record`: pydantic, Decimals exact) and the app's own write
-(`store.writer.RecordWriter`: COPY into staging + INSERT ... ON CONFLICT DO NOTHING) in one
-transaction per fetched batch, with the worker's garbage-collector thresholds (`app.memory`) and
-fetch wait (BROKER_FETCH_MAX_WAIT_MS), passed as `BENCH_GC_THRESHOLDS` and
-`BENCH_FETCH_MAX_WAIT_MS` so that nothing of Faust is imported. Stops after `BENCH_ROWS` messages,
-or when it is stopped.
+(`store.writer.RecordWriter`: COPY into staging + INSERT ... ON CONFLICT DO NOTHING, each row
+built as its record is decoded, as the sink builds it) in one transaction per fetched batch, with
+the worker's garbage-collector thresholds (`app.memory`) and fetch wait
+(BROKER_FETCH_MAX_WAIT_MS), passed as `BENCH_GC_THRESHOLDS` and `BENCH_FETCH_MAX_WAIT_MS` so that
+nothing of Faust is imported. Stops after `BENCH_ROWS` messages, or when it is stopped.
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ async def main() -> None:
     )
     await consumer.start()
     writer = RecordWriter(CryptoPriceData)
+    row_of = writer.row
     connection = await asyncpg.connect(os.environ["DATABASE_URL"])
     try:
         consumer.assign([TopicPartition(topic, p) for p in range(CryptoPriceData.topic.partitions)])
@@ -45,15 +46,15 @@ async def main() -> None:
         seen = 0
         while target is None or seen < target:
             fetched = await consumer.getmany(timeout_ms=500, max_records=10_000)
-            batch = [
-                decode_record(CryptoPriceData, message.value)
+            rows = [
+                row_of(decode_record(CryptoPriceData, message.value))
                 for messages in fetched.values()
                 for message in messages
             ]
-            if batch:
+            if rows:
                 async with connection.transaction():
-                    await writer.insert(connection, batch)
-                seen += len(batch)
+                    await writer.insert_rows(connection, rows)
+                seen += len(rows)
     finally:
         await connection.close()
         await consumer.stop()

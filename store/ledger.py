@@ -33,7 +33,7 @@ from store.offsets import (
     fingerprint,
     other_log,
 )
-from store.writer import RecordWriter, WriteResult
+from store.writer import RecordWriter, Row, WriteResult
 
 T = TypeVar("T")
 
@@ -170,12 +170,13 @@ class Ledger:
 
     async def store(
         self,
-        delivered: Sequence[Delivered[StreamRecord | None]],
+        delivered: Sequence[Delivered[Row | None]],
         messages: Sequence[Fetched],
         earliest: Earliest,
-    ) -> tuple[Continuation[StreamRecord | None], WriteResult]:
+    ) -> tuple[Continuation[Row | None], WriteResult]:
         """Store what of the batch continues the stored offsets, and advance them, in one
-        transaction (`delivered[i]` is `messages[i]` decoded; None: dead-lettered). Partitions
+        transaction (`delivered[i]` is `messages[i]` decoded, as its row (`RecordWriter.row`);
+        None: dead-lettered). Partitions
         seen for the first time start at the broker's `earliest` offset."""
         partitions = sorted({item.partition for item in delivered})
         new = [p for p in partitions if p not in self.stored_next]
@@ -196,9 +197,9 @@ class Ledger:
         connection: asyncpg.Connection,
         partitions: Sequence[int],
         starts: Mapping[int, int],
-        delivered: Sequence[Delivered[StreamRecord | None]],
+        delivered: Sequence[Delivered[Row | None]],
         messages: Sequence[Fetched],
-    ) -> tuple[dict[int, int], Continuation[StreamRecord | None], WriteResult, dict[int, Mark]]:
+    ) -> tuple[dict[int, int], Continuation[Row | None], WriteResult, dict[int, Mark]]:
         """The body of a batch's transaction: lock the partitions' stored offsets, write what
         continues them, advance them (with each partition's last stored message, for its log's
         checkpoint). Whatever must commit or roll back with the batch belongs here."""
@@ -206,8 +207,8 @@ class Ledger:
             connection, partitions, starts, self.floors, self.cluster_id
         )
         continuation = continue_sequences(delivered, stored)
-        records = [record for record in continuation.accepted if record is not None]
-        result = await self.writer.insert(connection, records)
+        rows = [row for row in continuation.accepted if row is not None]
+        result = await self.writer.insert_rows(connection, rows)
         last = last_stored(messages, continuation.next_offsets)
         await self.offsets.advance(connection, continuation.next_offsets, last)
         return stored, continuation, result, last

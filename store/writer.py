@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
-from operator import attrgetter, itemgetter
+from operator import itemgetter
 from typing import Any
 
 import asyncpg
@@ -36,6 +36,8 @@ STAGING_SUFFIX = "_staged"
 # when the rows become durable, and never for a rolled-back batch.
 STORED_CHANNEL = "qicore_stored"
 NOTIFY_PAYLOAD_BYTES = 7000  # PostgreSQL's limit is 8000; a larger batch sends several
+# A record's values as COPY takes them, in the table's column order (`RecordWriter.row`).
+Row = tuple[Any, ...]
 
 
 @dataclass(frozen=True)
@@ -59,12 +61,9 @@ class RecordWriter:
         spec = record.table
         shapes = record.shapes()
         self.columns = tuple(shape.name for shape in shapes)
-        # C-level getters: building rows is per record, the hottest loop of a write.
-        read_columns = attrgetter(*self.columns)
-        self._row_of: Callable[[StreamRecord], tuple[Any, ...]] = (
-            read_columns if len(self.columns) > 1 else lambda record: (read_columns(record),)
-        )
-        self._copied: Callable[[tuple[Any, ...]], tuple[Any, ...]] = _decimals_as_text(shapes)
+        # One generated function per record type: building rows is per record, the hottest loop
+        # of a write.
+        self.row: Callable[[StreamRecord], Row] = _row_function(shapes)
         self._key_of = itemgetter(*(self.columns.index(column) for column in spec.primary_key))
         self._topic_key_of = itemgetter(self.columns.index(record.topic.key_field))
         # A session-level temp table, created once per connection and emptied at every commit:
@@ -93,23 +92,22 @@ class RecordWriter:
             f"ON CONFLICT ({key}) DO NOTHING"
         )
 
-    def rows(self, records: Sequence[StreamRecord]) -> tuple[list[tuple[Any, ...]], int]:
-        """Column tuples as COPY takes them (decimals as text), first occurrence of each primary
-        key only (compared as the record's values), and how many repeats went.
+    def unique(self, rows: Sequence[Row]) -> tuple[list[Row], int]:
+        """The first row of each primary key only, and how many repeats went. Keys compare as
+        COPY sends them (no record type has a decimal key column; one would compare as text).
 
         A replayed snapshot is the same fact, so keeping the first is as good as any; removing
         repeats here also makes the inserted/duplicate counts exact.
         """
         seen: set[Hashable] = set()
-        rows: list[tuple[Any, ...]] = []
-        row_of, key_of, copied = self._row_of, self._key_of, self._copied
-        for record in records:
-            row = row_of(record)
+        kept: list[Row] = []
+        key_of = self._key_of
+        for row in rows:
             key = key_of(row)
             if key not in seen:
                 seen.add(key)
-                rows.append(copied(row))
-        return rows, len(records) - len(rows)
+                kept.append(row)
+        return kept, len(rows) - len(kept)
 
     async def write(self, pool: asyncpg.Pool, records: Sequence[StreamRecord]) -> WriteResult:
         """Store a batch in its own transaction; on any error nothing of it is stored."""
@@ -119,8 +117,15 @@ class RecordWriter:
     async def insert(
         self, connection: asyncpg.Connection, records: Sequence[StreamRecord]
     ) -> WriteResult:
-        """Store a batch inside the caller's transaction (the sink adds its offsets to it)."""
-        rows, repeated = self.rows(records)
+        """Store a batch inside the caller's transaction (the backfill adds its own work to it)."""
+        return await self.insert_rows(connection, [self.row(record) for record in records])
+
+    async def insert_rows(self, connection: asyncpg.Connection, rows: Sequence[Row]) -> WriteResult:
+        """Store `row()`s inside the caller's transaction. The sink builds each row as it decodes
+        the record, while the record is still in the CPU's caches: a second pass over a batch of
+        records after the fetch and the write had evicted them cost ~2-3x its in-cache time
+        (docs/performance.md, section 7)."""
+        rows, repeated = self.unique(rows)
         if not rows:
             return WriteResult(0, 0, repeated)
         await connection.execute(self._create_staging)
@@ -157,29 +162,32 @@ def _staged_type(shape: FieldShape) -> str:
     return "text" if shape.kind == "decimal" else TYPE_MAP[shape.kind].sql
 
 
-def _decimals_as_text(shapes: Sequence[FieldShape]) -> Callable[[tuple[Any, ...]], tuple[Any, ...]]:
-    """A function from a row of the record's values to the same row with each decimal as
-    `str(decimal)` (None stays None, for the target's NOT NULL to refuse): the exact text that
-    PostgreSQL's numeric input reads back.
+def _row_function(shapes: Sequence[FieldShape]) -> Callable[[StreamRecord], Row]:
+    """A function from a record to its row as COPY takes it: the columns' values in order, read
+    from the record's `__dict__` (where pydantic keeps its fields) with one C-level getter, each
+    decimal as `str(decimal)` (None stays None, for the target's NOT NULL to refuse), the exact
+    text that PostgreSQL's numeric input reads back.
 
     Generated, like `collections.namedtuple`'s methods, because it runs for every row: one call
     that unpacks and rebuilds the tuple adds ~1.1 µs to a 14-column row of 7 decimals, where
     converting column by column (transposing the batch and back) added ~2, and a converter call
-    per value ~3.4. Its source is made of positions only (`v0`, `v1`, ...), never of DSL names.
+    per value ~3.4; reading the fields through `__dict__` costs ~0.6 µs less than `attrgetter`.
+    Its source is made of positions only (`v0`, `v1`, ...), never of DSL names.
     """
     values = [f"v{position}" for position in range(len(shapes))]
     converted = [
         f"None if {value} is None else str({value})" if shape.kind == "decimal" else value
         for value, shape in zip(values, shapes, strict=True)
     ]
+    read = "read(record.__dict__)" if len(shapes) > 1 else "(read(record.__dict__),)"
     source = "\n".join(
         [
-            "def copied(row):",
-            f"    ({', '.join(values)},) = row",
+            "def row(record):",
+            f"    ({', '.join(values)},) = {read}",
             f"    return ({', '.join(converted)},)",
         ]
     )
-    namespace: dict[str, Any] = {}
+    namespace: dict[str, Any] = {"read": itemgetter(*(shape.name for shape in shapes))}
     exec(source, namespace)  # positions only: no outside text reaches the source
-    function: Callable[[tuple[Any, ...]], tuple[Any, ...]] = namespace["copied"]
+    function: Callable[[StreamRecord], Row] = namespace["row"]
     return function

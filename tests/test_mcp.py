@@ -458,7 +458,7 @@ async def test_stored_rows_are_notified_at_commit_once_per_new_batch(migrated: s
             notice = await notices.get()
         assert notice == {"table": "crypto_prices", "keys": ["ethereum"]}
         many = [price(f"coin-{'x' * 200}-{i}", "c", "1", T1) for i in range(100)]
-        chunks = writer.notices(writer.rows(many)[0])
+        chunks = writer.notices([writer.row(record) for record in many])
         assert len(chunks) > 1
         assert all(len(chunk.encode()) <= NOTIFY_PAYLOAD_BYTES for chunk in chunks)
         sent = [key for chunk in chunks for key in json.loads(chunk)["keys"]]

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
+from typing import cast
 
 import asyncpg
 import pytest
@@ -25,6 +26,7 @@ from models import CryptoPriceData
 from models.codec import encode_record
 from store.db import LazyPool
 from store.offsets import SinkOffsets
+from tables.live import LiveUpdates, NewestFold
 from testkit.databases import assert_exactly, stored
 from testkit.records import prices
 from testkit.workers import Kafka
@@ -261,18 +263,57 @@ async def test_offsets_stored_from_another_log_start_over_instead_of_skipping_it
     assert harness.sink.status.log_resets == 1
 
 
+# What an observer's write saw: each coin's newest record given, how many were undecodable,
+# rows in the table then, messages acknowledged then.
+Seen = tuple[dict[str, CryptoPriceData], int, int, int]
+
+
+def observe(harness: Harness) -> list[Seen]:
+    """The live tables' observer (tables.live.LiveUpdates) on the harness's sink, newest record
+    per coin, with a write that records what it was given and what was stored and acknowledged
+    at that moment."""
+    seen: list[Seen] = []
+
+    async def write(fold: NewestFold) -> None:
+        rows = len(await stored(harness.dsn, CryptoPriceData))
+        newest = {
+            coin: cast(CryptoPriceData, record) for coin, (_, _, record) in fold.newest.items()
+        }
+        seen.append((newest, fold.undecodable, rows, len(harness.batches.acked)))
+
+    fold = partial(NewestFold, "coin_id", "last_updated")
+    harness.sink.observers.append(LiveUpdates(TOPIC, fold, write))
+    return seen
+
+
 async def test_observers_get_a_batch_once_it_is_stored_and_before_it_is_acknowledged(
     harness: Harness,
 ) -> None:
-    _, batch = await harness.produced("observed", 4)
-    seen: list[tuple[int, int, int]] = []  # (records given, rows stored, messages acked)
+    good = prices("observed", 4, coins=3)
+    values = [encode_record(good[0]), b"not json", *map(encode_record, good[1:])]
+    await produce(harness.kafka, values)
+    batch = await harness.broker.fetch(0, 0, 5)
+    seen = observe(harness)
 
-    async def observer(stored_batch: Sequence[tuple[Message, object]]) -> None:
-        rows = len(await stored(harness.dsn, CryptoPriceData))
-        seen.append((len(stored_batch), rows, len(harness.batches.acked)))
-
-    harness.sink.observers.append(observer)
     await harness.flush(batch)
 
-    assert seen == [(4, 4, 0)]
+    newest = {"observed-0": good[3], "observed-1": good[1], "observed-2": good[2]}
+    assert seen == [(newest, 1, 4, 0)]
+    assert harness.batches.acked == batch
+
+
+async def test_stored_batches_reach_the_observers_together_when_publication_is_due(
+    harness: Harness,
+) -> None:
+    records, batch = await harness.produced("together", 6)
+    seen = observe(harness)
+    harness.sink.limits = replace(LIMITS, live_table_update_seconds=3600.0)
+
+    await harness.flush(batch[:2])
+    await harness.flush(batch[2:])
+    assert (seen, harness.batches.acked) == ([], [])  # stored, not yet due
+    harness.sink.limits = LIMITS
+    await harness.flush([])  # due now
+
+    assert seen == [({record.coin_id: record for record in records}, 0, 6, 0)]
     assert harness.batches.acked == batch
