@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from operator import attrgetter
+from typing import Any
 
 import asyncpg
 import pytest
@@ -11,11 +14,21 @@ from hypothesis import HealthCheck, given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 
-from models import RECORDS, CryptoMarketAnalytics, CryptoPriceData, StreamRecord
+from models import (
+    RECORDS,
+    CryptoMarketAnalytics,
+    CryptoOHLCVData,
+    CryptoPriceData,
+    StreamRecord,
+    TableSpec,
+    TopicSpec,
+)
+from models.codec import decode_record, encode_record
 from models.dsl import quote_ident
-from store.writer import RecordWriter, WriteResult
+from models.types import Timestamp
+from store.writer import RecordWriter, Row, WriteResult
 from testkit.databases import primary_key
-from testkit.records import price
+from testkit.records import candle, price, prices, snapshots
 from testkit.strategies import valid
 
 T0 = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
@@ -218,3 +231,98 @@ async def test_any_valid_records_come_back_from_the_database_exactly(
     assert back.keys() == first.keys()
     for key, record in first.items():
         assert {name: back[key][name] for name in record.model_fields} == record.model_dump()
+
+
+class OnlyTime(StreamRecord):
+    """A record of one column: its row is built by the generated function's one-value branch."""
+
+    topic = TopicSpec(name="only-time", key_field="at", partitions=1, retention=None)
+    table = TableSpec(
+        name="only_time", time_column="at", primary_key=("at",), chunk_interval=timedelta(days=1)
+    )
+
+    at: Timestamp
+
+
+def attribute_row(record_type: type[StreamRecord]) -> Callable[[StreamRecord], Row]:
+    """The row as the sink built it before `RecordWriter.row`: the fields read as attributes
+    (`attrgetter`), then each decimal as `str(decimal)`, None kept."""
+    shapes = record_type.shapes()
+    read = attrgetter(*(shape.name for shape in shapes))
+
+    def row(record: StreamRecord) -> Row:
+        values = read(record) if len(shapes) > 1 else (read(record),)
+        return tuple(
+            None if value is None else str(value) if shape.kind == "decimal" else value
+            for value, shape in zip(values, shapes, strict=True)
+        )
+
+    return row
+
+
+def assert_rows_as_attributes_give(records: list[StreamRecord]) -> None:
+    record_type = type(records[0])
+    writer, expected_of = RecordWriter(record_type), attribute_row(record_type)
+    for record in records:
+        row, expected = writer.row(record), expected_of(record)
+        assert row == expected
+        # Not just equal: the very objects COPY got before (an aware time in its own zone, the
+        # decimal's own text), each column in its place.
+        assert [type(value) for value in row] == [type(value) for value in expected]
+        assert all(
+            a is b
+            for a, b, s in zip(row, expected, record_type.shapes(), strict=True)
+            if s.kind != "decimal"
+        )
+
+
+def built_every_way(records: list[Any]) -> list[StreamRecord]:
+    """Each record as validated, decoded from the wire, copied with an update, and constructed
+    without validation (defaults filled in), as the sink, the tests and the tools make them."""
+    record_type = type(records[0])
+    return [
+        built
+        for record in records
+        for built in (
+            record,
+            decode_record(record_type, encode_record(record)),
+            record.model_copy(update={record_type.table.time_column: record.event_time()}),
+            record_type.model_construct(
+                **{name: value for name, value in record.__dict__.items() if value is not None}
+            ),
+        )
+    ]
+
+
+def test_a_row_holds_what_the_records_attributes_hold_for_every_record_type() -> None:
+    """`RecordWriter.row` reads the fields from the record's `__dict__`: the values, in the
+    columns' order, that reading them as attributes gives, for every record type and however a
+    record was made."""
+    analytics = [
+        CryptoMarketAnalytics(timestamp=T0, btc_dominance=Decimal("-0.5E-3"), markets=7),
+        CryptoMarketAnalytics(
+            timestamp=T0 + timedelta(hours=1),
+            total_market_cap=Decimal("2.5E+12"),
+            total_volume=Decimal("1E-38"),
+            eth_dominance=Decimal("17.25"),
+            active_cryptocurrencies=0,
+            market_cap_change_24h=Decimal("0"),
+            source="other",
+        ),
+    ]
+    built: dict[type[StreamRecord], list[Any]] = {
+        CryptoPriceData: [*prices("row", 10), *snapshots(8, coins=4)],
+        CryptoOHLCVData: [candle(i) for i in range(6)],
+        CryptoMarketAnalytics: analytics,
+        OnlyTime: [OnlyTime(at=T0)],
+    }
+    assert set(RECORDS) <= set(built), "a record type this test does not build"
+    for records in built.values():
+        assert_rows_as_attributes_give(built_every_way(records))
+
+
+@given(data=st.data())
+@hypothesis_settings(max_examples=100, deadline=None)
+def test_any_valid_records_row_is_what_its_attributes_hold(data: st.DataObject) -> None:
+    record_type = data.draw(st.sampled_from(RECORDS))
+    assert_rows_as_attributes_give(data.draw(st.lists(valid(record_type), min_size=1, max_size=4)))
