@@ -194,8 +194,9 @@ class Sink:
         self.event_time = attrgetter(record.table.time_column)
         self.row_of = self.ledger.writer.row
         self.next_log_check = time.monotonic() + limits.log_check_seconds
-        # Given the stored batches once they are durable, before they are acknowledged: the live
-        # tables (tables.live) follow the sink instead of reading the topic again.
+        # Given each record as it is decoded, told when its batch is durable, and given what was
+        # stored at each publication, before it is acknowledged: the live tables (tables.live)
+        # follow the sink instead of reading the topic again.
         self.observers: list[Observer] = []
         # Stored, not yet published to the observers nor acknowledged; since when.
         self.stored: list[Message] = []
@@ -313,7 +314,11 @@ class Sink:
                 if oldest is None or at < oldest:
                     oldest = at
             for add in adds:
-                add(message, record)
+                try:
+                    add(message, record)
+                except Exception:  # a failing observer must not stop the sink
+                    log.exception("sink %s: an observer failed on a record", self.topic)
+                    adds = [other for other in adds if other is not add]  # for this batch
             delivered.append(Delivered(message.partition, message.offset, row))
         self.status.pending_events = len(messages)
         continuation, result = await self._until_done(
@@ -368,16 +373,18 @@ class Sink:
             await self.publishing
         if self.stored:
             stored, self.stored = self.stored, []
-            writes = [observer.take() for observer in self.observers]
+            writes = [(observer, observer.take()) for observer in self.observers]
             self.publishing = asyncio.ensure_future(self._hand_over(stored, writes))
 
     async def _hand_over(
-        self, stored: Sequence[Message], writes: Sequence[Callable[[], Awaitable[None]]]
+        self,
+        stored: Sequence[Message],
+        writes: Sequence[tuple[Observer, Callable[[], Awaitable[None]]]],
     ) -> None:
         """The observers' updates are idempotent (a replay or re-fetch changes nothing), and a
         failing observer must not stop the sink."""
         try:
-            for observer, write in zip(self.observers, writes, strict=True):
+            for observer, write in writes:
                 try:
                     await write()
                 except Exception:

@@ -117,7 +117,7 @@ class RecordWriter:
     async def insert(
         self, connection: asyncpg.Connection, records: Sequence[StreamRecord]
     ) -> WriteResult:
-        """Store a batch inside the caller's transaction (the backfill adds its own work to it)."""
+        """Store a batch inside the caller's transaction."""
         return await self.insert_rows(connection, [self.row(record) for record in records])
 
     async def insert_rows(self, connection: asyncpg.Connection, rows: Sequence[Row]) -> WriteResult:

@@ -243,7 +243,7 @@ async def _yielding(items: Iterable[T]) -> AsyncIterator[T]:
 async def _write_newest(
     table: LiveTable, record_type: type[R], newest_of: dict[str, tuple[datetime, Message, R]]
 ) -> None:
-    """Write each key's newest record of the batch, if it is newer than the table's."""
+    """Write each key's newest record of the stored batches, if it is newer than the table's."""
     async for name, (at, message, record) in _yielding(newest_of.items()):
         current = table.get(name)
         # Only the stored time matters here: no need to validate the whole stored record.
@@ -258,8 +258,8 @@ async def _write_newest(
 async def _write_ranges(
     table: LiveTable, ranges: WindowWrapper, merged: dict[tuple[str, int, int], list[Any]]
 ) -> None:
-    """Merge the batch's high/low per coin and hour into the hourly windows: one write for each
-    window the batch widens, none for the others (most snapshots set no new high or low)."""
+    """Merge the stored batches' high/low per coin and hour into the hourly windows: one write
+    for each window they widen, none for the others (most snapshots set no new high or low)."""
     async for (coin_id, day, hour), (message, high, low) in _yielding(merged.items()):
         start = datetime.combine(date.fromordinal(day), time(hour), UTC)
         window = ranges.relative_to(start)
@@ -353,8 +353,10 @@ F = TypeVar("F", NewestFold, PriceFold)
 class LiveUpdates(Generic[F]):
     """A sink's observer (`agents.sink.Observer`) for the live tables: each message of the batch
     being stored is folded as the sink decodes it, the fold joins those of the stored batches
-    once its batch is durable (a batch that fails to store never reaches the tables), and the
-    sink's publication writes them: each key at most once (`write`)."""
+    once its batch is durable (folded once, however often its write is retried; a batch that
+    is never stored is never published), and the sink's publication writes them: each key at
+    most once (`write`). Messages after a hole are published with their batch although they are
+    stored only after the re-fetch, as before the folds: the updates are idempotent."""
 
     def __init__(
         self, topic: str, fold: Callable[[], F], write: Callable[[F], Awaitable[None]]

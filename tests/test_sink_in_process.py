@@ -9,7 +9,7 @@ acknowledgements.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import cast
@@ -299,6 +299,46 @@ async def test_observers_get_a_batch_once_it_is_stored_and_before_it_is_acknowle
 
     newest = {"observed-0": good[3], "observed-1": good[1], "observed-2": good[2]}
     assert seen == [(newest, 1, 4, 0)]
+    assert harness.batches.acked == batch
+
+
+class Failing:
+    """An observer whose every call to fold a record raises."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.written = 0
+
+    def start_batch(self) -> Callable[[Message, object], None]:
+        def add(message: Message, record: object) -> None:
+            self.calls += 1
+            raise ValueError("a bug in an observer")
+
+        return add
+
+    def batch_stored(self) -> None:
+        pass
+
+    def take(self) -> Callable[[], Awaitable[None]]:
+        async def write() -> None:
+            self.written += 1
+
+        return write
+
+
+async def test_an_observer_that_fails_on_a_record_stops_neither_the_sink_nor_other_observers(
+    harness: Harness,
+) -> None:
+    records, batch = await harness.produced("failing", 3)
+    failing = Failing()
+    harness.sink.observers.append(failing)
+    seen = observe(harness)
+
+    await harness.flush(batch)
+
+    assert_exactly(await stored(harness.dsn, CryptoPriceData), records)
+    assert seen == [({record.coin_id: record for record in records}, 0, 3, 0)]
+    assert (failing.calls, failing.written) == (1, 1)  # left out for the rest of the batch
     assert harness.batches.acked == batch
 
 
