@@ -13,7 +13,6 @@ import logging
 
 from app.checks import DATABASE_ERRORS, describe_database_error
 from app.main import app, settings
-from generators.migrate import create_partitions_ahead
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +26,9 @@ RETRY_SECONDS = 60.0
 async def keep_partitions_ahead() -> None:
     """Create the partitions that time has made due (see the module docstring), for ever; the
     first check runs as the worker starts, before it stores anything."""
+    # Imported here, while the broker holds the group join, rather than before the worker starts.
+    from generators.migrate import create_partitions_ahead
+
     while True:
         try:
             created = await create_partitions_ahead(settings.database_dsn)

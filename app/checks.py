@@ -22,7 +22,6 @@ from faust.types.auth import CredentialsT
 
 from app.settings import OFFLINE, Settings
 from common.redaction import redact_password, redact_url
-from generators.migrate import MigrationRefused, TimescaleUnavailable, migrate_database
 from generators.sql import TimescaleMode
 from store.db import connect
 
@@ -182,6 +181,9 @@ async def migrate(
     dsn: str, *, force: bool = False, timescaledb: TimescaleMode = "auto"
 ) -> list[str]:
     """`migrate_database`, each failure a `CannotStart` with its one line."""
+    # Imported here: the worker imports this module for its preflight, and never migrates.
+    from generators.migrate import MigrationRefused, TimescaleUnavailable, migrate_database
+
     try:
         return await migrate_database(dsn, force=force, timescaledb=timescaledb)
     except MigrationRefused as refused:

@@ -31,13 +31,13 @@ from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
 from typing import TYPE_CHECKING, Any, Protocol
 
-import httpx
-
 from coingecko.parse import loads_exact
 from common.backoff import jittered_backoff
 from common.redaction import redact
 
 if TYPE_CHECKING:  # importing app.* at run time would build the whole Faust app
+    import httpx
+
     from app.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -127,6 +127,10 @@ class HttpTransport:
     header only."""
 
     def __init__(self, settings: Settings, secret: str | None) -> None:
+        # Here, not at import: the worker builds its client while it joins its group, so httpx
+        # (~30 ms of imports) stays out of its start-up and out of processes that never poll.
+        import httpx
+
         self.base_url = settings.coingecko_url
         headers = {"accept": "application/json", "user-agent": USER_AGENT}
         if settings.plan in KEY_HEADERS and secret:
@@ -141,6 +145,8 @@ class HttpTransport:
         """Nothing to do: httpx connects on the first request."""
 
     async def request(self, path: str, params: Mapping[str, str | int] | None) -> Answer:
+        import httpx  # loaded by __init__ already (see there)
+
         try:
             response = await self._http.get(self.base_url + path, params=params)
         except httpx.TimeoutException as error:

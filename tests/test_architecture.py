@@ -134,3 +134,21 @@ def test_the_rooms_without_faust_load_without_it() -> None:
         check=True,
     ).stdout.strip()
     assert loaded == "[]", f"{loaded} loaded by importing {modules}"
+
+
+# What `faust -A app worker` imports only once it needs it, not before it starts: httpx when the
+# poller builds its client (while the group join is held), the migrations when the partitions
+# task first runs or a command migrates, the MCP SDK on the first request to /mcp.
+LOADED_WHEN_NEEDED = ("httpx", "generators.migrate", "mcp")
+
+
+def test_the_worker_imports_what_it_needs_later_only_when_it_needs_it() -> None:
+    script = f"import sys, app\nprint([n for n in {LOADED_WHEN_NEEDED!r} if n in sys.modules])"
+    loaded = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    assert loaded == "[]", f"`import app` loaded {loaded}"
