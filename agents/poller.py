@@ -98,7 +98,8 @@ async def poll_ohlc() -> None:
 async def build_poller() -> None:
     """Build the poller, and its HTTP client, while the worker waits for its group join: the
     client's TLS context (httpx loads its CA bundle, ~0.1-0.25 s of CPU) otherwise blocked the
-    event loop just as the first fetched batch arrived, when the polls start."""
+    event loop just as the first fetched batch arrived, when the polls start. httpx itself is
+    imported here too (coingecko/client.py), not before the worker starts."""
     _poller()
 
 
