@@ -46,6 +46,7 @@ from bench.common import (
     Stack,
     arguments,
     bare_sink,
+    compile_project,
     describe_machine,
     faust_worker,
     produce,
@@ -155,6 +156,7 @@ async def workers(
 
 async def main(rows: int, naive_rows: int, only: set[str], rounds: int) -> None:
     print(describe_machine())
+    compile_project()
     with stack() as s:
         await create_generated_topics(s.bootstrap)
         records = snapshots(rows)
