@@ -61,6 +61,7 @@ RANGE_SIZE = timedelta(hours=24)
 RANGE_STEP = timedelta(hours=1)
 RANGE_EXPIRES = timedelta(hours=25)
 WRITES_PER_SLICE = 20  # table writes between two turns of the event loop (~2 ms here)
+CHANGELOG_BACKLOG = 200  # unsent changelog messages a publication lets the producer buffer hold
 
 # How many stored batches the tables have been given: an answer of the views computed at
 # another count may lack this worker's newest data (`tables.answers`).
@@ -233,10 +234,18 @@ def local_range(coin_id: str, window_start: datetime) -> dict[str, str]:
 
 async def _yielding(items: Iterable[T]) -> AsyncIterator[T]:
     """`items`, letting the event loop run between slices of them: a publication's table writes
-    (a changelog message each) then never hold up the sink and the fetch loop for long."""
+    (a changelog message each) then never hold up the sink and the fetch loop for long.
+
+    Between slices it also waits while more than CHANGELOG_BACKLOG changelog messages are still
+    unsent: a table write only queues its message in the producer buffer, which sends one at a
+    time, so tens of thousands of new hourly windows (a backfill) queued them all at once, tens
+    of MiB that the allocator then kept (docs/performance.md, section 5)."""
+    buffer = app.producer.buffer
     for number, item in enumerate(items, 1):
         yield item
         if not number % WRITES_PER_SLICE:
+            if buffer.size > CHANGELOG_BACKLOG:
+                await buffer.flush_atmost(buffer.size - CHANGELOG_BACKLOG)
             await asyncio.sleep(0)
 
 
