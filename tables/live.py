@@ -49,6 +49,7 @@ import faust
 from faust.exceptions import PartitionsMismatch
 from faust.tables.wrappers import WindowWrapper
 from faust.types import Message
+from faust.types.transports import ProducerBufferT
 
 from app.main import app, settings
 from models.dsl import StreamRecord
@@ -232,7 +233,7 @@ def local_range(coin_id: str, window_start: datetime) -> dict[str, str]:
     return bounds
 
 
-async def _yielding(items: Iterable[T]) -> AsyncIterator[T]:
+async def _yielding(items: Iterable[T], buffer: ProducerBufferT | None = None) -> AsyncIterator[T]:
     """`items`, letting the event loop run between slices of them: a publication's table writes
     (a changelog message each) then never hold up the sink and the fetch loop for long.
 
@@ -240,7 +241,8 @@ async def _yielding(items: Iterable[T]) -> AsyncIterator[T]:
     unsent: a table write only queues its message in the producer buffer, which sends one at a
     time, so tens of thousands of new hourly windows (a backfill) queued them all at once, tens
     of MiB that the allocator then kept (docs/performance.md, section 5)."""
-    buffer = app.producer.buffer
+    if buffer is None:
+        buffer = app.producer.buffer
     for number, item in enumerate(items, 1):
         yield item
         if not number % WRITES_PER_SLICE:

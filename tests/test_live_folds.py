@@ -127,3 +127,31 @@ async def test_only_stored_batches_are_written_each_once() -> None:
     assert written == [({"btc": "m8", "eth": "m1"}, 2), ({"eth": "m10"}, 0), ({}, 0)]
     assert live.UNDECODABLE["prices-under-test"] == 2
     assert live.generation() == generation + 3
+
+
+class SlowBuffer:
+    """A producer buffer (Faust's `ProducerBufferT` interface) that sends one message per
+    `flush_atmost` turn; each item taken queues one message, as a table write does."""
+
+    def __init__(self) -> None:
+        self.size = 0
+        self.largest = 0
+
+    def put(self) -> None:
+        self.size += 1
+        self.largest = max(self.largest, self.size)
+
+    async def flush_atmost(self, n: int) -> int:
+        sent = min(n, self.size)
+        self.size -= sent
+        return sent
+
+
+async def test_a_publication_waits_for_the_changelog_backlog_to_shrink() -> None:
+    buffer = SlowBuffer()
+    taken = 0
+    async for _ in live._yielding(range(10 * live.CHANGELOG_BACKLOG), buffer):  # type: ignore[arg-type]
+        buffer.put()
+        taken += 1
+    assert taken == 10 * live.CHANGELOG_BACKLOG
+    assert buffer.largest <= live.CHANGELOG_BACKLOG + live.WRITES_PER_SLICE
