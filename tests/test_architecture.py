@@ -121,18 +121,10 @@ def test_the_rooms_without_faust_load_without_it() -> None:
         for room in WITHOUT_FRAMEWORK
         for path in (ROOT / room).rglob("*.py")
     )
-    loaded = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            f"import sys\nfor m in {modules!r}: __import__(m)\n"
-            "print(sorted(n for n in ('faust', 'mode', 'app.main') if n in sys.modules))",
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.strip()
+    loaded = printed_by(
+        f"import sys\nfor m in {modules!r}: __import__(m)\n"
+        "print(sorted(n for n in ('faust', 'mode', 'app.main') if n in sys.modules))"
+    )
     assert loaded == "[]", f"{loaded} loaded by importing {modules}"
 
 
@@ -144,11 +136,13 @@ LOADED_WHEN_NEEDED = ("httpx", "generators.migrate", "mcp")
 
 def test_the_worker_imports_what_it_needs_later_only_when_it_needs_it() -> None:
     script = f"import sys, app\nprint([n for n in {LOADED_WHEN_NEEDED!r} if n in sys.modules])"
-    loaded = subprocess.run(
-        [sys.executable, "-c", script],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.strip()
+    loaded = printed_by(script)
     assert loaded == "[]", f"`import app` loaded {loaded}"
+
+
+def printed_by(script: str) -> str:
+    """What a fresh interpreter prints running `script` from the project's root: a module list
+    seen before anything of this test process's imports can hide it."""
+    return subprocess.run(
+        [sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout.strip()
