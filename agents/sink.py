@@ -319,7 +319,7 @@ class Sink:
                 except Exception:  # a failing observer must not stop the sink
                     log.exception("sink %s: an observer failed on a record", self.topic)
                     adds = [other for other in adds if other is not add]  # for this batch
-            delivered.append(Delivered(message.partition, message.offset, row))
+            delivered.append((message.partition, message.offset, row))
         self.status.pending_events = len(messages)
         continuation, result = await self._until_done(
             "write", partial(self._store, delivered, messages)

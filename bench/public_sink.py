@@ -24,7 +24,7 @@ from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from bench.common import plain_app
 from models.codec import decode_record
 from models.market import CryptoPriceData
-from store.offsets import Delivered, Mark, SinkOffsets, continue_sequences, fingerprint
+from store.offsets import Mark, SinkOffsets, continue_sequences, fingerprint
 from store.writer import RecordWriter
 
 app, settings = plain_app()
@@ -95,13 +95,13 @@ class PublicSink(mode.Service):
                 timeout_ms=1000, max_records=settings.sink_batch_size
             )
             delivered = [
-                Delivered(r.partition, r.offset, decode_record(CryptoPriceData, r.value))
+                (r.partition, r.offset, decode_record(CryptoPriceData, r.value))
                 for records in fetched.values()
                 for r in records
             ]
             if not delivered:
                 continue
-            partitions = sorted({item.partition for item in delivered})
+            partitions = sorted({partition for partition, _, _ in delivered})
             async with self.pool.acquire() as connection, connection.transaction():
                 stored = await self.lock_stored(connection, partitions)
                 continuation = continue_sequences(delivered, stored)

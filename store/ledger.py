@@ -178,7 +178,7 @@ class Ledger:
         transaction (`delivered[i]` is `messages[i]` decoded, as its row (`RecordWriter.row`);
         None: dead-lettered). Partitions
         seen for the first time start at the broker's `earliest` offset."""
-        partitions = sorted({item.partition for item in delivered})
+        partitions = sorted({message.partition for message in messages})
         new = [p for p in partitions if p not in self.stored_next]
         starts = await earliest(new) if new else {}
         pool = await self.database.get()

@@ -20,7 +20,7 @@ from store.offsets import (
 
 
 def batch(*positions: tuple[int, int]) -> list[Delivered[str]]:
-    return [Delivered(p, o, f"{p}:{o}") for p, o in positions]
+    return [(p, o, f"{p}:{o}") for p, o in positions]
 
 
 def test_a_batch_that_continues_the_stored_offsets_is_accepted_whole() -> None:
