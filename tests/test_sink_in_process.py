@@ -357,3 +357,43 @@ async def test_stored_batches_reach_the_observers_together_when_publication_is_d
 
     assert seen == [({record.coin_id: record for record in records}, 0, 6, 0)]
     assert harness.batches.acked == batch
+
+
+async def test_a_write_retried_after_failures_folds_and_dead_letters_each_message_once(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """PostgreSQL itself refuses the batch's first two inserts (a trigger on a sequence, which
+    a rollback does not undo); the retries must not decode, fold or dead-letter anything twice."""
+    good = prices("retried", 4, coins=3)
+    values = [encode_record(good[0]), b"not json", *map(encode_record, good[1:])]
+    await produce(harness.kafka, values)
+    batch = await harness.broker.fetch(0, 0, 5)
+    seen = observe(harness)
+    monkeypatch.setattr("agents.sink.backoff", lambda failures: 0.0)
+    connection = await asyncpg.connect(harness.dsn)
+    try:
+        await connection.execute(
+            f"""
+            CREATE SEQUENCE refusals;
+            CREATE FUNCTION refuse_twice() RETURNS trigger LANGUAGE plpgsql AS $$
+            BEGIN
+                IF nextval('refusals') <= 2 THEN RAISE EXCEPTION 'refused on purpose'; END IF;
+                RETURN NULL;
+            END $$;
+            CREATE TRIGGER refuse_twice BEFORE INSERT ON {CryptoPriceData.table.name}
+                FOR EACH STATEMENT EXECUTE FUNCTION refuse_twice();
+            """
+        )
+        await harness.flush(batch)
+        attempts = await connection.fetchval("SELECT last_value FROM refusals")
+    finally:
+        await connection.close()
+
+    assert attempts == 3  # two refused, the third stored
+    assert_exactly(await stored(harness.dsn, CryptoPriceData), good)
+    newest = {"retried-0": good[3], "retried-1": good[1], "retried-2": good[2]}
+    assert seen == [(newest, 1, 4, 0)]  # one fold of the batch, its one bad message counted once
+    status = harness.sink.status
+    assert (status.dead_letters, status.rows_written, status.consecutive_failures) == (1, 4, 0)
+    assert "refused on purpose" in (status.last_error or "")
+    assert harness.batches.acked == batch
