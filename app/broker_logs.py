@@ -71,6 +71,11 @@ class BrokerLogs:
                 enable_auto_commit=False,
                 auto_offset_reset="none",
                 fetch_max_wait_ms=100,
+                # One record is looked at: fetch the least the broker sends (its first record
+                # batch at the offset; a batch larger than this still arrives whole), not 1 MiB a
+                # partition turned into thousands of records at every look.
+                max_partition_fetch_bytes=1,
+                fetch_max_bytes=1,
             )
             await admin.start()
             try:

@@ -13,6 +13,7 @@ from local.embedded import EmbeddedBroker
 from store.offsets import Mark, fingerprint
 
 TOPIC = "logs-under-test"
+STAMP = 1_700_000_000_000  # a record timestamp, ms
 
 
 @pytest.fixture
@@ -92,3 +93,34 @@ async def test_every_partition_looked_at_finds_its_own_checkpoint(
         1: marks[1][0],
         2: marks[2][49],
     }
+
+
+async def test_a_message_inside_a_record_batch_larger_than_a_look_fetches_is_found(
+    logs: BrokerLogs, own_broker: EmbeddedBroker
+) -> None:
+    """A look fetches the least the broker sends (`max_partition_fetch_bytes=1`): a broker
+    still sends the whole first record batch at the offset (Kafka's KIP-74), here one batch of
+    2,000 messages (~200 KB) with the wanted one in its middle."""
+    bootstrap = f"127.0.0.1:{own_broker.port}"
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        await admin.create_topics([NewTopic(TOPIC, 1, 1)])
+    finally:
+        await admin.close()
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, max_batch_size=1 << 20)
+    await producer.start()
+    try:
+        batch = producer.create_batch()
+        for i in range(2000):
+            value = f"snapshot {i:096d}".encode()
+            assert batch.append(key=b"coin", value=value, timestamp=STAMP + i)
+        sent = await (await producer.send_batch(batch, TOPIC, partition=0))
+    finally:
+        await producer.stop()
+    wanted = sent.offset + 1500
+    found = await logs.look(TOPIC, {0: Mark(wanted, "unknown")})
+    checkpoint = found[0].at_checkpoint
+    assert checkpoint is not None
+    expected = fingerprint(STAMP + 1500, b"coin", f"snapshot {1500:096d}".encode())
+    assert checkpoint == Mark(wanted, expected)
