@@ -119,7 +119,7 @@ async def test_a_message_inside_a_record_batch_larger_than_a_look_fetches_is_fou
     finally:
         await producer.stop()
     wanted = sent.offset + 1500
-    found = await logs.look(TOPIC, {0: Mark(wanted, "unknown")})
+    found = await logs.look(TOPIC, {0: Mark(wanted, b"unknown")})
     checkpoint = found[0].at_checkpoint
     assert checkpoint is not None
     expected = fingerprint(STAMP + 1500, b"coin", f"snapshot {1500:096d}".encode())
