@@ -16,16 +16,22 @@ TOPIC = "logs-under-test"
 STAMP = 1_700_000_000_000  # a record timestamp, ms
 
 
-@pytest.fixture
-async def produced(own_broker: EmbeddedBroker) -> AsyncIterator[list[Mark]]:
-    """Three messages in partition 0 of a two-partition topic, as marks."""
-    bootstrap = f"127.0.0.1:{own_broker.port}"
+async def create_topic(broker: EmbeddedBroker, partitions: int) -> str:
+    """TOPIC with `partitions` partitions; the broker's bootstrap address."""
+    bootstrap = f"127.0.0.1:{broker.port}"
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
     await admin.start()
     try:
-        await admin.create_topics([NewTopic(TOPIC, 2, 1)])
+        await admin.create_topics([NewTopic(TOPIC, partitions, 1)])
     finally:
         await admin.close()
+    return bootstrap
+
+
+@pytest.fixture
+async def produced(own_broker: EmbeddedBroker) -> AsyncIterator[list[Mark]]:
+    """Three messages in partition 0 of a two-partition topic, as marks."""
+    bootstrap = await create_topic(own_broker, 2)
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap)
     await producer.start()
     marks = []
@@ -101,13 +107,7 @@ async def test_a_message_inside_a_record_batch_larger_than_a_look_fetches_is_fou
     """A look fetches the least the broker sends (`max_partition_fetch_bytes=1`): a broker
     still sends the whole first record batch at the offset (Kafka's KIP-74), here one batch of
     2,000 messages (~200 KB) with the wanted one in its middle."""
-    bootstrap = f"127.0.0.1:{own_broker.port}"
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
-    await admin.start()
-    try:
-        await admin.create_topics([NewTopic(TOPIC, 1, 1)])
-    finally:
-        await admin.close()
+    bootstrap = await create_topic(own_broker, 1)
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, max_batch_size=1 << 20)
     await producer.start()
     try:
