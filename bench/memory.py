@@ -1,6 +1,6 @@
 """Worker memory while tracking 1,000 coins: do the live tables stay bounded?
 
-    .venv/bin/python -m bench.memory [--coins 1000] [--phases 3] [--near-now]
+    .venv/bin/python -m bench.memory [--coins 1000] [--phases 3] [--near-now] [--cycle-seconds 0]
 
 One `faust -A app worker` (as deployed). After each phase the script waits until every row is in
 the database, then one table-cleanup interval (Faust's `table_cleanup_interval`, 30 s), and
@@ -16,6 +16,9 @@ samples the worker's RSS (psutil). Two schedules of event time (`last_updated`):
   hour apart, ending at the current hour: the range table's full 25 windows per coin, none
   stale); every later phase is an hour of polling (60 cycles one minute apart, continuing from
   there). Flat RSS from phase 2 on is the issue-18 target "flat over an hour of 1,000 coins".
+
+A phase's cycles are produced at once (the worker takes them as a backlog, at full speed), or
+with `--cycle-seconds S` each S seconds after the last, as tracking delivers them (compressed).
 """
 
 from __future__ import annotations
