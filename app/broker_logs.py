@@ -71,11 +71,6 @@ class BrokerLogs:
                 enable_auto_commit=False,
                 auto_offset_reset="none",
                 fetch_max_wait_ms=100,
-                # One record of each partition is looked at: fetch the least the broker sends
-                # (the record batch at the offset, whole however large), not up to 1 MiB of each
-                # partition turned into thousands of records at every look. The response's own
-                # limit stays: at 1 byte it took one partition per round, 100-200 ms a look.
-                max_partition_fetch_bytes=1,
             )
             await admin.start()
             try:

@@ -101,12 +101,11 @@ async def test_every_partition_looked_at_finds_its_own_checkpoint(
     }
 
 
-async def test_a_message_inside_a_record_batch_larger_than_a_look_fetches_is_found(
+async def test_a_message_in_the_middle_of_a_record_batch_is_found_as_it_was_produced(
     logs: BrokerLogs, own_broker: EmbeddedBroker
 ) -> None:
-    """A look fetches the least the broker sends (`max_partition_fetch_bytes=1`): a broker
-    still sends the whole first record batch at the offset (Kafka's KIP-74), here one batch of
-    2,000 messages (~200 KB) with the wanted one in its middle."""
+    """The broker sends whole record batches; the look must take the record at its offset, not
+    the batch's first (one batch of 2,000 messages, ~200 KB, the wanted one at 1,500)."""
     bootstrap = await create_topic(own_broker, 1)
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, max_batch_size=1 << 20)
     await producer.start()
