@@ -71,6 +71,7 @@ class BrokerLogs:
                 enable_auto_commit=False,
                 auto_offset_reset="none",
                 fetch_max_wait_ms=100,
+                max_partition_fetch_bytes=1,  # the least a fetch returns: see `_fetch`
             )
             await admin.start()
             try:
@@ -108,9 +109,32 @@ class BrokerLogs:
         wanted: Mapping[TopicPartition, int],
         end: Mapping[TopicPartition, int],
     ) -> dict[TopicPartition, Mark]:
-        """The first message at or after each wanted offset; none where the log ends before."""
-        if not wanted:
-            return {}
+        """The first message at or after each wanted offset; none where the log ends before.
+
+        One partition at a time, each fetch returning the least it may: the record batch at the
+        offset, which a broker sends whole for the first partition of a fetch however small the
+        limit (Kafka's KIP-74), where fetching up to 1 MiB of every partition (aiokafka's
+        default) made each look a burst of thousands of records that the allocators kept: RSS
+        grew by ~10 MiB an hour while tracking 1,000 coins (docs/performance.md, section 5). Past
+        a fetch's first partition Kafka sends only the limit, a partial batch that aiokafka
+        refuses (RecordTooLargeError), hence one partition per fetch. Those with nothing at the
+        offset by their end offset are waited for together (ABSENT_AFTER once, not once each):
+        they have no batch to cut."""
+        found: dict[TopicPartition, Mark] = {}
+        for tp, offset in wanted.items():
+            if end[tp] > offset:
+                found.update(await self._fetch_together(consumer, {tp: offset}, end))
+        if absent := {tp: offset for tp, offset in wanted.items() if end[tp] <= offset}:
+            found.update(await self._fetch_together(consumer, absent, end))
+        return found
+
+    async def _fetch_together(
+        self,
+        consumer: AIOKafkaConsumer,
+        wanted: Mapping[TopicPartition, int],
+        end: Mapping[TopicPartition, int],
+    ) -> dict[TopicPartition, Mark]:
+        """`_fetch` of the wanted partitions in one assignment."""
         consumer.assign(list(wanted))
         try:
             for tp, offset in wanted.items():

@@ -71,6 +71,16 @@ async def test_a_checkpoint_past_the_end_of_the_log_finds_nothing(
     assert (await logs.look(TOPIC, {0: produced[0]}))[0].at_checkpoint == produced[0]
 
 
+async def test_a_look_finds_the_checkpoints_in_the_log_beside_one_past_its_end(
+    logs: BrokerLogs, produced: list[Mark]
+) -> None:
+    """Partitions with a message at the checkpoint are fetched one at a time, those past their
+    end together: each answer is its own partition's."""
+    beyond = Mark(3, produced[0].digest)  # partition 1 is empty
+    found = await logs.look(TOPIC, {0: produced[2], 1: beyond})
+    assert (found[0].at_checkpoint, found[1].at_checkpoint) == (produced[2], None)
+
+
 async def test_every_partition_looked_at_finds_its_own_checkpoint(
     logs: BrokerLogs, own_broker: EmbeddedBroker
 ) -> None:
