@@ -16,13 +16,13 @@ TOPIC = "logs-under-test"
 STAMP = 1_700_000_000_000  # a record timestamp, ms
 
 
-async def create_topic(broker: EmbeddedBroker, partitions: int) -> str:
-    """TOPIC with `partitions` partitions; the broker's bootstrap address."""
+async def create_topic(broker: EmbeddedBroker, partitions: int, topic: str = TOPIC) -> str:
+    """`topic` with `partitions` partitions; the broker's bootstrap address."""
     bootstrap = f"127.0.0.1:{broker.port}"
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
     await admin.start()
     try:
-        await admin.create_topics([NewTopic(TOPIC, partitions, 1)])
+        await admin.create_topics([NewTopic(topic, partitions, 1)])
     finally:
         await admin.close()
     return bootstrap
@@ -85,13 +85,8 @@ async def test_every_partition_looked_at_finds_its_own_checkpoint(
     logs: BrokerLogs, own_broker: EmbeddedBroker
 ) -> None:
     """Each partition's first message at its checkpoint, also where the fetch brought many."""
-    topic, bootstrap = "logs-of-three-partitions", f"127.0.0.1:{own_broker.port}"
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
-    await admin.start()
-    try:
-        await admin.create_topics([NewTopic(topic, 3, 1)])
-    finally:
-        await admin.close()
+    topic = "logs-of-three-partitions"
+    bootstrap = await create_topic(own_broker, 3, topic)
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap)
     await producer.start()
     marks: dict[int, list[Mark]] = {0: [], 1: [], 2: []}
