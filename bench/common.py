@@ -116,7 +116,10 @@ class Run:
 
     @property
     def rate(self) -> float:
-        """Rows per second from the first committed row to the last: start-up is excluded."""
+        """Rows per second from the first committed row to the last: start-up is excluded
+        (NaN when every row came with the first transaction: there is no rate to tell)."""
+        if self.rows == self.rows_at_first:
+            return float("nan")
         return (self.rows - self.rows_at_first) / max(
             self.last_commit_at - self.first_commit_at, 1e-9
         )

@@ -2,7 +2,7 @@
 
     .venv/bin/python -m bench.sink_throughput [--rows 200000] [--naive-rows 20000]
                                               [--only bare,quix,naive,worker,two-workers,public]
-                                              [--rounds 1]
+                                              [--rounds 1] [--session-timeout S]
 
 One embedded broker and one embedded PostgreSQL; `crypto-prices` is created with its generated 6
 partitions and pre-filled with `--rows` snapshots of 100 coins (one minute apart per coin). Each
@@ -22,6 +22,11 @@ for one (runnable, on a busy machine), or asleep (waiting on I/O, a lock or the 
 - two-workers: two `faust -A app worker` processes of one group, started together;
 - public:      the public-route prototype, `faust -A bench.public_sink worker` (a plain aiokafka
                consumer seeking to the stored offsets, inside a Faust worker); not run by default.
+
+`--session-timeout S` gives the worker and Quix the group session timeout S (heartbeats at S/4)
+instead of the 4 s of the tests and `faust -A app up`: the embedded broker holds every group join
+for half of it (at least 1 s), the largest part of their time to the first row. The baselines
+take their partitions without a group.
 
 Peak RSS is sampled (psutil) every 50 ms over each worker process. `--rounds N` runs the
 contenders N times in turn (alternating; fresh database and group each time) and prints every
@@ -103,7 +108,7 @@ def quix_python() -> Path:
     return python
 
 
-async def quix(s: Stack, rows: int) -> Run:
+async def quix(s: Stack, rows: int, timeouts: dict[str, str]) -> Run:
     """The peer: Quix Streams' PostgreSQLSink into a table of its own (`bench.quix_sink`)."""
     python = await asyncio.to_thread(quix_python)
     dsn = await s.database()
@@ -115,7 +120,11 @@ async def quix(s: Stack, rows: int) -> Run:
         group,
         s.directory,
         free_port(),
-        {"BENCH_BOOTSTRAP": s.bootstrap, "PYTHONPATH": str(Path(__file__).parent.parent)},
+        {
+            "BENCH_BOOTSTRAP": s.bootstrap,
+            "PYTHONPATH": str(Path(__file__).parent.parent),
+            **timeouts,
+        },
     )
     log_path = s.directory / f"quix-{time.monotonic_ns()}.log"
     started = time.time()
@@ -138,13 +147,13 @@ async def wait_for_table(dsn: str, process: Process) -> None:
 
 
 async def workers(
-    s: Stack, module: str, rows: int, count: int = 1
+    s: Stack, module: str, rows: int, timeouts: dict[str, str], count: int = 1
 ) -> tuple[Run, list[dict[str, Any]]]:
     """`count` workers of one fresh group; their runs and their sinks' /health status."""
     dsn = await s.database()
     group = f"bench-{module.replace('.', '-')}-{count}-{time.monotonic_ns()}"
     started = time.time()
-    processes = [faust_worker(s, module, dsn, group) for _ in range(count)]
+    processes = [faust_worker(s, module, dsn, group, **timeouts) for _ in range(count)]
     async with running(*processes):
         run = await watch_rows(dsn, rows, processes, started_at=started)
         statuses = []
@@ -154,8 +163,16 @@ async def workers(
         return run, statuses
 
 
-async def main(rows: int, naive_rows: int, only: set[str], rounds: int) -> None:
+async def main(
+    rows: int, naive_rows: int, only: set[str], rounds: int, session_timeout: float | None
+) -> None:
     print(describe_machine())
+    timeouts = {}
+    if session_timeout is not None:
+        timeouts = {
+            "BROKER_SESSION_TIMEOUT": f"{session_timeout:g}",
+            "BROKER_HEARTBEAT_INTERVAL": f"{session_timeout / 4:g}",
+        }
     compile_project()
     with stack() as s:
         await create_generated_topics(s.bootstrap)
@@ -170,15 +187,15 @@ async def main(rows: int, naive_rows: int, only: set[str], rounds: int) -> None:
             if "bare" in only:
                 results["bare"] = await bare(s, rows)
             if "quix" in only:
-                results["quix"] = await quix(s, rows)
+                results["quix"] = await quix(s, rows, timeouts)
             if "naive" in only:
-                results["naive"] = (await workers(s, "bench.naive_agent", naive_rows))[0]
+                results["naive"] = (await workers(s, "bench.naive_agent", naive_rows, timeouts))[0]
             if "worker" in only:
-                results["worker"], _ = await workers(s, "app", rows)
+                results["worker"], _ = await workers(s, "app", rows, timeouts)
             if "public" in only:
-                results["public"], _ = await workers(s, "bench.public_sink", rows)
+                results["public"], _ = await workers(s, "bench.public_sink", rows, timeouts)
             if "two-workers" in only:
-                results["two-workers"], statuses = await workers(s, "app", rows, count=2)
+                results["two-workers"], statuses = await workers(s, "app", rows, timeouts, count=2)
                 notes["two-workers"] = " + ".join(
                     f"{st['rows_written']:,} (partitions {','.join(map(str, st['partitions']))})"
                     for st in statuses
@@ -246,6 +263,8 @@ if __name__ == "__main__":
     parser.add_argument("--naive-rows", type=int, default=20_000)
     parser.add_argument("--only", default=",".join(CONTENDERS))
     parser.add_argument("--rounds", type=int, default=1, help="run every contender N times")
+    parser.add_argument("--session-timeout", type=float, help="seconds, for the worker and Quix")
     args = parser.parse_args()
     only = set(args.only.split(","))
-    asyncio.run(main(args.rows, min(args.naive_rows, args.rows), only, args.rounds))
+    naive_rows = min(args.naive_rows, args.rows)
+    asyncio.run(main(args.rows, naive_rows, only, args.rounds, args.session_timeout))
