@@ -113,6 +113,9 @@ class Run:
     # (their event loops) ran on a CPU, and waited runnable for one (mean over the processes);
     # the rest they slept, waiting on I/O, a lock or the GIL. None: not measured.
     main_thread: tuple[float, float] | None = None
+    # The longest time between two commits after the first: a stall (Quix's next 5 s checkpoint,
+    # a rebalance) shows here; 0 with a single commit.
+    longest_pause: float = float("nan")
 
     @property
     def rate(self) -> float:
@@ -170,13 +173,17 @@ def thread_shares(
 
 
 def commit_times(table: str) -> str:
-    """Every row's commit time, from `track_commit_timestamp` (stack() turns it on)."""
+    """Every row's commit time, from `track_commit_timestamp` (stack() turns it on), and the
+    longest time between two commits after the first."""
     return f"""
-        WITH rows AS (SELECT pg_xact_commit_timestamp(xmin) AS at FROM {table})
+        WITH rows AS (SELECT pg_xact_commit_timestamp(xmin) AS at FROM {table}),
+             pauses AS (SELECT at - lag(at) OVER (ORDER BY at) AS pause
+                        FROM (SELECT DISTINCT at FROM rows) AS commits)
         SELECT count(*) AS rows,
                extract(epoch FROM min(at)) AS first,
                extract(epoch FROM max(at)) AS last,
-               count(*) FILTER (WHERE at = (SELECT min(at) FROM rows)) AS at_first
+               count(*) FILTER (WHERE at = (SELECT min(at) FROM rows)) AS at_first,
+               (SELECT coalesce(extract(epoch FROM max(pause)), 0) FROM pauses) AS longest_pause
         FROM rows
     """  # noqa: S608
 
@@ -214,6 +221,7 @@ async def watch_rows(
                 first, last = float(times["first"]), float(times["last"])
                 run = Run(times["rows"], first, last, times["at_first"], peak, started_at, cpu)
                 run.main_thread = thread_shares(since, until) if since else None
+                run.longest_pause = float(times["longest_pause"])
                 return run
             if since is None and count:
                 since = [main_thread_time(process.popen.pid) for process in processes]

@@ -9,8 +9,10 @@ partitions and pre-filled with `--rows` snapshots of 100 coins (one minute apart
 contender gets its own consumer group and a fresh database and is timed two ways from the rows'
 commit timestamps: steady state, from the first row in the table to the last (start-up and group
 joining excluded), and as a user waits for it, from spawning its process to the last row
-(start-up, group join, table recovery and first fetch included); with the time to the first row
-and the process's CPU time (user + system, all threads) when the last row is in; and how its main
+(start-up, group join, table recovery and first fetch included); with the time to the first row,
+the longest pause between two commits (Quix commits every 5 s: rows that miss its first
+checkpoint wait for the next, and a run of this size can end on that wait or not), the process's
+CPU time (user + system, all threads) when the last row is in; and how its main
 thread (the event loop) spent the steady state, from `/proc` schedstat: running on a CPU, queued
 for one (runnable, on a busy machine), or asleep (waiting on I/O, a lock or the GIL):
 
@@ -78,6 +80,7 @@ COLUMNS = (  # of the printed table
     "rows/s after first row",
     "of (a) bare",
     "first row s",
+    "longest pause s",
     "CPU s (µs/row)",
     "peak RSS MiB",
     "main thread run/queued/idle %",
@@ -235,6 +238,7 @@ def print_results(rounds: list[dict[str, Run]], notes: dict[str, str]) -> None:
                 shown([run.rate for run in runs], ",.0f"),
                 ratio(name, "bare", "rate", ".0%"),
                 shown([run.first_row_after for run in runs], ".1f"),
+                shown([run.longest_pause for run in runs], ".1f"),
                 f"{cpu:.1f} ({per_row:.1f})",
                 f"{max(run.peak_rss for run in runs) / 2**20:.0f}",
                 main_thread(runs),
