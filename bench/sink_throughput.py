@@ -2,19 +2,19 @@
 
     .venv/bin/python -m bench.sink_throughput [--rows 200000] [--naive-rows 20000]
                                               [--only bare,quix,naive,worker,two-workers,public]
-                                              [--rounds 1] [--session-timeout S]
+                                              [--rounds 1] [--session-timeout S] [--near-now]
 
 One embedded broker and one embedded PostgreSQL; `crypto-prices` is created with its generated 6
-partitions and pre-filled with `--rows` snapshots of 100 coins (one minute apart per coin). Each
-contender gets its own consumer group and a fresh database and is timed two ways from the rows'
-commit timestamps: steady state, from the first row in the table to the last (start-up and group
-joining excluded), and as a user waits for it, from spawning its process to the last row
-(start-up, group join, table recovery and first fetch included); with the time to the first row,
-the longest pause between two commits (Quix commits every 5 s: rows that miss its first
-checkpoint wait for the next, and a run of this size can end on that wait or not), the process's
-CPU time (user + system, all threads) when the last row is in; and how its main
-thread (the event loop) spent the steady state, from `/proc` schedstat: running on a CPU, queued
-for one (runnable, on a busy machine), or asleep (waiting on I/O, a lock or the GIL):
+partitions and pre-filled with `--rows` snapshots of 100 coins (one minute apart per coin, from
+2024-05-01). Each contender gets its own consumer group and a fresh database and is timed two ways
+from the rows' commit timestamps: steady state, from the first row in the table to the last
+(start-up and group joining excluded), and as a user waits for it, from spawning its process to the
+last row (start-up, group join, table recovery and first fetch included); with the time to the first
+row, the longest pause between two commits (Quix commits every 5 s: rows that miss its first
+checkpoint wait for the next, and a run of this size can end on that wait or not), the process's CPU
+time (user + system, all threads) when the last row is in; and how its main thread (the event loop)
+spent the steady state, from `/proc` schedstat: running on a CPU, queued for one (runnable, on a
+busy machine), or asleep (waiting on I/O, a lock or the GIL):
 
 - bare:        baseline (a), `bench.bare_sink` (aiokafka + the app's decode and COPY-upsert);
 - quix:        the peer, Quix Streams' `PostgreSQLSink` (`bench.quix_sink`, pinned in a venv of
@@ -24,6 +24,10 @@ for one (runnable, on a busy machine), or asleep (waiting on I/O, a lock or the 
 - two-workers: two `faust -A app worker` processes of one group, started together;
 - public:      the public-route prototype, `faust -A bench.public_sink worker` (a plain aiokafka
                consumer seeking to the stored offsets, inside a Faust worker); not run by default.
+
+`--near-now` dates the snapshots so that the last one is now (a catch-up of the last
+`rows / 100` minutes) instead of from 2024-05-01: the live tables' hourly ranges then do the work
+of a recent backlog (snapshots older than the views' 24 hours open no window).
 
 `--session-timeout S` gives the worker and Quix the group session timeout S (heartbeats at S/4)
 instead of the 4 s of the tests and `faust -A app up`: the embedded broker holds every group join
@@ -43,6 +47,7 @@ import statistics
 import subprocess
 import sys
 import time
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -65,9 +70,10 @@ from bench.common import (
 from local.embedded import create_generated_topics, free_port
 from models.dsl import quote_ident
 from models.market import CryptoPriceData
-from testkit.records import snapshots
+from testkit.records import T0, snapshots
 from testkit.workers import Process, env_without_settings, worker_env
 
+SNAPSHOT_COINS = 100
 CONTENDERS = ("bare", "quix", "naive", "worker", "two-workers")  # the default; also: public
 QUIX_REQUIREMENTS = Path(__file__).with_name("quix-requirements.txt")
 QUIX_VENV = Path(__file__).parent.parent / ".data" / "bench-quix-venv"
@@ -167,7 +173,12 @@ async def workers(
 
 
 async def main(
-    rows: int, naive_rows: int, only: set[str], rounds: int, session_timeout: float | None
+    rows: int,
+    naive_rows: int,
+    only: set[str],
+    rounds: int,
+    session_timeout: float | None,
+    near_now: bool,
 ) -> None:
     print(describe_machine())
     timeouts = {}
@@ -179,7 +190,10 @@ async def main(
     compile_project()
     with stack() as s:
         await create_generated_topics(s.bootstrap)
-        records = snapshots(rows)
+        start = T0
+        if near_now:
+            start = datetime.now(UTC) - timedelta(minutes=rows // SNAPSHOT_COINS)
+        records = snapshots(rows, SNAPSHOT_COINS, start)
         seconds = await produce(s.bootstrap, records)
         print(f"pre-filled {rows} records in {seconds:.1f}s")
         del records
@@ -268,7 +282,8 @@ if __name__ == "__main__":
     parser.add_argument("--only", default=",".join(CONTENDERS))
     parser.add_argument("--rounds", type=int, default=1, help="run every contender N times")
     parser.add_argument("--session-timeout", type=float, help="seconds, for the worker and Quix")
+    parser.add_argument("--near-now", action="store_true", help="the last snapshot dated now")
     args = parser.parse_args()
     only = set(args.only.split(","))
     naive_rows = min(args.naive_rows, args.rows)
-    asyncio.run(main(args.rows, naive_rows, only, args.rounds, args.session_timeout))
+    asyncio.run(main(args.rows, naive_rows, only, args.rounds, args.session_timeout, args.near_now))
