@@ -6,7 +6,8 @@
 - `latest_analytics`: the newest `CryptoMarketAnalytics` per source, by `timestamp`.
 - `price_ranges`: high/low of each coin's USD price per hour, in tumbling 1 h windows placed by
   the snapshot's own `last_updated` (event time), expiring after 25 h. The 24 h range the views
-  report is the merge of the 24 hourly windows of `range_window` (`local_range`).
+  report is the merge of the 24 hourly windows of `range_window` (`local_range`); a snapshot
+  older than its first hour (a backfill's, a long catch-up's) opens no window.
 
 Why fed from the sinks (`agents.sink.Sink.observers`) and not by agents of their own: a second
 agent on a record topic doubles Faust's per-message cost (a second channel, stream and event per
@@ -310,9 +311,15 @@ class PriceFold:
     low] of its USD price per coin and hour, and how many messages were not decoded.
 
     The hour is (day ordinal, hour of the day) of the UTC time the record holds: a third of what
-    timestamp() costs, and far cheaper than _hour()."""
+    timestamp() costs, and far cheaper than _hour().
 
-    def __init__(self) -> None:
+    Hours before `since` (by default the first hour of `range_window` when the fold starts) get
+    no range: no view reads them now or later, as the window only moves forward. A backfill or a
+    catch-up of older snapshots would otherwise write, changelog and hold (until they expire by
+    event time) windows nobody reads."""
+
+    def __init__(self, since: datetime | None = None) -> None:
+        self.since = range_window(datetime.now(UTC))[0] if since is None else since
         self.newest: dict[str, tuple[datetime, Message, CryptoPriceData]] = {}
         self.ranges: dict[tuple[str, int, int], list[Any]] = {}
         self.undecodable = 0
@@ -328,6 +335,8 @@ class PriceFold:
         best = self.newest.get(coin_id)
         if best is None or at > best[0]:  # a tie keeps the first
             self.newest[coin_id] = (at, message, price)
+        if at < self.since:
+            return
         where = (coin_id, at.toordinal(), at.hour)
         seen = self.ranges.get(where)
         if seen is None:

@@ -4,7 +4,7 @@ only stored batches reach the tables."""
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from functools import partial
 from typing import Any
@@ -60,12 +60,12 @@ def shown(fold: PriceFold) -> tuple[dict[str, Any], dict[tuple[str, int, int], l
 
 
 def test_price_batches_merged_hold_what_one_fold_of_all_their_records_holds() -> None:
-    whole = PriceFold()
+    whole = PriceFold(since=T0)
     folded(whole, BATCHES)
-    merged = PriceFold()
+    merged = PriceFold(since=T0)
     folded(merged, BATCHES[:1])
     for batch in BATCHES[1:]:
-        later = PriceFold()
+        later = PriceFold(since=T0)
         folded(later, [batch])
         merged.merge(later)
 
@@ -81,6 +81,32 @@ def test_price_batches_merged_hold_what_one_fold_of_all_their_records_holds() ->
     )
     assert shown(whole) == expected
     assert shown(merged) == expected
+
+
+def test_hours_before_the_views_window_get_no_range_but_still_the_newest_snapshot() -> None:
+    fold = PriceFold(since=T0 + timedelta(hours=1))
+    folded(fold, BATCHES)  # all in T0's hour but m8, 70 minutes after T0
+
+    newest, ranges, undecodable = shown(fold)
+    assert newest == {"btc": "m8", "eth": "m10"}
+    assert ranges == {("btc", T0.toordinal(), T0.hour + 1): ["m8", Decimal("120"), Decimal("120")]}
+    assert undecodable == 2
+
+
+def test_by_default_the_range_starts_where_the_views_24_hours_start() -> None:
+    before = datetime.now(UTC)
+    fold = PriceFold()
+    now = datetime.now(UTC)
+    assert fold.since in {live.range_window(before)[0], live.range_window(now)[0]}
+    old, recent = (
+        snapshot("btc", 0, "100").model_copy(update={"last_updated": at})
+        for at in (fold.since - timedelta(microseconds=1), now)
+    )
+    fold.add("m-old", old)  # type: ignore[arg-type]
+    fold.add("m-recent", recent)  # type: ignore[arg-type]
+
+    assert list(fold.ranges) == [("btc", now.toordinal(), now.hour)]
+    assert fold.newest["btc"][1] == "m-recent"
 
 
 def test_newest_batches_merged_keep_the_first_of_a_tie() -> None:

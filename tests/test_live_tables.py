@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
 import pytest
@@ -28,7 +28,12 @@ async def test_table_writes_land_on_the_changelog_partition_of_their_source_reco
     kafka: Kafka, workers: Callable[[str], Worker], migrated: str, app_id: str
 ) -> None:
     coins = 2 * PARTITIONS
-    records = prices("coin", 4 * coins, coins=coins)
+    # Dated within the last hours: older snapshots open no hourly range window (no view reads it).
+    recent = datetime.now(UTC).replace(minute=0, second=0, microsecond=0) - timedelta(hours=2)
+    records = [
+        price.model_copy(update={"last_updated": price.last_updated - T0 + recent})
+        for price in prices("coin", 4 * coins, coins=coins)
+    ]
     partition_of = {f"coin-{i}": (i * 5 + 1) % PARTITIONS for i in range(coins)}
     analytics = [
         CryptoMarketAnalytics(
