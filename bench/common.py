@@ -17,7 +17,7 @@ import tempfile
 import time
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from importlib import metadata
 from pathlib import Path
 
@@ -33,6 +33,7 @@ from models.codec import encode_record
 from models.dsl import quote_ident
 from models.market import CryptoPriceData
 from testkit.databases import create_database
+from testkit.records import snapshots
 from testkit.workers import Process, Worker, env_without_settings, worker_env
 
 PRICES_TOPIC = CryptoPriceData.topic.name
@@ -95,6 +96,18 @@ async def produce(bootstrap: str, records: Sequence[CryptoPriceData]) -> float:
     finally:
         await kafka.stop()
     return time.perf_counter() - started
+
+
+BACKLOG_COINS = 100
+
+
+def backlog(rows: int, near_now: bool) -> list[CryptoPriceData]:
+    """`rows` snapshots of BACKLOG_COINS coins, a minute apart per coin: from 2024-05-01, or
+    (`near_now`) ending now, a recent backlog whose last 24 hours the live tables' ranges keep."""
+    start = T0
+    if near_now:
+        start = datetime.now(UTC) - timedelta(minutes=rows // BACKLOG_COINS)
+    return snapshots(rows, BACKLOG_COINS, start)
 
 
 @dataclass

@@ -1,16 +1,17 @@
 """Where the sink's CPU goes: the worker and the bare loop profiled over the same data, by category.
 
-    .venv/bin/python -m bench.sink_profile [--rows 200000] [--rounds 1] [--raw DIR]
+    .venv/bin/python -m bench.sink_profile [--rows 200000] [--rounds 1] [--near-now] [--raw DIR]
 
 The setup of `bench.sink_throughput` (one embedded broker and PostgreSQL, `--rows` snapshots of 100
-coins pre-filled into the 6 partitions of `crypto-prices`), then, alternating for `--rounds`, the
-bare loop (`bench.bare_sink`) and `faust -A app worker`, each from spawn to its last row with
-py-spy (a dev dependency) attached as soon as the process exists: `py-spy record --gil --threads
---rate 250`, so a sample is Python work of a thread that holds the GIL, start-up imports included
-(the first few milliseconds of the interpreter's own start, before py-spy attaches, are not).
-Each sample's stack falls into the first category below whose frames it contains, and a category
-is shown as GIL-held microseconds per stored row (samples / rate / rows), the rounds' median.
-What is left of a thread is "other": the event loop, Faust's and mode's services, timers.
+coins pre-filled into the 6 partitions of `crypto-prices`, from 2024 or, `--near-now`, ending now),
+then, alternating for `--rounds`, the bare loop (`bench.bare_sink`) and `faust -A app worker`, each
+from spawn to its last row with py-spy (a dev dependency) attached as soon as the process exists:
+`py-spy record --gil --threads --rate 250`, so a sample is Python work of a thread that holds the
+GIL, start-up imports included (the first few milliseconds of the interpreter's own start, before
+py-spy attaches, are not). Each sample's stack falls into the first category below whose frames it
+contains, and a category is shown as GIL-held microseconds per stored row (samples / rate / rows),
+the rounds' median. What is left of a thread is "other": the event loop, Faust's and mode's
+services, timers.
 `--raw DIR` keeps py-spy's raw stacks (one file per process and round) for a closer look.
 """
 
@@ -30,6 +31,7 @@ from pathlib import Path
 from bench.common import (
     Stack,
     arguments,
+    backlog,
     bare_sink,
     compile_project,
     describe_machine,
@@ -41,7 +43,6 @@ from bench.common import (
     watch_rows,
 )
 from local.embedded import create_generated_topics
-from testkit.records import snapshots
 from testkit.workers import Process
 
 SAMPLES_PER_SECOND = 250
@@ -129,14 +130,14 @@ async def profiled(s: Stack, contender: str, rows: int, raw: Path) -> tuple[Coun
     return read_samples(raw), run.cpu_seconds
 
 
-async def main(rows: int, rounds: int, keep: Path | None) -> None:
+async def main(rows: int, rounds: int, near_now: bool, keep: Path | None) -> None:
     print(describe_machine())
     compile_project()
     with stack() as s, tempfile.TemporaryDirectory(prefix="qicore-profile-") as tmp:
         directory = keep or Path(tmp)
         directory.mkdir(parents=True, exist_ok=True)
         await create_generated_topics(s.bootstrap)
-        await produce(s.bootstrap, snapshots(rows))
+        await produce(s.bootstrap, backlog(rows, near_now))
         per_row: dict[str, list[Counter[str]]] = {"bare": [], "worker": []}
         cpu: dict[str, list[float]] = {"bare": [], "worker": []}
         for number in range(1, rounds + 1):
@@ -180,6 +181,7 @@ if __name__ == "__main__":
     parser = arguments(__doc__)
     parser.add_argument("--rows", type=int, default=200_000)
     parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--near-now", action="store_true", help="the last snapshot dated now")
     parser.add_argument("--raw", type=Path, help="keep py-spy's raw stacks in this directory")
     args = parser.parse_args()
-    asyncio.run(main(args.rows, args.rounds, args.raw))
+    asyncio.run(main(args.rows, args.rounds, args.near_now, args.raw))

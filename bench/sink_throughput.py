@@ -47,7 +47,6 @@ import statistics
 import subprocess
 import sys
 import time
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +56,7 @@ from bench.common import (
     Run,
     Stack,
     arguments,
+    backlog,
     bare_sink,
     compile_project,
     describe_machine,
@@ -70,10 +70,8 @@ from bench.common import (
 from local.embedded import create_generated_topics, free_port
 from models.dsl import quote_ident
 from models.market import CryptoPriceData
-from testkit.records import T0, snapshots
 from testkit.workers import Process, env_without_settings, worker_env
 
-SNAPSHOT_COINS = 100
 CONTENDERS = ("bare", "quix", "naive", "worker", "two-workers")  # the default; also: public
 QUIX_REQUIREMENTS = Path(__file__).with_name("quix-requirements.txt")
 QUIX_VENV = Path(__file__).parent.parent / ".data" / "bench-quix-venv"
@@ -190,10 +188,7 @@ async def main(
     compile_project()
     with stack() as s:
         await create_generated_topics(s.bootstrap)
-        start = T0
-        if near_now:
-            start = datetime.now(UTC) - timedelta(minutes=rows // SNAPSHOT_COINS)
-        records = snapshots(rows, SNAPSHOT_COINS, start)
+        records = backlog(rows, near_now)
         seconds = await produce(s.bootstrap, records)
         print(f"pre-filled {rows} records in {seconds:.1f}s")
         del records
