@@ -35,6 +35,10 @@ class EmbeddedBroker:
     same `tansu_cluster` every time), so offsets stored from an earlier start are recognised as
     belonging to another log (store/offsets.py)."""
 
+    # The group timeouts of workers on it (`up`, the tests, the benchmarks): Tansu holds every
+    # JoinGroup for about half the session timeout, at least 1 s (Faust's default is 60 s).
+    GROUP_TIMEOUTS = {"BROKER_SESSION_TIMEOUT": "4", "BROKER_HEARTBEAT_INTERVAL": "1"}
+
     def __init__(self, port: int | None = None, log_path: Path | None = None) -> None:
         self.port = port or free_port()
         self.log_path = log_path

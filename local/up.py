@@ -30,8 +30,6 @@ from local.embedded import EmbeddedBroker, embedded_postgres
 WORKER_STOP_SECONDS = 30.0
 # Under DATA_DIR: the environment `up --no-worker` writes for workers started elsewhere.
 STAND_INS_ENV = "stand-ins.env"
-# Tansu holds every JoinGroup for about half the session timeout (Faust's default is 60 s).
-EMBEDDED_BROKER_TIMEOUTS = {"BROKER_SESSION_TIMEOUT": "4", "BROKER_HEARTBEAT_INTERVAL": "1"}
 
 
 def is_set(variable: str, environ: Mapping[str, str] = os.environ) -> bool:
@@ -44,7 +42,9 @@ def _broker(settings: Settings, services: ExitStack) -> dict[str, str]:
         return {}
     log_path = Path(settings.data_dir) / "broker.log"
     broker = services.enter_context(EmbeddedBroker(log_path=log_path))
-    timeouts = {name: value for name, value in EMBEDDED_BROKER_TIMEOUTS.items() if not is_set(name)}
+    timeouts = {
+        name: value for name, value in EmbeddedBroker.GROUP_TIMEOUTS.items() if not is_set(name)
+    }
     return {"BROKER_URL": broker.url, **timeouts}
 
 

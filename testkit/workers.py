@@ -88,8 +88,7 @@ def worker_env(
         "APP_ID": app_id,
         "BROKER_URL": broker.url,
         "DATABASE_URL": dsn,
-        "BROKER_SESSION_TIMEOUT": "4",
-        "BROKER_HEARTBEAT_INTERVAL": "1",
+        **EmbeddedBroker.GROUP_TIMEOUTS,
         "WEB_PORT": str(web_port),
         "DATA_DIR": str(directory / f"data-{app_id}-{web_port}"),
         "COINGECKO_BASE_URL": f"http://127.0.0.1:{free_port()}/api/v3",
@@ -355,13 +354,14 @@ class Kafka:
         """Commit offset 0 on every partition for the group, as `rpk group seek --to start`
         does. Like it, only while no worker is in the group: this consumer joins the group (the
         broker accepts commits only from a member) and takes every partition."""
+        timeouts = EmbeddedBroker.GROUP_TIMEOUTS
         rewinder = AIOKafkaConsumer(
             *topics,
             bootstrap_servers=self.bootstrap,
             group_id=self.group_id,
             enable_auto_commit=False,
-            session_timeout_ms=4000,
-            heartbeat_interval_ms=1000,
+            session_timeout_ms=round(float(timeouts["BROKER_SESSION_TIMEOUT"]) * 1000),
+            heartbeat_interval_ms=round(float(timeouts["BROKER_HEARTBEAT_INTERVAL"]) * 1000),
             partition_assignment_strategy=(FaustNamedAssignor,),
         )
         await rewinder.start()

@@ -58,8 +58,7 @@ async def test_worker_declares_generated_topics_and_stops_cleanly(
         "COINGECKO_API_KEY": API_KEY,
         "COINGECKO_BASE_URL": NO_COINGECKO,
         "WEB_ENABLED": "false",  # as the Procfile's `worker` process type runs it
-        "BROKER_SESSION_TIMEOUT": "4",
-        "BROKER_HEARTBEAT_INTERVAL": "1",
+        **EmbeddedBroker.GROUP_TIMEOUTS,
         "DATA_DIR": str(tmp_path / "data"),
         "LOG_FORMAT": "json",
     }
