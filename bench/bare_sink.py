@@ -29,20 +29,26 @@ async def main() -> None:
     gc.set_threshold(*map(int, os.environ["BENCH_GC_THRESHOLDS"].split(",")))
     target = int(os.environ.get("BENCH_ROWS", "0")) or None  # None: until stopped
     topic = CryptoPriceData.topic.name
+    group = os.environ.get("BENCH_GROUP")
     consumer = AIOKafkaConsumer(
         bootstrap_servers=os.environ["BENCH_BOOTSTRAP"],
         enable_auto_commit=False,
         fetch_max_bytes=64 * 1024 * 1024,
         max_partition_fetch_bytes=16 * 1024 * 1024,
         fetch_max_wait_ms=int(os.environ["BENCH_FETCH_MAX_WAIT_MS"]),
+        **(group_settings(group) if group else {}),
     )
     await consumer.start()
     writer = RecordWriter(CryptoPriceData)
     row_of = writer.row
     connection = await asyncpg.connect(os.environ["DATABASE_URL"])
     try:
-        consumer.assign([TopicPartition(topic, p) for p in range(CryptoPriceData.topic.partitions)])
-        await consumer.seek_to_beginning()
+        if group:
+            consumer.subscribe([topic])
+        else:
+            partitions = range(CryptoPriceData.topic.partitions)
+            consumer.assign([TopicPartition(topic, p) for p in partitions])
+            await consumer.seek_to_beginning()
         seen = 0
         while target is None or seen < target:
             fetched = await consumer.getmany(timeout_ms=500, max_records=10_000)
@@ -58,6 +64,16 @@ async def main() -> None:
     finally:
         await connection.close()
         await consumer.stop()
+
+
+def group_settings(group: str) -> dict[str, object]:
+    """A member of `group` with the worker's timeouts, reading from the start."""
+    return {
+        "group_id": group,
+        "auto_offset_reset": "earliest",
+        "session_timeout_ms": round(float(os.environ["BROKER_SESSION_TIMEOUT"]) * 1000),
+        "heartbeat_interval_ms": round(float(os.environ["BROKER_HEARTBEAT_INTERVAL"]) * 1000),
+    }
 
 
 if __name__ == "__main__":

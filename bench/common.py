@@ -15,7 +15,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from importlib import metadata
@@ -246,17 +246,28 @@ async def watch_rows(
         await connection.close()
 
 
-def bare_sink(stack: Stack, dsn: str, rows: int | None = None) -> Process:
+def bare_sink(
+    stack: Stack,
+    dsn: str,
+    rows: int | None = None,
+    group: str | None = None,
+    timeouts: Mapping[str, str] | None = None,
+) -> Process:
     """Baseline (a), `bench.bare_sink`: everything the worker does to a record but Faust, with the
     worker's garbage-collector thresholds and fetch wait; stops after `rows` (None: when stopped).
+    With a `group`, it joins that consumer group instead of taking every partition itself, with
+    the worker's session timeout and heartbeat or `timeouts` (BROKER_SESSION_TIMEOUT, ...).
     """
     extra = {
+        **(timeouts or {}),
         "BENCH_BOOTSTRAP": stack.bootstrap,
         "BENCH_GC_THRESHOLDS": ",".join(map(str, GC_THRESHOLDS)),
         "BENCH_FETCH_MAX_WAIT_MS": str(WORKER_FETCH_MAX_WAIT_MS),
     }
     if rows is not None:
         extra["BENCH_ROWS"] = str(rows)
+    if group is not None:
+        extra["BENCH_GROUP"] = group
     base = env_without_settings()
     env = worker_env(base, stack.broker, dsn, "bench-bare", stack.directory, free_port(), extra)
     log_path = stack.directory / f"bare-{time.monotonic_ns()}.log"

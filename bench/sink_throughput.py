@@ -1,7 +1,8 @@
 """Sink throughput, CPU, peak RSS and scale-out, against a peer and two baselines of the same run.
 
     .venv/bin/python -m bench.sink_throughput [--rows 200000] [--naive-rows 20000]
-                                              [--only bare,quix,naive,worker,two-workers,public]
+                                              [--only bare,bare-group,quix,naive,worker,
+                                                      two-workers,public]
                                               [--rounds 1] [--session-timeout S] [--near-now]
 
 One embedded broker and one embedded PostgreSQL; `crypto-prices` is created with its generated 6
@@ -17,6 +18,8 @@ spent the steady state, from `/proc` schedstat: running on a CPU, queued for one
 busy machine), or asleep (waiting on I/O, a lock or the GIL):
 
 - bare:        baseline (a), `bench.bare_sink` (aiokafka + the app's decode and COPY-upsert);
+- bare-group:  the same in a consumer group of its own, with the worker's session timeout: the
+               broker's join hold and nothing else above (a), the limit of any group member;
 - quix:        the peer, Quix Streams' `PostgreSQLSink` (`bench.quix_sink`, pinned in a venv of
                its own under .data/, made on first use from bench/quix-requirements.txt);
 - naive:       baseline (b), `bench.naive_agent`, one INSERT per event, timed on `--naive-rows`;
@@ -32,7 +35,7 @@ of a recent backlog (snapshots older than the views' 24 hours open no window).
 `--session-timeout S` gives the worker and Quix the group session timeout S (heartbeats at S/4)
 instead of the 4 s of the tests and `faust -A app up`: the embedded broker holds every group join
 for half of it (at least 1 s), the largest part of their time to the first row. The baselines
-take their partitions without a group.
+take their partitions without a group, but for bare-group, which gets the same timeouts.
 
 Peak RSS is sampled (psutil) every 50 ms over each worker process. `--rounds N` runs the
 contenders N times in turn (alternating; fresh database and group each time) and prints every
@@ -72,7 +75,7 @@ from models.dsl import quote_ident
 from models.market import CryptoPriceData
 from testkit.workers import Process, env_without_settings, worker_env
 
-CONTENDERS = ("bare", "quix", "naive", "worker", "two-workers")  # the default; also: public
+CONTENDERS = ("bare", "bare-group", "quix", "naive", "worker", "two-workers")  # also: public
 QUIX_REQUIREMENTS = Path(__file__).with_name("quix-requirements.txt")
 QUIX_VENV = Path(__file__).parent.parent / ".data" / "bench-quix-venv"
 
@@ -80,6 +83,7 @@ COLUMNS = (  # of the printed table
     "contender",
     "rows/s start→all",
     "of (a) bare",
+    "of bare-group",
     "x quix",
     "rows/s after first row",
     "of (a) bare",
@@ -93,10 +97,13 @@ COLUMNS = (  # of the printed table
 )
 
 
-async def bare(s: Stack, rows: int) -> Run:
+async def bare(s: Stack, rows: int, timeouts: dict[str, str] | None = None) -> Run:
+    """Baseline (a), without a group; with `timeouts`, in a fresh group that has them."""
     dsn = await s.database()
+    group = None if timeouts is None else f"bench-bare-{time.monotonic_ns()}"
     started = time.time()
-    process = bare_sink(s, dsn)  # until stopped: its CPU time is taken when the rows are in
+    # Until stopped: its CPU time is taken when the rows are in.
+    process = bare_sink(s, dsn, group=group, timeouts=timeouts)
     async with running(process):
         return await watch_rows(dsn, rows, [process], started_at=started)
 
@@ -198,6 +205,8 @@ async def main(
             results: dict[str, Run] = {}
             if "bare" in only:
                 results["bare"] = await bare(s, rows)
+            if "bare-group" in only:
+                results["bare-group"] = await bare(s, rows, timeouts)
             if "quix" in only:
                 results["quix"] = await quix(s, rows, timeouts)
             if "naive" in only:
@@ -243,6 +252,7 @@ def print_results(rounds: list[dict[str, Run]], notes: dict[str, str]) -> None:
                 name,
                 shown([run.rate_from_start for run in runs], ",.0f"),
                 ratio(name, "bare", "rate_from_start", ".0%"),
+                ratio(name, "bare-group", "rate_from_start", ".0%"),
                 ratio(name, "quix", "rate_from_start", ".2f", "x"),
                 shown([run.rate for run in runs], ",.0f"),
                 ratio(name, "bare", "rate", ".0%"),
