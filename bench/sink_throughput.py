@@ -32,10 +32,10 @@ busy machine), or asleep (waiting on I/O, a lock or the GIL):
 `rows / 100` minutes) instead of from 2024-05-01: the live tables' hourly ranges then do the work
 of a recent backlog (snapshots older than the views' 24 hours open no window).
 
-`--session-timeout S` gives the worker and Quix the group session timeout S (heartbeats at S/4)
-instead of the 4 s of the tests and `faust -A app up`: the embedded broker holds every group join
-for half of it (at least 1 s), the largest part of their time to the first row. The baselines
-take their partitions without a group, but for bare-group, which gets the same timeouts.
+`--session-timeout S` gives every group member (all but bare, which takes its partitions without a
+group) the session timeout S (heartbeats at S/4) instead of the 2 s of the tests and `faust -A app
+up` (`EmbeddedBroker.GROUP_TIMEOUTS`): the embedded broker holds every group join for half of it
+(at least 1 s), the largest part of their time to the first row.
 
 Peak RSS is sampled (psutil) every 50 ms over each worker process. `--rounds N` runs the
 contenders N times in turn (alternating; fresh database and group each time) and prints every
