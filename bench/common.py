@@ -151,6 +151,11 @@ class Run:
         """Seconds from spawning the processes to the first committed row."""
         return self.first_commit_at - self.started_at
 
+    @property
+    def cpu_per_row(self) -> float:
+        """CPU seconds (user + system, all processes) per stored row, start-up included."""
+        return self.cpu_seconds / self.rows
+
 
 @dataclass(frozen=True)
 class ThreadTime:

@@ -13,7 +13,8 @@ from the rows' commit timestamps: steady state, from the first row in the table 
 last row (start-up, group join, table recovery and first fetch included); with the time to the first
 row, the longest pause between two commits (Quix commits every 5 s: rows that miss its first
 checkpoint wait for the next, and a run of this size can end on that wait or not), the process's CPU
-time (user + system, all threads) when the last row is in; and how its main thread (the event loop)
+time (user + system, all threads) when the last row is in, per row and as a multiple of bare's per
+row in the same round; and how its main thread (the event loop)
 spent the steady state, from `/proc` schedstat: running on a CPU, queued for one (runnable, on a
 busy machine), or asleep (waiting on I/O, a lock or the GIL):
 
@@ -90,6 +91,7 @@ COLUMNS = (  # of the printed table
     "first row s",
     "longest pause s",
     "CPU s (µs/row)",
+    "CPU/row of bare",
     "peak RSS MiB",
     "main thread run/queued/idle %",
     "x (b) naive",
@@ -246,7 +248,7 @@ def print_results(rounds: list[dict[str, Run]], notes: dict[str, str]) -> None:
     for name in rounds[0]:
         runs = [results[name] for results in rounds]
         cpu = statistics.median(run.cpu_seconds for run in runs)
-        per_row = statistics.median(run.cpu_seconds / run.rows * 1e6 for run in runs)
+        per_row = statistics.median(run.cpu_per_row * 1e6 for run in runs)
         lines.append(
             (
                 name,
@@ -259,6 +261,7 @@ def print_results(rounds: list[dict[str, Run]], notes: dict[str, str]) -> None:
                 shown([run.first_row_after for run in runs], ".1f"),
                 shown([run.longest_pause for run in runs], ".1f"),
                 f"{cpu:.1f} ({per_row:.1f})",
+                ratio(name, "bare", "cpu_per_row", ".2f", "x"),
                 f"{max(run.peak_rss for run in runs) / 2**20:.0f}",
                 main_thread(runs),
                 ratio(name, "naive", "rate", ".1f", "x"),
