@@ -15,6 +15,8 @@ import inspect
 import re
 from pathlib import Path
 
+from faust.utils import venusian as faust_venusian
+
 from app import bulk
 from app.bulk import UPSTREAM, WRITTEN_AGAINST
 
@@ -67,3 +69,12 @@ def test_every_upstream_private_name_the_seam_uses_is_listed_with_its_reason() -
     assert upstream_names - listed == set(), "list these in app.bulk.UPSTREAM, with why"
     # And nothing listed that is no longer used: the list stays the seam's true extent.
     assert listed - used == set()
+
+
+def test_the_app_never_discovers_so_its_decorators_leave_no_discovery_marks() -> None:
+    """`skip_discovery_marks` is right only for an app that never runs `App.discover()`."""
+    from app.main import app
+
+    assert app.conf.autodiscover is False
+    assert faust_venusian.attach.__module__ == bulk.__name__  # skip_discovery_marks() ran
+    assert app.agents  # the decorators themselves still registered what they decorate
