@@ -68,7 +68,13 @@ async def test_a_killed_backfill_continues_and_a_rerun_stores_nothing_twice(
         done = json.loads(files[0].read_text())["done"] if files else {}
         return True if done == {"bitcoin": 2, "pepe-cash": 1} else None
 
+    async def fourth_chunk_asked() -> bool | None:
+        return True if fake_coingecko.count(CHART.format("pepe-cash")) == 2 else None
+
     await eventually(three_chunks_done, first, "three chunks published")
+    # Killed once its hanging request is in: one still in flight at the kill would be counted
+    # as the rerun's.
+    await eventually(fourth_chunk_asked, first, "the fourth chunk asked for")
     first.kill()
     asked = len(fake_coingecko.requests)
     assert "continued after 3 done before" in await finished(backfill(2))
